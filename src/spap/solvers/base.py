@@ -1,0 +1,78 @@
+"""The one small interface every pruning method implements.
+
+A solver sees one MLP layer as tensors (no hooks, no devices, no model): the dense weights,
+the statistics of the down projection's input, and optionally the raw MLP inputs for methods
+that refit the input projections. It returns which channels to keep and the new weights.
+The pipeline does the rest (slicing, replay, export), identically for every method, so that a
+comparison between methods compares the methods and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..stats import ActStats
+
+
+@dataclass
+class LayerProblem:
+    """One MLP layer: out = W_down X + b_down, with X (n x tokens) its intermediate activations.
+
+    `w_in` holds the input projections as rows per channel, e.g. {"gate": (n, d), "up": (n, d)}
+    for gated MLPs or {"fc1": (n, d)} for OPT; `b_in` the input bias per channel (OPT's fc1).
+    `inputs` and `gate_act` are only filled for solvers with `needs_inputs`: the MLP inputs
+    (tokens, d) and, for gated MLPs, the fixed gate activations act(gate(a)) (tokens, n), so
+    that X = gate_act * (inputs @ w_in[linear_key].T).
+    """
+
+    w_down: torch.Tensor  # (m, n)
+    w_in: dict[str, torch.Tensor]  # name -> (n, d)
+    stats: ActStats
+    b_down: torch.Tensor | None = None  # (m,)
+    b_in: torch.Tensor | None = None  # (n,)
+    inputs: torch.Tensor | None = None  # (p, d)
+    gate_act: torch.Tensor | None = None  # (p, n)
+    linear_key: str | None = None  # the entry of w_in that enters X linearly, if any
+
+    @property
+    def n(self) -> int:
+        return self.w_down.shape[1]
+
+
+@dataclass
+class Decision:
+    """What to keep and the weights that replace the dense ones (float64, on the solve device).
+
+    `w_in` is None when the kept input rows are unchanged (the usual case); `b_down` is None when
+    the down bias is unchanged or absent.
+    """
+
+    keep: torch.Tensor  # (k,) sorted int64 channel indices
+    w_down: torch.Tensor  # (m, k)
+    b_down: torch.Tensor | None = None  # (m,)
+    w_in: dict[str, torch.Tensor] | None = None  # name -> (k, d)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Solver(Protocol):
+    """A pruning method for one layer.
+
+    Implementations are dataclasses whose fields are the method's options (recorded in every
+    report) and whose class attributes `name`, `needs_gram` and `needs_inputs` tell the pipeline
+    what to collect.
+    """
+
+    name: str
+    needs_gram: bool
+    needs_inputs: bool
+
+    def solve(self, problem: LayerProblem, n_keep: int) -> Decision: ...
+
+
+def top_k_keep(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Indices of the n_keep largest scores, sorted ascending (ties broken by index)."""
+    idx = torch.topk(scores, n_keep, largest=True, sorted=False).indices
+    return torch.sort(idx).values

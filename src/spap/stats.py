@@ -1,0 +1,78 @@
+"""Activation statistics of one MLP layer's intermediate activations X (n channels x p tokens).
+
+The solvers never see activations, only these sums. The n x n Gram matrix H = X X^T is the
+expensive one, so it is built only when a solver asks for it. Per-batch products run in the
+activations' dtype (fast on an accelerator) and are summed in float64 so that long calibration
+runs do not lose precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SpapError
+
+
+@dataclass
+class ActStats:
+    """Sums over calibration tokens of the down projection's input X (float64, on `device`)."""
+
+    count: int
+    sum: torch.Tensor  # (n,)   sum_t X[:, t]
+    sqsum: torch.Tensor  # (n,) sum_t X[:, t]^2
+    gram: torch.Tensor | None  # (n, n) sum_t X[:, t] X[:, t]^T, or None when not requested
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Per-channel variance over tokens (population, as FLAP's fluctuation)."""
+        return (self.sqsum / self.count - self.mean**2).clamp_min(0)
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """||X_i||_2 over tokens, Wanda's activation norm."""
+        return self.sqsum.sqrt()
+
+
+class StatsAccumulator:
+    """Accumulates `ActStats` from batches of activations shaped (..., n)."""
+
+    def __init__(self, n: int, want_gram: bool, device: torch.device | str = "cpu"):
+        self.n = n
+        self.want_gram = want_gram
+        self.device = torch.device(device)
+        self.count = 0
+        self.sum = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self.sqsum = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self.gram = (
+            torch.zeros(n, n, dtype=torch.float64, device=self.device) if want_gram else None
+        )
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.n)  # (tokens, n)
+        if not torch.isfinite(x).all():
+            raise SpapError(
+                "non-finite activations (inf or nan) in the calibration pass; "
+                "use --dtype float32 or bfloat16 instead of float16, or check the model weights"
+            )
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        self.count += x.shape[0]
+        self.sum += xf.sum(0).to(self.device, torch.float64)
+        self.sqsum += (xf * xf).sum(0).to(self.device, torch.float64)
+        if self.gram is not None:
+            self.gram += (xf.T @ xf).to(self.device, torch.float64)  # (n, n)
+
+    def result(self) -> ActStats:
+        return ActStats(self.count, self.sum, self.sqsum, self.gram)
+
+
+def stats_from_activations(x: torch.Tensor, want_gram: bool = True) -> ActStats:
+    """Convenience for tests and small problems: X given as (tokens, n)."""
+    acc = StatsAccumulator(x.shape[-1], want_gram, x.device)
+    acc.add(x)
+    return acc.result()

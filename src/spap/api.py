@@ -1,0 +1,167 @@
+"""`spap.prune(model, tokenizer, ...)`: the one Python call, also used by the CLI."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import CalibConfig, PruneConfig
+from .data import calibration_windows, load_text, token_hash, tokenize
+from .errors import SpapError
+from .models import get_adapter
+from .pipeline import LayerRecord, prune_layers
+from .solvers import get_solver, solver_options
+from .surgery import add_missing_biases
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (the same object, cut in place) and the report written to spap.json."""
+
+    model: Any
+    report: dict[str, Any]
+    layers: list[LayerRecord]
+    calib_ids: torch.Tensor
+
+
+def count_params(model) -> int:
+    # Tied embeddings are one Parameter, counted once by parameters().
+    return sum(p.numel() for p in model.parameters())
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("spap", "torch", "transformers", "safetensors", "accelerate", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def calibration_ids(tokenizer, calib: CalibConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The calibration windows and their description for the report."""
+    text = load_text(calib.source, "calib")
+    stream = tokenize(tokenizer, text)
+    ids = calibration_windows(stream, calib.nsamples, calib.seqlen, calib.seed)
+    desc = {
+        "source": text.source,
+        "split": text.split,
+        "stream_tokens": int(stream.numel()),
+        "nsamples": calib.nsamples,
+        "seqlen": calib.seqlen,
+        "seed": calib.seed,
+        "tokens": int(ids.numel()),
+        "token_hash": token_hash(ids),
+    }
+    return ids, desc
+
+
+def prune(
+    model,
+    tokenizer=None,
+    sparsity: float = 0.3,
+    *,
+    method: str = "spap",
+    method_options: dict[str, Any] | None = None,
+    calib: str = "wiki-offline",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    round_to: int = 1,
+    batch_size: int = 4,
+    layer_limit: int | None = None,
+    calib_ids: torch.Tensor | None = None,
+    progress: bool = False,
+    allow_unsaveable: bool = False,
+) -> PruneResult:
+    """Prune the MLP channels of every decoder layer of `model` in place.
+
+    Either `tokenizer` (to draw calibration windows from `calib`) or `calib_ids`
+    (nsamples, seqlen) must be given. `device` is where each layer is computed (default: the
+    model's device). Returns the model and a report; save it with `spap.save_pruned`.
+
+    A method that adds a down-projection bias is refused on a family whose saved config cannot
+    hold one (Qwen2, Mistral), unless `allow_unsaveable`: the model is then only usable in
+    memory (`spap compare` measures it that way) and the report says `"saveable": false`.
+    """
+    cfg = PruneConfig(sparsity, method, dict(method_options or {}), round_to, batch_size,
+                      layer_limit)
+    cfg.validate()
+    adapter = get_adapter(model.config)
+    solver = get_solver(method, **cfg.method_options)
+    unsaveable = getattr(solver, "adds_down_bias", False) and not adapter.can_add_down_bias(
+        model.config
+    )
+    if unsaveable and not allow_unsaveable:
+        raise SpapError(
+            f"method '{method}' compensates with a down-projection bias, which a saved "
+            f"{model.config.model_type} model cannot store; choose another --method"
+        )
+    t0 = time.perf_counter()
+    if calib_ids is None:
+        if tokenizer is None:
+            raise SpapError("pass a tokenizer or calib_ids to draw calibration data")
+        ccfg = CalibConfig(calib, nsamples, seqlen, seed)
+        ccfg.validate()
+        calib_ids, calib_desc = calibration_ids(tokenizer, ccfg)
+    else:
+        calib_desc = {"source": "given ids", "nsamples": int(calib_ids.shape[0]),
+                      "seqlen": int(calib_ids.shape[1]), "tokens": int(calib_ids.numel()),
+                      "token_hash": token_hash(calib_ids)}
+    t1 = time.perf_counter()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    params_before = count_params(model)
+    width_before = adapter.width(model.config)
+    records = prune_layers(
+        model, adapter, calib_ids, solver, sparsity, round_to=round_to, device=device,
+        batch_size=batch_size, progress=progress, layer_limit=layer_limit,
+    )
+    if not unsaveable:  # in memory, nn.Linear uses a bias without any config flag
+        add_missing_biases(model, adapter)
+    widths = {r.kept for r in records}
+    if layer_limit is None or layer_limit >= len(adapter.layers(model)):
+        if len(widths) != 1:  # a uniform ratio gives one width; stock configs need it
+            raise RuntimeError(f"layers ended with different widths {sorted(widths)}")
+        setattr(model.config, adapter.width_key, widths.pop())
+    t2 = time.perf_counter()
+    params_after = count_params(model)
+    removed = sum(r.width_before - r.kept for r in records)
+    total = sum(r.width_before for r in records) or 1
+    report = {
+        "method": method,
+        "options": solver_options(solver),
+        "sparsity_requested": sparsity,
+        "sparsity_achieved": removed / total,
+        "saveable": not unsaveable,
+        "round_to": round_to,
+        "params_before": params_before,
+        "params_after": params_after,
+        "params_removed_frac": 1 - params_after / params_before,
+        "model": {
+            "model_type": model.config.model_type,
+            "width_key": adapter.width_key,
+            "width_before": width_before,
+            "width_after": getattr(model.config, adapter.width_key),
+            "layers": len(adapter.layers(model)),
+            "layers_pruned": len(records),
+            "dtype": str(model.dtype).replace("torch.", ""),
+        },
+        "device": str(device),
+        "calibration": calib_desc,
+        "layer_error_mean": sum(r.rel_error for r in records) / max(len(records), 1),
+        "layers": [r.to_json() for r in records],
+        "timings": {"calibration_data_s": t1 - t0, "prune_s": t2 - t1},
+        "versions": versions(),
+    }
+    return PruneResult(model, report, records, calib_ids)

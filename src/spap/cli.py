@@ -1,0 +1,252 @@
+"""Command line: `spap prune`, `spap eval`, `spap compare`, `spap bench`.
+
+Every user error is a `SpapError`, printed as one line with exit status 2; the output folder
+is only created by the final rename, so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import SpapError
+
+log = logging.getLogger("spap")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+
+
+def _add_calib_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="wiki-offline",
+                   help="wiki-offline (default), wikitext2, c4, or a local .txt/.jsonl file")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window draw (0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="spap", description=__doc__.splitlines()[0])
+    ap.add_argument("-v", "--verbose", action="store_true", help="log each layer")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model's MLP channels and save it")
+    p.add_argument("model", help="Hub id, local folder, .gguf file, or alias "
+                                 "(smollm2-135m, qwen2.5-coder-0.5b)")
+    p.add_argument("--sparsity", type=float, required=True,
+                   help="fraction of MLP channels removed in every layer, in [0, 1)")
+    p.add_argument("--out", required=True, help="output folder (save_pretrained format)")
+    p.add_argument("--method", default="spap",
+                   help="spap (default), obs, fasp, flap, wanda-sp, magnitude")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="method option, repeatable (e.g. --option recovery_rounds=0)")
+    _add_calib_flags(p)
+    _add_model_flags(p)
+    p.add_argument("--round-to", type=int, default=1,
+                   help="round the kept width to a multiple (8, 64, 128) for fast kernels")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--eval", action="store_true", help="perplexity of dense and pruned")
+    p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (2048)")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="only the first N perplexity windows (quick CPU runs)")
+
+    p = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model")
+    p.add_argument("model", help="folder written by spap prune, or any model spec")
+    p.add_argument("--data", default="wiki-offline", help="held-out text (wiki-offline)")
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window (2048)")
+    p.add_argument("--windows", type=int, default=None, help="only the first N windows")
+    p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
+    p.add_argument("--tasks", default=None,
+                   help="zero-shot tasks through lm-eval, e.g. piqa,hellaswag,arc_easy")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: items per task")
+    p.add_argument("--json", default=None, help="write the result here")
+    _add_model_flags(p)
+
+    p = sub.add_parser(
+        "compare", help="every method at every sparsity, one protocol, table + JSON + plot",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Load MODEL once, draw the calibration windows once and tokenize the held-out text\n"
+            "once; prune a fresh copy of the dense model with every method at every sparsity\n"
+            "and report perplexity, gap to dense, size, layer error and time. The JSON is\n"
+            "rewritten after every run. Nothing is saved but the JSON and the plot.\n\n"
+            "Methods and variants (--methods, comma-separated):\n"
+            "  spap                          a method with its default options\n"
+            "  spap-fast=spap:recovery_rounds=0\n"
+            "                                a named variant: name=method:key=val;key=val\n"
+            "                                (quote it in the shell when it contains ';')\n"
+            "  --option spap:recovery_rounds=0\n"
+            "                                an option for every variant of method spap (or for\n"
+            "                                the variant of that name); a variant's own options\n"
+            "                                take precedence\n"
+            "e.g. spap compare smollm2-135m \\\n"
+            "       --methods spap,spap-fast=spap:recovery_rounds=0,obs \\\n"
+            "       --sparsities 0.2,0.4 --json cmp.json --plot cmp.png"),
+    )
+    p.add_argument("model", help="Hub id, local folder, .gguf file, or alias")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods or name=method:key=val;key=val variants "
+                        "(default: all of spap, obs, fasp, flap, wanda-sp, magnitude)")
+    p.add_argument("--sparsities", default="0.2,0.3,0.4,0.5",
+                   help="comma-separated fractions in [0, 1) (default 0.2,0.3,0.4,0.5)")
+    p.add_argument("--option", action="append", metavar="METHOD:KEY=VALUE",
+                   help="method option, repeatable (e.g. --option spap:recovery_rounds=0)")
+    _add_calib_flags(p)
+    _add_model_flags(p)
+    p.add_argument("--round-to", type=int, default=1, help="round the kept width (1)")
+    p.add_argument("--eval-data", default="wiki-offline",
+                   help="held-out text: wiki-offline (default), wikitext2, c4, or a local "
+                        ".txt/.jsonl file")
+    p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (2048)")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="only the first N perplexity windows (quick CPU runs)")
+    p.add_argument("--json", required=True, help="results file, rewritten after every run")
+    p.add_argument("--plot", default=None, help="perplexity-vs-sparsity image (e.g. cmp.png)")
+    return ap
+
+
+def _print_table(rows: list[tuple], header: tuple) -> None:
+    cells = [tuple(str(c) for c in r) for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for j, r in enumerate(cells):
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                        enumerate(zip(r, widths))))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def cmd_prune(args) -> int:
+    from .api import count_params, prune
+    from .config import CalibConfig, PruneConfig, parse_options
+    from .data import load_text, tokenize
+    from .eval.ppl import perplexity
+    from .export import check_output_dir, save_pruned
+    from .loading import load_model, resolve_device
+
+    t_start = time.perf_counter()
+    # Everything that can be checked without the model is checked first.
+    options = parse_options(args.option)
+    PruneConfig(args.sparsity, args.method, options, args.round_to, args.batch_size).validate()
+    CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed).validate()
+    from .solvers import get_solver
+
+    get_solver(args.method, **options)
+    out = check_output_dir(args.out, args.overwrite)
+    device = resolve_device(args.device)
+
+    model, tok, src = load_model(args.model, args.dtype, device)
+    t_loaded = time.perf_counter()
+    ev = {}
+    if args.eval:
+        stream = tokenize(tok, load_text("wiki-offline", "test"))
+        model.to(device)
+        ev["dense"] = perplexity(model, tok, seqlen=args.eval_seqlen, windows=args.eval_windows,
+                                 batch_size=args.batch_size, stream=stream, progress=True)
+        model.to("cpu")
+    params_dense = count_params(model)
+    result = prune(
+        model, tok, args.sparsity, method=args.method, method_options=options,
+        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        device=device, round_to=args.round_to, batch_size=args.batch_size,
+        progress=True,
+    )
+    report = result.report
+    report["model"]["source"] = src.spec
+    report["timings"]["load_s"] = t_loaded - t_start
+    t_saved0 = time.perf_counter()
+    check = result.calib_ids[:1, : min(64, result.calib_ids.shape[1])]
+    if args.eval:
+        model.to(device)
+        ev["pruned"] = perplexity(model, tok, seqlen=args.eval_seqlen, windows=args.eval_windows,
+                                  batch_size=args.batch_size, stream=stream, progress=True)
+        model.to("cpu")
+        report["eval"] = ev
+    report["timings"]["total_s"] = time.perf_counter() - t_start
+    save_pruned(model, tok, out, report, overwrite=args.overwrite, check_ids=check)
+    save_s = time.perf_counter() - t_saved0
+    print(f"\nsaved {out} ({report['model']['width_key']} {report['model']['width_before']} -> "
+          f"{report['model']['width_after']}); report in {out / 'spap.json'}")
+    rows = [("parameters", f"{params_dense:,}", f"{report['params_after']:,}",
+             f"{report['params_after'] / params_dense:.3f}x")]
+    if args.eval:
+        d, p = ev["dense"]["ppl"], ev["pruned"]["ppl"]
+        proto = ev["dense"]["protocol"]
+        rows.append((f"perplexity ({proto['windows']}x{proto['seqlen']} held-out tokens)",
+                     f"{d:.2f}", f"{p:.2f}", f"{p / d:.3f}x"))
+        rows.append(("perplexity eval time (s)", f"{ev['dense']['seconds']:.1f}",
+                     f"{ev['pruned']['seconds']:.1f}", ""))
+    rows.append(("mean layer rel. error", "0", f"{report['layer_error_mean']:.4f}", ""))
+    rows.append(("time (s): load / prune / save", "", f"{report['timings']['load_s']:.0f} / "
+                 f"{report['timings']['prune_s']:.0f} / {save_s:.0f}", ""))
+    _print_table(rows, ("", "dense", f"{args.method} {args.sparsity:.0%}", "ratio"))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.ppl import perplexity
+    from .loading import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    if args.tasks is None and args.no_ppl:
+        raise SpapError("nothing to do: drop --no-ppl or give --tasks")
+    model, tok, src = load_model(args.model, args.dtype, device)
+    model.to(device)
+    result: dict = {"model": src.spec}
+    if not args.no_ppl:
+        r = perplexity(model, tok, data=args.data, seqlen=args.seqlen, windows=args.windows,
+                       batch_size=args.batch_size, progress=True)
+        result.update(r)
+        print(f"perplexity {r['ppl']:.3f} on {r['protocol']['windows']} windows of "
+              f"{r['protocol']['seqlen']} tokens ({args.data}, held-out)")
+    if args.tasks:
+        from .eval.harness import zero_shot
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        zs = zero_shot(model, tok, tasks, limit=args.limit, batch_size=args.batch_size,
+                       device=device)
+        result["zero_shot"] = zs
+        for name, t in zs["tasks"].items():
+            extra = f"  acc_norm {t['acc_norm']:.4f}" if t.get("acc_norm") is not None else ""
+            print(f"{name:14s} acc {t['acc']:.4f}{extra}  (n={t.get('n')}, {t.get('split')})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_cli
+
+    return run_cli(args)
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars show the long work; theirs is noise
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except SpapError as e:
+        print(f"spap: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spap: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""`spap compare`: every method at every sparsity on one model, under one protocol.
+
+Perplexities from separate `spap prune --eval` runs are only comparable if every run drew the
+same calibration windows and scored the same evaluation windows. Here the model and the
+tokenizer are loaded once, the calibration ids are drawn once and the held-out text is
+tokenized once; each (method, sparsity) run then prunes a fresh deep copy of the dense model
+(kept pristine on the CPU) with exactly those ids and is scored on exactly those windows. The
+JSON is rewritten atomically after every run, so an interrupted comparison keeps what it
+measured.
+
+A method is named in `--methods` as `method`, or as a variant `name=method:key=val;key=val`
+(e.g. `spap-fast=spap:recovery_rounds=0`) so the same method can appear with different options.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SpapError
+
+log = logging.getLogger(__name__)
+
+SPARSITIES_DEFAULT = "0.2,0.3,0.4,0.5"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One line of the comparison: a display name, a solver name and its options."""
+
+    name: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_variants(spec: str | None, option_items: list[str] | None = None) -> list[Variant]:
+    """`--methods` and `--option` into validated variants (no model needed).
+
+    `spec` is comma-separated; each item is `method`, `name=method` or
+    `name=method:key=val;key=val` (an unnamed `method:key=val` is named by its text).
+    Each `--option` item is `target:key=value`, where target is a method (every variant of it)
+    or a variant name; options written in the variant itself take precedence.
+    """
+    from .config import parse_options
+    from .solvers import METHODS, get_solver
+
+    items = [s.strip() for s in (spec or ",".join(METHODS)).split(",") if s.strip()]
+    if not items:
+        raise SpapError("--methods is empty; e.g. --methods spap,obs")
+    parsed: list[tuple[str, str, dict[str, Any]]] = []
+    for item in items:
+        name, sep, rest = item.partition("=")
+        if not sep or ":" in name:  # no name given: `method` or `method:key=val`
+            name, rest = item, item
+        method, _, opts = rest.partition(":")
+        name, method = name.strip(), method.strip()
+        if not name or not method:
+            raise SpapError(f"--methods: cannot read '{item}'; use method or name=method:key=val")
+        inline = parse_options([o for o in opts.split(";") if o.strip()])
+        parsed.append((name, method, inline))
+    names = [p[0] for p in parsed]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SpapError(f"--methods: name(s) {dup} appear twice; name variants name=method:...")
+
+    extra: dict[str, dict[str, Any]] = {}
+    for item in option_items or []:
+        target, sep, kv = item.partition(":")
+        if not sep or "=" in target:
+            raise SpapError(f"--option expects method:key=value, got '{item}'")
+        target = target.strip()
+        if target not in names and target not in {p[1] for p in parsed}:
+            raise SpapError(
+                f"--option '{item}': '{target}' is neither a method nor a variant in --methods "
+                f"({', '.join(names)})"
+            )
+        extra.setdefault(target, {}).update(parse_options([kv]))
+
+    out = []
+    for name, method, inline in parsed:
+        options = {**extra.get(method, {}), **(extra.get(name, {}) if name != method else {}),
+                   **inline}
+        get_solver(method, **options)  # unknown method or option: SpapError naming the choices
+        out.append(Variant(name, method, options))
+    return out
+
+
+def parse_sparsities(spec: str) -> list[float]:
+    """`0.2,0.3` into floats in [0, 1), duplicates dropped, order kept."""
+    out: list[float] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        try:
+            s = float(item)
+        except ValueError:
+            raise SpapError(f"--sparsities: '{item}' is not a number; e.g. 0.2,0.3,0.4") from None
+        if not math.isfinite(s) or not 0 <= s < 1:
+            raise SpapError(f"--sparsities: {item} is not in [0, 1); e.g. 0.2,0.3,0.4")
+        if s not in out:
+            out.append(s)
+    if not out:
+        raise SpapError("--sparsities is empty; e.g. --sparsities 0.2,0.3,0.4")
+    return out
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # strict JSON has no Infinity / NaN
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write via a temporary file and rename, so a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def compare(
+    model,
+    tokenizer,
+    variants: list[Variant],
+    sparsities: list[float],
+    *,
+    calib_ids: torch.Tensor,
+    eval_stream: torch.Tensor,
+    eval_seqlen: int = 2048,
+    eval_windows: int | None = None,
+    eval_data: str = "wiki-offline",
+    eval_split: str | None = None,
+    calib_desc: dict[str, Any] | None = None,
+    model_name: str | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 4,
+    round_to: int = 1,
+    json_path: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Prune a copy of the dense `model` (left untouched, on the CPU) with every variant at
+    every sparsity and score it on the same evaluation windows.
+
+    Returns {"model", "dense_ppl", "protocol", "records": [...]} and, with `json_path`,
+    rewrites that file after the dense score and after every record.
+    """
+    from .api import prune, versions
+    from .eval.ppl import perplexity
+
+    device = torch.device(device)
+    dense = model.to("cpu")
+    path = Path(json_path) if json_path is not None else None
+
+    def score(m) -> dict[str, Any]:
+        r = perplexity(m.to(device), tokenizer, data=eval_data, seqlen=eval_seqlen,
+                       windows=eval_windows, batch_size=batch_size, device=device,
+                       stream=eval_stream)
+        if eval_split is not None:
+            r["protocol"]["split"] = eval_split
+        return r
+
+    d = score(dense)
+    dense.to("cpu")
+    result: dict[str, Any] = {
+        "model": model_name or getattr(dense.config, "_name_or_path", ""),
+        "dense_ppl": _finite(d["ppl"]),
+        "protocol": {
+            "eval": d["protocol"],
+            "calibration": calib_desc or {"nsamples": int(calib_ids.shape[0]),
+                                          "seqlen": int(calib_ids.shape[1])},
+            "device": str(device),
+            "dtype": str(dense.dtype).replace("torch.", ""),
+            "batch_size": batch_size,
+            "round_to": round_to,
+            "copy": "each run prunes a deep copy of the dense model",
+            "versions": versions(),
+        },
+        "dense": {"params": sum(p.numel() for p in dense.parameters()),
+                  "seconds_eval": d["seconds"]},
+        "variants": [{"name": v.name, "method": v.method, "options": v.options}
+                     for v in variants],
+        "sparsities": sparsities,
+        "records": [],
+    }
+    if path:
+        write_json_atomic(path, result)
+
+    runs = [(v, s) for v in variants for s in sparsities]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(runs), desc="compare", unit="run")
+    try:
+        for v, s in runs:
+            if bar is not None:
+                bar.set_description(f"compare {v.name} @ {s:g}")
+            m = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            pr = prune(m, tokenizer, s, method=v.method, method_options=v.options,
+                       calib_ids=calib_ids, device=device, batch_size=batch_size,
+                       round_to=round_to, progress=progress, allow_unsaveable=True)
+            seconds = time.perf_counter() - t0
+            ev = score(m)
+            del m, pr.model
+            _free(device)
+            rep = pr.report
+            layers = rep["layers"]
+            rec = {
+                "method": v.name,
+                "base_method": v.method,
+                "sparsity": s,
+                "ppl": _finite(ev["ppl"]),
+                "dense_ppl": result["dense_ppl"],
+                "gap": _finite(ev["ppl"] - d["ppl"]),
+                "params_removed_frac": rep["params_removed_frac"],
+                "sparsity_achieved": rep["sparsity_achieved"],
+                "width_after": rep["model"]["width_after"],
+                "saveable": rep.get("saveable", True),
+                "layer_error_mean": rep["layer_error_mean"],
+                "layer_errors": [layer["rel_error"] for layer in layers],
+                "seconds": seconds,
+                "seconds_solve": sum(layer["seconds"]["solve"] for layer in layers),
+                "seconds_forward": sum(layer["seconds"]["collect"] + layer["seconds"]["replay"]
+                                       for layer in layers),
+                "seconds_eval": ev["seconds"],
+                "options": rep["options"],
+            }
+            result["records"].append(rec)
+            if path:
+                write_json_atomic(path, result)
+            log.info("%s @ %g: ppl %.4g (dense %.4g), %.1f s", v.name, s, ev["ppl"], d["ppl"],
+                     seconds)
+            if bar is not None:
+                bar.set_postfix(ppl=f"{ev['ppl']:.4g}")
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """One line per record, dense first: perplexity, gap, size and time."""
+    header = ("method", "sparsity", "ppl", "gap", "params removed", "layer err",
+              "prune s", "forward s", "solve s")
+
+    def num(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
+
+    rows = [("dense", "0", num(result["dense_ppl"], ".3f"), "0", "0", "0", "", "", "")]
+    for r in result["records"]:
+        rows.append((r["method"] + ("" if r.get("saveable", True) else " (in memory)"),
+                     f"{r['sparsity']:g}", num(r["ppl"], ".3f"), num(r["gap"], "+.3f"),
+                     f"{r['params_removed_frac']:.3f}", f"{r['layer_error_mean']:.4f}",
+                     f"{r['seconds']:.1f}", f"{r['seconds_forward']:.1f}",
+                     f"{r['seconds_solve']:.1f}"))
+    cells = [header, *rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _check_plot_path(path: str | os.PathLike) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SpapError("--plot needs matplotlib: pip install 'spap[plot]'") from None
+    kinds = Figure().canvas.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in kinds:
+        raise SpapError(f"--plot '{path}': unknown image type; use one of "
+                        f"{', '.join(sorted(kinds))} (e.g. out.png)")
+
+
+def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Perplexity against sparsity, one line per method, dense dashed, log-scale y.
+    Works on a saved JSON too: `plot(json.load(open(f)), "out.png")`."""
+    _check_plot_path(path)
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    names = list(dict.fromkeys(r["method"] for r in result["records"]))
+    for name in names:
+        pts = sorted((r["sparsity"], r["ppl"]) for r in result["records"]
+                     if r["method"] == name and r["ppl"] is not None)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    if result["dense_ppl"] is not None:
+        ax.axhline(result["dense_ppl"], color="gray", linestyle="--",
+                   label=f"dense ({result['dense_ppl']:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("MLP channel sparsity")
+    ax.set_ylabel("perplexity (log scale)")
+    ev = result["protocol"]["eval"]
+    cal = result["protocol"]["calibration"]
+    model = Path(str(result["model"])).name or str(result["model"])
+    ax.set_title(f"{model}\nppl: {ev['data']}, {ev['windows']}x{ev['seqlen']} tokens; "
+                 f"calib: {cal.get('source', '?')}, {cal['nsamples']}x{cal['seqlen']}",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150)
+    return out
+
+
+def run_cli(args) -> int:
+    """`spap compare` (flags in cli.build_parser): validate everything, load once, compare."""
+    from .api import calibration_ids
+    from .config import CalibConfig
+    from .data import load_text, tokenize
+    from .loading import load_model, resolve_device
+
+    # Everything that can be checked without the model is checked first.
+    variants = parse_variants(args.methods, args.option)
+    sparsities = parse_sparsities(args.sparsities)
+    ccfg = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed)
+    ccfg.validate()
+    if args.eval_seqlen < 2:
+        raise SpapError(f"--eval-seqlen must be at least 2, got {args.eval_seqlen}")
+    if args.eval_windows is not None and args.eval_windows < 1:
+        raise SpapError(f"--eval-windows must be at least 1, got {args.eval_windows}")
+    if args.batch_size < 1:
+        raise SpapError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.round_to < 1:
+        raise SpapError(f"--round-to must be a positive multiple, got {args.round_to}")
+    if args.plot:
+        _check_plot_path(args.plot)
+    device = resolve_device(args.device)
+
+    model, tok, src = load_model(args.model, args.dtype, device)
+    calib_ids, calib_desc = calibration_ids(tok, ccfg)
+    eval_text = load_text(args.eval_data, "test")
+    stream = tokenize(tok, eval_text)
+    result = compare(
+        model, tok, variants, sparsities, calib_ids=calib_ids, eval_stream=stream,
+        eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows, eval_data=args.eval_data,
+        eval_split=eval_text.split, calib_desc=calib_desc, model_name=src.spec, device=device,
+        batch_size=args.batch_size, round_to=args.round_to, json_path=args.json, progress=True,
+    )
+    print()
+    print(format_table(result))
+    print(f"\nresults in {args.json}")
+    if args.plot:
+        print(f"plot in {plot(result, args.plot)}")
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation of pruned models: perplexity, zero-shot accuracy through lm-eval, speed."""

@@ -1,0 +1,165 @@
+"""Turn what the user typed (alias, local folder, .gguf file, Hub id) into a model and tokenizer.
+
+GGUF models are dequantized by transformers on load (15 to 45 s); an alias is converted once
+into a plain safetensors folder under the cache so later runs load in about 2 s. The
+architecture is checked from the config before any weights are read, so an unsupported model
+fails in a second with the list of supported families.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .assets import MODEL_ALIASES, GgufAlias, cache_dir, locate
+from .errors import SpapError
+from .models import get_adapter
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: `path` (folder or Hub id) plus a GGUF file name if any."""
+
+    spec: str  # what the user typed
+    path: str
+    gguf_file: str | None = None
+    kind: str = "folder"  # alias | folder | gguf | hub
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in table:
+        raise SpapError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpapError(f"device '{device}' requested but CUDA is not available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise SpapError(f"unknown device '{device}'; use auto, cpu or cuda[:N]")
+    return device
+
+
+def _materialize_alias(alias: GgufAlias) -> Path:
+    """The alias's converted safetensors folder, built on first use (atomically)."""
+    target = cache_dir() / "models" / alias.name
+    if (target / "config.json").exists():
+        return target
+    files = [locate(dist, path, alias.install) for dist, path in alias.parts]
+    work = target.parent / f".{alias.name}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        if len(files) == 1:
+            gguf_dir, gguf_name = files[0].parent, files[0].name
+        else:
+            gguf_dir, gguf_name = work, alias.gguf_name
+            with open(work / gguf_name, "wb") as out:
+                for f in files:
+                    with open(f, "rb") as part:
+                        shutil.copyfileobj(part, out, 1 << 24)
+        log.info("converting %s from GGUF once into %s", alias.name, target)
+        model, tok = _load_gguf(gguf_dir, gguf_name, torch.float32)
+        saved = work / "model"
+        model.save_pretrained(saved)
+        tok.save_pretrained(saved)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(saved, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _load_gguf(folder: Path, name: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    except ImportError as e:
+        raise SpapError(f"loading GGUF files needs the 'gguf' package: pip install gguf ({e})")
+    # A dequantized GGUF model is a plain float model; drop the quantizer so it saves normally.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    return model, tok
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Classify `spec`; raises SpapError for anything that is none of the accepted forms."""
+    if spec in MODEL_ALIASES:
+        return ModelSource(spec, str(_materialize_alias(MODEL_ALIASES[spec])), None, "alias")
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource(spec, str(p.parent), p.name, "gguf")
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise SpapError(f"folder '{spec}' has no config.json; pass a save_pretrained folder")
+        return ModelSource(spec, str(p), None, "folder")
+    if p.exists() or spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        aliases = ", ".join(MODEL_ALIASES)
+        raise SpapError(
+            f"unknown model or path '{spec}'; pass a Hub id (org/name), a local folder, "
+            f"a .gguf file, or an offline alias ({aliases})"
+        )
+    return ModelSource(spec, spec, None, "hub")
+
+
+def load_config(src: ModelSource):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
+    except OSError as e:
+        if src.kind == "hub":
+            raise SpapError(
+                f"could not load '{src.spec}' from the Hugging Face Hub ({_first_line(e)}); "
+                "check the id and your connection, or pass a local folder, a .gguf file or "
+                f"an offline alias ({', '.join(MODEL_ALIASES)})"
+            ) from None
+        raise SpapError(f"could not read the config of '{src.spec}': {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
+    """Load (model on CPU in `dtype`, tokenizer, ModelSource). Checks the family first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_model(spec)
+    config = load_config(src)
+    get_adapter(config)  # fail fast on an unsupported architecture
+    torch_dtype = resolve_dtype(dtype, device)
+    if src.gguf_file:
+        model, tok = _load_gguf(Path(src.path), src.gguf_file, torch_dtype)
+    else:
+        tok = AutoTokenizer.from_pretrained(src.path)
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype)
+    model.eval()
+    return model, tok, src

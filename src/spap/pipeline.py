@@ -1,0 +1,253 @@
+"""The one sequential layer-by-layer driver (SparseGPT / Wanda / FLAP practice).
+
+1. Capture the inputs of decoder layer 0 generically: a forward pre-hook (with kwargs) stops
+   the model's forward and keeps the hidden states and whatever else the layer is called with
+   (position embeddings, masks), so no model-specific forward is re-implemented.
+2. For each layer, on the compute device:
+   - collect: run the layer on the calibration batch, accumulating statistics of the down
+     projection's input (the Gram matrix when the solver needs it) and, for solvers that refit
+     input projections, the MLP inputs;
+   - solve: the solver sees only tensors and returns the kept channels and new weights;
+   - cut: slice the weights physically;
+   - replay: run the pruned layer so the next layer sees pruned inputs, and measure the
+     relative error of the MLP output against a copy of the dense MLP on the same inputs.
+Only the current layer sits on the compute device; the rest of the model stays where it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models.base import MLPAdapter
+from .solvers.base import LayerProblem, Solver
+from .stats import StatsAccumulator
+from .surgery import apply_decision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerRecord:
+    index: int
+    width_before: int
+    kept: int
+    rel_error: float  # ||mlp_pruned(a) - mlp_dense(a)||^2 / ||mlp_dense(a)||^2 on calibration
+    seconds: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+    keep: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def n_keep_for(n: int, sparsity: float, round_to: int = 1) -> int:
+    """Channels kept of n: n - round(sparsity * n), then rounded to the nearest multiple of
+    `round_to` (ties up), never below `round_to` nor above n."""
+    keep = n - round(sparsity * n)
+    if round_to > 1:
+        keep = int((keep + round_to / 2) // round_to) * round_to
+        keep = max(round_to, keep)
+    return max(1, min(n, keep))
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end the model's forward at layer 0."""
+
+
+def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device) -> None:
+    """Move every parameter and buffer that is not inside a decoder layer (embeddings,
+    rotary tables, final norm, head) to `device`."""
+    inside = {id(m) for m in layers.modules()}
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        for p in m.parameters(recurse=False):
+            p.data = p.data.to(device)
+        for name, b in list(m.named_buffers(recurse=False)):
+            m._buffers[name] = b.to(device)
+
+
+def _tensor_to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_tensor_to(o, device) for o in obj)
+    return obj
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model, layer0: nn.Module, calib: torch.Tensor, device, batch_size: int):
+    """Run the model on each calibration batch up to layer 0; return a list of
+    (hidden_states, other positional args, kwargs) per batch."""
+    captured: list[tuple[torch.Tensor, tuple, dict]] = []
+
+    def hook(_mod, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, tuple(args[1:]), kwargs))
+        raise _Stop
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in calib.split(batch_size):
+            try:
+                model(batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _layer_out(out):
+    # transformers 5 decoder layers return a tensor; older ones a tuple (hidden, ...).
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def prune_layers(
+    model: nn.Module,
+    adapter: MLPAdapter,
+    calib: torch.Tensor,
+    solver: Solver,
+    sparsity: float,
+    *,
+    round_to: int = 1,
+    device: str | torch.device = "cpu",
+    batch_size: int = 4,
+    progress: bool = False,
+    layer_limit: int | None = None,
+) -> list[LayerRecord]:
+    """Prune every decoder layer's MLP in place; returns one record per layer.
+
+    `layer_limit` prunes only the first N layers (quick smoke runs); the rest are kept dense.
+    """
+    device = torch.device(device)
+    layers = adapter.layers(model)
+    home = next(model.parameters()).device
+    _move_outside_layers(model, layers, device)
+    layers[0].to(device)
+    try:
+        batches = capture_layer0_inputs(model, layers[0], calib, device, batch_size)
+        layers[0].to(home)
+        records = []
+        todo = len(layers) if layer_limit is None else min(layer_limit, len(layers))
+        bar = range(todo)
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(bar, desc=f"pruning ({solver.name})", unit="layer")
+        for i in bar:
+            layer = layers[i].to(device)
+            rec, batches = _prune_one(adapter, layer, i, batches, solver, sparsity, round_to)
+            layers[i].to(home)
+            records.append(rec)
+            log.info(
+                "layer %d: kept %d/%d, relative error %.4g", i, rec.kept, rec.width_before,
+                rec.rel_error,
+            )
+            if progress:
+                bar.set_postfix(err=f"{rec.rel_error:.3g}")
+        return records
+    finally:
+        _move_outside_layers(model, layers, home)
+
+
+def _run(layer, batches, hidden_list=None):
+    outs = []
+    for j, (hidden, args, kwargs) in enumerate(batches):
+        h = hidden if hidden_list is None else hidden_list[j]
+        outs.append(_layer_out(layer(h, *args, **kwargs)))
+    return outs
+
+
+def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to):
+    ins = adapter.in_linears(layer)
+    first_in = next(iter(ins.values()))
+    down = adapter.out_linear(layer)
+    n = down.in_features
+    k = n_keep_for(n, sparsity, round_to)
+    t0 = time.perf_counter()
+    if k == n:  # nothing to prune: the layer must stay bit-identical
+        outs = _run(layer, batches)
+        new = [(o, a, kw) for o, (_, a, kw) in zip(outs, batches)]
+        secs = {"collect": 0.0, "solve": 0.0, "replay": time.perf_counter() - t0}
+        return LayerRecord(index, n, n, 0.0, secs, {}, list(range(n))), new
+
+    # collect
+    acc = StatsAccumulator(n, solver.needs_gram, down.weight.device)
+    inputs: list[torch.Tensor] = []
+    hooks = [down.register_forward_pre_hook(lambda _m, a: acc.add(a[0]))]
+    if solver.needs_inputs:
+        hooks.append(first_in.register_forward_pre_hook(lambda _m, a: inputs.append(a[0])))
+    try:
+        _run(layer, batches)
+    finally:
+        for h in hooks:
+            h.remove()
+    t1 = time.perf_counter()
+
+    # solve
+    f64 = torch.float64
+    problem = LayerProblem(
+        w_down=down.weight.to(f64),
+        w_in={name: lin.weight.to(f64) for name, lin in ins.items()},
+        stats=acc.result(),
+        b_down=down.bias.to(f64) if down.bias is not None else None,
+        b_in=first_in.bias.to(f64) if first_in.bias is not None else None,
+        linear_key=adapter.linear_key,
+    )
+    if solver.needs_inputs:
+        a = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])  # (p, d)
+        problem.inputs = a.to(f64)
+        g = adapter.gate_act(layer, a)
+        problem.gate_act = g.to(f64) if g is not None else None
+        del inputs
+    decision = solver.solve(problem, k)
+    del problem
+    t2 = time.perf_counter()
+
+    # cut
+    dense = {name: copy.deepcopy(lin) for name, lin in ins.items()}
+    dense_down = copy.deepcopy(down)
+    act = adapter.activation(layer)
+    apply_decision(adapter, layer, decision)
+
+    # replay, measuring the MLP's relative error on the same inputs
+    err = torch.zeros(2, dtype=f64, device=down.weight.device)
+    seen: dict[str, torch.Tensor] = {}
+    new_first = adapter.in_linears(layer)[next(iter(ins))]
+    new_down = adapter.out_linear(layer)
+
+    def grab(_m, a):
+        seen["a"] = a[0]
+
+    def measure(_m, _a, out):
+        ref = adapter.mlp_output(dense, dense_down, act, seen["a"]).to(f64)
+        err[0] += (out.to(f64) - ref).pow(2).sum()
+        err[1] += ref.pow(2).sum()
+
+    hooks = [new_first.register_forward_pre_hook(grab), new_down.register_forward_hook(measure)]
+    try:
+        outs = _run(layer, batches)
+    finally:
+        for h in hooks:
+            h.remove()
+    t3 = time.perf_counter()
+    rel = float(err[0] / err[1]) if err[1] > 0 else 0.0
+    new = [(o, a, kw) for o, (_, a, kw) in zip(outs, batches)]
+    secs = {"collect": t1 - t0, "solve": t2 - t1, "replay": t3 - t2}
+    info = {key: v for key, v in decision.info.items() if _jsonable(v)}
+    return LayerRecord(index, n, int(decision.keep.numel()), rel, secs, info,
+                       decision.keep.tolist()), new
+
+
+def _jsonable(v) -> bool:
+    return isinstance(v, (int, float, str, bool, list, dict)) or v is None

@@ -1,0 +1,63 @@
+"""Physical slicing of an MLP: keep channel rows of the input projections and the matching
+columns of the down projection, so the saved model is really smaller."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .models.base import MLPAdapter
+from .solvers.base import Decision
+
+
+def _set_weight(lin: nn.Linear, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    ref = lin.weight
+    lin.weight = nn.Parameter(w.to(ref.device, ref.dtype).contiguous(), requires_grad=False)
+    if b is not None:
+        lin.bias = nn.Parameter(b.to(ref.device, ref.dtype).contiguous(), requires_grad=False)
+    lin.out_features, lin.in_features = lin.weight.shape
+
+
+@torch.no_grad()
+def apply_decision(adapter: MLPAdapter, layer: nn.Module, decision: Decision) -> None:
+    """Replace the layer's MLP weights with the decision's: rows `keep` of every input
+    projection (or the solver's refit rows), and the solver's new down projection."""
+    keep = decision.keep.to(torch.long)
+    for name, lin in adapter.in_linears(layer).items():
+        idx = keep.to(lin.weight.device)
+        w = decision.w_in[name] if decision.w_in and name in decision.w_in else lin.weight[idx]
+        b = lin.bias[idx] if lin.bias is not None else None
+        _set_weight(lin, w, b)
+    down = adapter.out_linear(layer)
+    b_down = decision.b_down
+    _set_weight(down, decision.w_down, b_down)
+
+
+@torch.no_grad()
+def zero_channels(adapter: MLPAdapter, layer: nn.Module, keep: torch.Tensor) -> None:
+    """Dense-shaped reference: zero the removed channels' down-projection columns. The
+    physically cut layer must compute exactly this (tests rely on it)."""
+    down = adapter.out_linear(layer)
+    mask = torch.zeros(down.in_features, dtype=torch.bool, device=down.weight.device)
+    mask[keep.to(down.weight.device)] = True
+    down.weight[:, ~mask] = 0
+
+
+@torch.no_grad()
+def add_missing_biases(model: nn.Module, adapter: MLPAdapter) -> None:
+    """Make a model whose down projections gained biases loadable by stock transformers: set
+    the family's MLP-bias config flag and give every MLP linear that lacks one a zero bias."""
+    layers = adapter.layers(model)
+    if all(adapter.out_linear(layer).bias is None for layer in layers):
+        return
+    flag = adapter.out_bias_attr(model.config)
+    if flag is None:  # the solver should have been refused earlier; guard anyway
+        raise ValueError(f"{model.config.model_type} cannot store a down-projection bias")
+    setattr(model.config, flag, True)
+    for layer in layers:
+        for lin in [*adapter.in_linears(layer).values(), adapter.out_linear(layer)]:
+            if lin.bias is None:
+                w = lin.weight
+                lin.bias = nn.Parameter(
+                    torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False
+                )

@@ -1,0 +1,134 @@
+"""`spap prune` / `spap eval` end to end on a tiny model, and every bad input of the issue:
+one line on stderr, exit status 2, and no output folder left behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import byte_tokenizer, tiny_model
+
+from spap.cli import main
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    d = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_prune_then_eval(tiny_dir, text_file, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    code, stdout, err = run(["prune", tiny_dir, "--sparsity", "0.25", "--out", out,
+                             "--calib", text_file, "--nsamples", "4", "--seqlen", "32",
+                             "--device", "cpu", "--round-to", "8"], capsys)
+    assert code == 0, err
+    assert "parameters" in stdout
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert m.config.intermediate_size == 72  # 96 - 24, a multiple of 8
+    rep = json.loads((out / "spap.json").read_text())
+    assert rep["calibration"]["source"] == str(text_file)
+    assert rep["reload_check"]["max_abs_logit_diff"] <= 1e-4
+    js = tmp_path / "ev.json"
+    code, stdout, err = run(["eval", out, "--data", text_file, "--seqlen", "32", "--windows", "3",
+                             "--json", js, "--device", "cpu"], capsys)
+    assert code == 0, err
+    res = json.loads(js.read_text())
+    assert torch.isfinite(torch.tensor(res["ppl"])) and res["ppl"] > 1
+    assert res["protocol"]["windows"] == 3 and res["protocol"]["seqlen"] == 32
+
+
+def test_overwrite_replaces(tiny_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = ["prune", tiny_dir, "--sparsity", "0.5", "--out", out, "--calib", text_file,
+            "--nsamples", "2", "--seqlen", "16", "--option", "recovery_rounds=0"]
+    assert run(args, capsys)[0] == 0
+    code, _, err = run(args, capsys)
+    assert code == 2 and "--overwrite" in err and err.startswith("spap: error:")
+    assert run([*args, "--overwrite"], capsys)[0] == 0
+
+
+def _bad(argv, capsys, out, needle):
+    code, _, err = run(argv, capsys)
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("spap: error:")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
+    assert needle in err, err
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*"))
+
+
+def test_bad_model_path(tmp_path, capsys):
+    out = tmp_path / "o"
+    _bad(["prune", tmp_path / "nope", "--sparsity", "0.3", "--out", out], capsys, out,
+         "unknown model or path")
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(d)
+    out = tmp_path / "o"
+    _bad(["prune", d, "--sparsity", "0.3", "--out", out], capsys, out,
+         "supported: llama, mistral, opt, qwen2")
+
+
+@pytest.mark.parametrize("s", ["1.0", "-0.1", "1.5", "nan"])
+def test_bad_sparsity(tiny_dir, tmp_path, capsys, s):
+    out = tmp_path / "o"
+    _bad(["prune", tiny_dir, "--sparsity", s, "--out", out], capsys, out, "[0, 1)")
+
+
+def test_too_little_text(tiny_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    out = tmp_path / "o"
+    _bad(["prune", tiny_dir, "--sparsity", "0.3", "--out", out, "--calib", short,
+          "--nsamples", "8", "--seqlen", "64"], capsys, out, "calibration text has 21 tokens")
+
+
+def test_non_empty_out_without_overwrite(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code, _, err = run(["prune", tiny_dir, "--sparsity", "0.3", "--out", out], capsys)
+    assert code == 2 and "not empty" in err and err.startswith("spap: error:")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_non_finite_activations(tmp_path, text_file, capsys):
+    d = tmp_path / "broken"
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    out = tmp_path / "o"
+    _bad(["prune", d, "--sparsity", "0.3", "--out", out, "--calib", text_file,
+          "--nsamples", "2", "--seqlen", "16"], capsys, out, "non-finite activations")
+
+
+def test_unknown_method_and_option(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    _bad(["prune", tiny_dir, "--sparsity", "0.3", "--out", out, "--method", "sparsegpt"],
+         capsys, out, "supported:")
+    _bad(["prune", tiny_dir, "--sparsity", "0.3", "--out", out, "--option", "bogus=1"],
+         capsys, out, "unknown option")
+
+
+def test_unknown_calib_source(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    _bad(["prune", tiny_dir, "--sparsity", "0.3", "--out", out, "--calib", "nosuch"],
+         capsys, out, "unknown text source")

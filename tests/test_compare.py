@@ -1,0 +1,152 @@
+"""`spap compare` end to end on a tiny model: one record per (method, sparsity) under one
+protocol, a plot, exact dense perplexity at sparsity 0, and bad input refused before any
+model is loaded (exit 2, no JSON)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+from conftest import byte_tokenizer, random_ids, tiny_model
+from spap.cli import main
+from spap.compare import Variant, compare, parse_sparsities, parse_variants
+from spap.errors import SpapError
+from spap.solvers.base import Decision, top_k_keep
+
+REQUIRED = ("method", "sparsity", "ppl", "dense_ppl", "gap", "params_removed_frac",
+            "layer_error_mean", "layer_errors", "seconds", "seconds_solve", "seconds_forward",
+            "options")
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    d = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_compare_end_to_end(tiny_dir, text_file, tmp_path, capsys):
+    js, png = tmp_path / "out" / "cmp.json", tmp_path / "out" / "cmp.png"
+    methods = "spap,spap-fast=spap:recovery_rounds=0;iters=4,obs"
+    code, out, err = run(["compare", tiny_dir, "--methods", methods, "--sparsities", "0,0.25",
+                          "--option", "spap:iters=6", "--calib", text_file, "--nsamples", "4",
+                          "--seqlen", "32", "--eval-data", text_file, "--eval-seqlen", "32",
+                          "--eval-windows", "2", "--device", "cpu", "--json", js, "--plot", png],
+                         capsys)
+    assert code == 0, err
+    res = json.loads(js.read_text())
+    assert res["model"] == str(tiny_dir)
+    assert res["protocol"]["eval"]["windows"] == 2 and res["protocol"]["eval"]["seqlen"] == 32
+    assert res["protocol"]["eval"]["data"] == str(text_file)
+    assert res["protocol"]["calibration"]["nsamples"] == 4
+    assert "torch" in res["protocol"]["versions"]
+    recs = res["records"]
+    assert [(r["method"], r["sparsity"]) for r in recs] == [
+        (m, s) for m in ("spap", "spap-fast", "obs") for s in (0.0, 0.25)
+    ]
+    for r in recs:
+        assert all(k in r for k in REQUIRED), sorted(set(REQUIRED) - set(r))
+        assert math.isfinite(r["ppl"]) and r["ppl"] > 1
+        assert r["dense_ppl"] == res["dense_ppl"]
+        assert len(r["layer_errors"]) == 2
+        if r["sparsity"] == 0:  # nothing pruned: the copy is bit-identical to dense
+            assert r["ppl"] == res["dense_ppl"] and r["gap"] == 0
+            assert r["params_removed_frac"] == 0
+        else:
+            assert r["params_removed_frac"] > 0 and r["layer_error_mean"] > 0
+    opts = {r["method"]: r["options"] for r in recs}
+    # --option spap:... reaches every spap variant; a variant's own options win
+    assert opts["spap"]["iters"] == 6 and opts["spap"]["recovery_rounds"] == 2
+    assert opts["spap-fast"]["iters"] == 4 and opts["spap-fast"]["recovery_rounds"] == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "spap-fast" in out and "dense" in out
+    assert not list(js.parent.glob(".*tmp*"))  # atomic writes leave no temporary file
+
+
+def test_unknown_method_exits_2_without_json(tiny_dir, text_file, tmp_path, capsys):
+    js = tmp_path / "cmp.json"
+    code, _, err = run(["compare", tiny_dir, "--methods", "spap,bogus", "--calib", text_file,
+                        "--json", js], capsys)
+    assert code == 2 and "bogus" in err and "supported" in err and "obs" in err
+    assert err.count("\n") == 1
+    assert not js.exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--sparsities", "0.2,1.0"], "[0, 1)"),
+    (["--sparsities", "-0.1"], "[0, 1)"),
+    (["--sparsities", "x"], "not a number"),
+    (["--option", "nosuch:iters=1"], "neither a method nor a variant"),
+    (["--option", "spap:nosuch=1"], "unknown option"),
+    (["--methods", "a=spap,a=obs"], "twice"),
+    (["--plot", "cmp.nosuch"], "image type"),
+])
+def test_bad_input_exits_2_without_json(argv, needle, tmp_path, capsys):
+    js = tmp_path / "cmp.json"
+    # the model does not exist: every check must happen before it would be loaded
+    code, _, err = run(["compare", tmp_path / "no-model", "--methods", "spap,obs", *argv,
+                        "--json", js], capsys)
+    assert code == 2 and needle in err, err
+    assert not js.exists()
+
+
+def test_parse_variants_and_sparsities():
+    vs = parse_variants("spap, fast=spap:recovery_rounds=0;damp=0.1, obs:block=2, o=obs",
+                        ["obs:buffer=8", "o:block=4"])
+    assert vs == [
+        Variant("spap", "spap", {}),
+        Variant("fast", "spap", {"recovery_rounds": 0, "damp": 0.1}),
+        Variant("obs:block=2", "obs", {"buffer": 8, "block": 2}),
+        Variant("o", "obs", {"buffer": 8, "block": 4}),
+    ]
+    assert parse_sparsities("0.3, 0,0.3") == [0.3, 0.0]
+    with pytest.raises(SpapError, match="empty"):
+        parse_sparsities(" , ")
+
+
+@dataclass
+class _BiasSolver:
+    """A stand-in for a bias-compensating method (FLAP): keeps the largest down-projection
+    columns and adds a down bias, which a saved Qwen2 cannot hold."""
+
+    name: ClassVar[str] = "biased"
+    needs_gram: ClassVar[bool] = False
+    needs_inputs: ClassVar[bool] = False
+    adds_down_bias: ClassVar[bool] = True
+
+    def solve(self, problem, n_keep):
+        keep = top_k_keep(problem.w_down.norm(dim=0), n_keep)
+        removed = torch.ones(problem.n, dtype=torch.bool)
+        removed[keep] = False
+        b = problem.w_down[:, removed] @ problem.stats.mean[removed]  # (m,) mean compensation
+        return Decision(keep, problem.w_down[:, keep], b_down=b)
+
+
+def test_unsaveable_method_is_compared_in_memory(monkeypatch):
+    import spap.api
+    import spap.solvers
+
+    monkeypatch.setattr(spap.api, "get_solver", lambda name, **o: _BiasSolver())
+    monkeypatch.setattr(spap.solvers, "get_solver", lambda name, **o: _BiasSolver())
+    model, tok = tiny_model("qwen2"), byte_tokenizer()
+    calib = random_ids(4, 32)
+    with pytest.raises(SpapError, match="cannot store"):
+        spap.api.prune(tiny_model("qwen2"), sparsity=0.25, method="biased", calib_ids=calib)
+    res = compare(model, tok, parse_variants("biased"), [0.25], calib_ids=calib,
+                  eval_stream=random_ids(1, 96, seed=1).flatten(), eval_seqlen=32)
+    (r,) = res["records"]
+    assert r["saveable"] is False and math.isfinite(r["ppl"]) and r["ppl"] != res["dense_ppl"]
+    # the dense model given to compare is left untouched
+    assert model.config.intermediate_size == 96 and model.model.layers[0].mlp.down_proj.bias is None

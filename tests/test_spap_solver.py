@@ -1,0 +1,132 @@
+"""SPAP's solver against exact oracles: lstsq, forward-pass errors and brute force."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from spap.solvers import get_solver
+from spap.solvers.base import LayerProblem
+from spap.solvers.refit import (
+    complement,
+    damp,
+    mask_error,
+    refit_down,
+    relative_error,
+    scatter_columns,
+    spd_inverse,
+)
+from spap.stats import stats_from_activations
+
+f64 = torch.float64
+
+
+def random_layer(n, m=6, p=200, seed=0, d=5):
+    """A random gated-MLP layer with correlated activations: X = g * (A U^T), Y = W0 X."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(p, d, generator=g, dtype=f64)
+    up = torch.randn(n, d, generator=g, dtype=f64)
+    gate = torch.rand(p, n, generator=g, dtype=f64) + 0.1
+    mix = torch.randn(n, n, generator=g, dtype=f64) * 0.3 + torch.eye(n, dtype=f64)
+    x = (gate * (a @ up.T)) @ mix.T  # (p, n) tokens x channels, correlated
+    w0 = torch.randn(m, n, generator=g, dtype=f64) * (torch.rand(n, generator=g, dtype=f64) + 0.2)
+    return x, w0
+
+
+def problem_of(x, w0):
+    return LayerProblem(w_down=w0, w_in={"up": torch.zeros(w0.shape[1], 3, dtype=f64)},
+                        stats=stats_from_activations(x))
+
+
+def test_refit_equals_lstsq():
+    x, w0 = random_layer(10, seed=1)
+    keep = torch.tensor([0, 2, 3, 5, 7, 8])
+    h = x.T @ x
+    y = x @ w0.T  # (p, m)
+    expect = torch.linalg.lstsq(x[:, keep], y).solution.T  # (m, k)
+    torch.testing.assert_close(refit_down(w0, h, keep), expect, rtol=1e-8, atol=1e-10)
+
+
+def test_exact_error_formula_equals_forward_error():
+    x, w0 = random_layer(12, seed=2)
+    h = x.T @ x
+    hinv = spd_inverse(h)
+    keep = torch.tensor([1, 2, 4, 6, 7, 9, 10])
+    pruned = complement(keep, 12)
+    w = refit_down(w0, h, keep)
+    forward = 0.5 * float(((x[:, keep] @ w.T - x @ w0.T) ** 2).sum())
+    assert abs(mask_error(w0, hinv, pruned) - forward) <= 1e-8 * forward
+    rel = relative_error(w0, scatter_columns(w, keep, 12), h)
+    assert abs(rel - forward / (0.5 * float(((x @ w0.T) ** 2).sum()))) < 1e-10
+
+
+def brute_force(w0, hinv, n_keep):
+    n = w0.shape[1]
+    best = min(
+        mask_error(w0, hinv, complement(torch.tensor(k), n))
+        for k in itertools.combinations(range(n), n_keep)
+    )
+    return best
+
+
+def wanda_error(w0, x, hinv, n_keep):
+    score = w0.abs().sum(0) * x.norm(dim=0)
+    keep = torch.sort(torch.topk(score, n_keep).indices).values
+    return mask_error(w0, hinv, complement(keep, w0.shape[1]))
+
+
+def test_spap_decision_near_brute_force_optimum():
+    solver = get_solver("spap", recovery_rounds=0)
+    within, cases = 0, 0
+    for seed in range(40):
+        n = 8 + seed % 5  # 8..12
+        x, w0 = random_layer(n, seed=100 + seed)
+        n_keep = n // 2 + (seed % 3) - 1
+        h = damp(x.T @ x, solver.damp)
+        hinv = spd_inverse(h)
+        dec = solver.solve(problem_of(x, w0), n_keep)
+        err = mask_error(w0, hinv, complement(dec.keep, n))
+        opt = brute_force(w0, hinv, n_keep)
+        cases += 1
+        within += err <= 1.01 * opt
+        assert err <= wanda_error(w0, x, hinv, n_keep) * (1 + 1e-9)
+        torch.testing.assert_close(dec.w_down, refit_down(w0, h, dec.keep))
+    assert within >= 0.9 * cases, f"{within}/{cases} within 1% of optimum"
+
+
+def test_penalty_alone_is_not_trivially_the_start():
+    """The soft penalty method (no multi-start, no swaps) still lands near the optimum."""
+    solver = get_solver("spap", recovery_rounds=0, starts="uniform", swap_max_n=0)
+    ratios = []
+    for seed in range(20):
+        x, w0 = random_layer(10, seed=300 + seed)
+        h = damp(x.T @ x, solver.damp)
+        hinv = spd_inverse(h)
+        dec = solver.solve(problem_of(x, w0), 5)
+        ratios.append(mask_error(w0, hinv, complement(dec.keep, 10)) / brute_force(w0, hinv, 5))
+    assert sorted(ratios)[len(ratios) // 2] < 1.05  # median within 5%
+
+
+def test_recovery_lowers_heldout_error_or_keeps_refit():
+    """Alternating recovery never returns something worse on held-out tokens than the refit."""
+    g = torch.Generator().manual_seed(7)
+    p, d, n, m = 2000, 6, 16, 8
+    a = torch.randn(p, d, generator=g, dtype=f64)
+    up = torch.randn(n, d, generator=g, dtype=f64)
+    gate = torch.sigmoid(a @ torch.randn(n, d, generator=g, dtype=f64).T)  # (p, n)
+    x = gate * (a @ up.T)
+    w0 = torch.randn(m, n, generator=g, dtype=f64)
+    prob = LayerProblem(w_down=w0, w_in={"gate": up.clone(), "up": up}, stats=stats_from_activations(x),
+                        inputs=a, gate_act=gate, linear_key="up")
+    solver = get_solver("spap", recovery_rounds=3, holdout=0.25)
+    dec = solver.solve(prob, 8)
+    errs = dec.info["heldout_rel_error"]
+    chosen = dec.info["recovery_rounds"]
+    assert errs[chosen] == min(errs)
+    assert errs[-1] < errs[0]  # on this well-posed problem recovery helps
+    u = dec.w_in["up"] if dec.w_in else up[dec.keep]
+    val = slice(1500, 2000)
+    y = x[val] @ w0.T
+    pred = (gate[val][:, dec.keep] * (a[val] @ u.T)) @ dec.w_down.T
+    assert abs(float(((pred - y) ** 2).sum() / (y**2).sum()) - errs[chosen]) < 1e-9

@@ -132,3 +132,18 @@ def test_unknown_calib_source(tiny_dir, tmp_path, capsys):
     out = tmp_path / "o"
     _bad(["prune", tiny_dir, "--sparsity", "0.3", "--out", out, "--calib", "nosuch"],
          capsys, out, "unknown text source")
+
+
+def test_bench_two_tiny_models(tiny_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert run(["prune", tiny_dir, "--sparsity", "0.5", "--out", out, "--calib", text_file,
+                "--nsamples", "2", "--seqlen", "16"], capsys)[0] == 0
+    js = tmp_path / "b.json"
+    code, stdout, err = run(["bench", out, "--vs", tiny_dir, "--batch-sizes", "1",
+                             "--prompt-lens", "8", "--gen-tokens", "2", "--reps", "1",
+                             "--device", "cpu", "--json", js], capsys)
+    assert code == 0, err
+    res = json.loads(js.read_text())
+    s = res["settings"][0]
+    assert s["ideal_speedup"] > 1 and s["speedup"] > 0
+    assert res["params"]["pruned"] < res["params"]["base"]

@@ -41,8 +41,9 @@ def test_compare_end_to_end(tiny_dir, text_file, tmp_path, capsys):
     js, png = tmp_path / "out" / "cmp.json", tmp_path / "out" / "cmp.png"
     methods = "spap,spap-fast=spap:recovery_rounds=0;iters=4,obs"
     code, out, err = run(["compare", tiny_dir, "--methods", methods, "--sparsities", "0,0.25",
-                          "--option", "spap:iters=6", "--calib", text_file, "--nsamples", "4",
-                          "--seqlen", "32", "--eval-data", text_file, "--eval-seqlen", "32",
+                          "--option", "spap:recovery_rounds=1", "--calib", text_file,
+                          "--nsamples", "4", "--seqlen", "32", "--eval-data", text_file,
+                          "--eval-seqlen", "32",
                           "--eval-windows", "2", "--device", "cpu", "--json", js, "--plot", png],
                          capsys)
     assert code == 0, err
@@ -68,7 +69,7 @@ def test_compare_end_to_end(tiny_dir, text_file, tmp_path, capsys):
             assert r["params_removed_frac"] > 0 and r["layer_error_mean"] > 0
     opts = {r["method"]: r["options"] for r in recs}
     # --option spap:... reaches every spap variant; a variant's own options win
-    assert opts["spap"]["iters"] == 6 and opts["spap"]["recovery_rounds"] == 2
+    assert opts["spap"]["recovery_rounds"] == 1 and opts["spap"]["iters"] == 12
     assert opts["spap-fast"]["iters"] == 4 and opts["spap-fast"]["recovery_rounds"] == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "spap-fast" in out and "dense" in out

@@ -110,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the first N perplexity windows (quick CPU runs)")
     p.add_argument("--json", required=True, help="results file, rewritten after every run")
     p.add_argument("--plot", default=None, help="perplexity-vs-sparsity image (e.g. cmp.png)")
+
+    p = sub.add_parser("bench", help="speed and memory of a pruned model against its base, "
+                                     "timed alternately in one process")
+    p.add_argument("model", help="the pruned model (folder, or any model spec)")
+    p.add_argument("--vs", required=True, help="the dense base model to compare against")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated (1,8)")
+    p.add_argument("--prompt-lens", default="128,512", help="comma-separated (128,512)")
+    p.add_argument("--gen-tokens", type=int, default=64, help="decoded tokens (64)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per model (5)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="write the result here")
+    _add_model_flags(p)
     return ap
 
 
@@ -228,7 +240,40 @@ def cmd_compare(args) -> int:
     return run_cli(args)
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare}
+def cmd_bench(args) -> int:
+    import torch
+
+    from .eval.speed import bench, format_table
+    from .loading import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def ints(v: str, flag: str) -> tuple[int, ...]:
+        try:
+            out = tuple(int(x) for x in v.split(",") if x.strip())
+        except ValueError:
+            raise SpapError(f"{flag} takes comma-separated integers, got '{v}'") from None
+        if not out or min(out) < 1:
+            raise SpapError(f"{flag} takes positive integers, got '{v}'")
+        return out
+
+    batches = ints(args.batch_sizes, "--batch-sizes")
+    lens = ints(args.prompt_lens, "--prompt-lens")
+    pruned, _, _ = load_model(args.model, args.dtype, device)
+    base, _, _ = load_model(args.vs, args.dtype, device)
+    result = bench(pruned, base, batch_sizes=batches, prompt_lens=lens,
+                   gen_tokens=args.gen_tokens, reps=args.reps, device=device)
+    result["models"] = {"pruned": args.model, "base": args.vs}
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -233,6 +233,8 @@ def compare(
                 "layer_errors": [layer["rel_error"] for layer in layers],
                 "seconds": seconds,
                 "seconds_solve": sum(layer["seconds"]["solve"] for layer in layers),
+                # layer forwards on calibration data (statistics + replay); the layer-0
+                # capture is in "seconds" only
                 "seconds_forward": sum(layer["seconds"]["collect"] + layer["seconds"]["replay"]
                                        for layer in layers),
                 "seconds_eval": ev["seconds"],
@@ -280,9 +282,6 @@ def format_table(result: dict[str, Any]) -> str:
 
 def _check_plot_path(path: str | os.PathLike) -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         from matplotlib.figure import Figure
     except ImportError:
         raise SpapError("--plot needs matplotlib: pip install 'spap[plot]'") from None
@@ -297,7 +296,9 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
     """Perplexity against sparsity, one line per method, dense dashed, log-scale y.
     Works on a saved JSON too: `plot(json.load(open(f)), "out.png")`."""
     _check_plot_path(path)
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    # A bare Figure, not pyplot: no global figure state and no GUI backend; savefig renders
+    # raster formats with Agg.
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()

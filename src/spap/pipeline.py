@@ -32,6 +32,8 @@ from .surgery import apply_decision
 
 log = logging.getLogger(__name__)
 
+HOLDOUT_EVERY = 8  # 1/8 of the calibration batches are held out for out-of-sample choices
+
 
 @dataclass
 class LayerRecord:
@@ -160,12 +162,8 @@ def prune_layers(
         _move_outside_layers(model, layers, home)
 
 
-def _run(layer, batches, hidden_list=None):
-    outs = []
-    for j, (hidden, args, kwargs) in enumerate(batches):
-        h = hidden if hidden_list is None else hidden_list[j]
-        outs.append(_layer_out(layer(h, *args, **kwargs)))
-    return outs
+def _run(layer, batches):
+    return [_layer_out(layer(hidden, *args, **kwargs)) for hidden, args, kwargs in batches]
 
 
 def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to):
@@ -184,11 +182,21 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to):
     # collect
     acc = StatsAccumulator(n, solver.needs_gram, down.weight.device)
     inputs: list[torch.Tensor] = []
-    hooks = [down.register_forward_pre_hook(lambda _m, a: acc.add(a[0]))]
+    # The last 1/HOLDOUT_EVERY of the batches (at least one, if there are two or more) also
+    # count into a held-out Gram, for solvers that choose a setting out of sample.
+    n_held = max(1, len(batches) // HOLDOUT_EVERY) if len(batches) >= 2 else 0
+    state = {"batch": 0}
+
+    def collect(_m, a):
+        acc.add(a[0], heldout=state["batch"] >= len(batches) - n_held)
+
+    hooks = [down.register_forward_pre_hook(collect)]
     if solver.needs_inputs:
         hooks.append(first_in.register_forward_pre_hook(lambda _m, a: inputs.append(a[0])))
     try:
-        _run(layer, batches)
+        for j, (hidden, args, kwargs) in enumerate(batches):
+            state["batch"] = j
+            layer(hidden, *args, **kwargs)
     finally:
         for h in hooks:
             h.remove()

@@ -23,6 +23,9 @@ class ActStats:
     sum: torch.Tensor  # (n,)   sum_t X[:, t]
     sqsum: torch.Tensor  # (n,) sum_t X[:, t]^2
     gram: torch.Tensor | None  # (n, n) sum_t X[:, t] X[:, t]^T, or None when not requested
+    # the part of `gram` from the held-out calibration windows (the last ones), so a solver can
+    # choose a setting out of sample; None when there are too few windows to hold some out
+    gram_heldout: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
@@ -52,8 +55,10 @@ class StatsAccumulator:
         self.gram = (
             torch.zeros(n, n, dtype=torch.float64, device=self.device) if want_gram else None
         )
+        self.gram_heldout: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, heldout: bool = False) -> None:
+        """Add a batch; `heldout` batches also count into the held-out Gram."""
         x = x.detach().reshape(-1, self.n)  # (tokens, n)
         if not torch.isfinite(x).all():
             raise SpapError(
@@ -65,10 +70,13 @@ class StatsAccumulator:
         self.sum += xf.sum(0).to(self.device, torch.float64)
         self.sqsum += (xf * xf).sum(0).to(self.device, torch.float64)
         if self.gram is not None:
-            self.gram += (xf.T @ xf).to(self.device, torch.float64)  # (n, n)
+            g = (xf.T @ xf).to(self.device, torch.float64)  # (n, n)
+            self.gram += g
+            if heldout:
+                self.gram_heldout = g if self.gram_heldout is None else self.gram_heldout + g
 
     def result(self) -> ActStats:
-        return ActStats(self.count, self.sum, self.sqsum, self.gram)
+        return ActStats(self.count, self.sum, self.sqsum, self.gram, self.gram_heldout)
 
 
 def stats_from_activations(x: torch.Tensor, want_gram: bool = True) -> ActStats:

@@ -426,8 +426,8 @@ def bench(
     ideal speedups from `count_flops`. Protocol in the module docstring.
 
     `device` None keeps the models where they are (they must share a device); otherwise both
-    are moved there. `cpu_memory` False skips the per-model subprocess runs that measure RSS
-    on CPU (each saves the model to a temporary folder first).
+    are moved there. Both are put in eval mode. `cpu_memory` False skips the per-model
+    subprocess runs that measure RSS on CPU (each saves the model to a temporary folder first).
     Returns a JSON-serialisable dict; `format_table` renders it.
     """
     if reps < 1 or warmup < 0:

@@ -14,24 +14,25 @@ and the compensation and the inverse of H restricted to the remaining columns ar
 ZipLM removes the column with the smallest dE_i, updates, and repeats. Each dE_i is the exact
 increase of the best-refit error `refit.mask_error` (section 2 of SPAP_METHOD.md), so this is
 the greedy algorithm for that objective, and after the last step W equals the exact refit
-`refit_down(W0, H, keep)` up to round-off. We return the exact refit (better conditioned) and
-report the gap to the OBS weights in `info`.
+`refit_down(W0, H, keep)` up to round-off. We return the exact refit (computed afresh rather
+than accumulated over thousands of updates) and report the gap to the OBS weights in `info`.
 
 Why the bookkeeping: done literally, every step is two rank-1 updates of an (n x n) and an
-(m x n) matrix, which are memory-bound: about 100 s for n = 4864 on two CPU cores. Here the
-factors u = Hinv[:, i] / sqrt(Hinv_ii) and a = W[:, i] / sqrt(Hinv_ii) of each step are
-buffered, so Hinv = Hinv_f - U U^T and W = W_f - A U^T, and only what the next choice needs is
-kept current: the diagonal of Hinv and the column norms of W, by the exact identities
+(m x n) matrix, which are memory-bound: about two minutes for n = 4864 at 50% on two CPU cores.
+Here the factors u = Hinv[:, i] / sqrt(Hinv_ii) and a = W[:, i] / sqrt(Hinv_ii) of each step
+are buffered, so Hinv = Hinv_f - U U^T and W = W_f - A U^T, and only what the next choice needs
+is kept current: the diagonal of Hinv and the column norms of W, by the exact identities
 
     diag(Hinv) <- diag(Hinv) - u^2
     ||W[:, j]||^2 <- ||W[:, j]||^2 - 2 u_j (a . W[:, j]) + u_j^2 ||a||^2.
 
 Every `buffer` steps the factors are applied as one matrix product (BLAS-3) and the matrices
-are shrunk to the remaining columns. The choices are those of the literal algorithm.
+are shrunk to the remaining columns. The choices are those of the literal algorithm (tested
+against it); a step then costs one pass over W (m x r) and over the buffer.
 
 `block` > 1 removes the `block` columns with the smallest saliency at once, with their joint
 compensation (a rank-`block` update through the Cholesky factor of Hinv[B, B]): fewer, larger
-steps, as SlimGPT's batched variant; block = 1 is exact greedy.
+steps, in the spirit of SlimGPT's batched greedy pruning; block = 1 is exact greedy.
 """
 
 from __future__ import annotations
@@ -57,28 +58,30 @@ def greedy_obs(
     if block < 1 or buffer < 1:
         raise ValueError(f"block and buffer must be >= 1, got block={block}, buffer={buffer}")
     m, n = w0.shape
+    if not 0 <= n_remove <= n:
+        raise ValueError(f"cannot remove {n_remove} of {n} columns")
     dev, dt = w0.device, w0.dtype
-    # Everything is laid out so that picking a column and shrinking read contiguous rows: W is
-    # kept transposed, and Hinv (symmetric) in one of two preallocated stores (re-allocating
-    # n x n matrices at every shrink costs more on a CPU than the arithmetic).
+    # Picking a column and shrinking read contiguous memory where it matters, and Hinv lives in
+    # one of two preallocated stores: re-allocating n x n matrices at every shrink costs more
+    # on a CPU than the arithmetic.
     store = torch.empty(n * n, dtype=dt, device=dev)
     spare: torch.Tensor | None = None
-    hf = store[: n * n].view(n, n).copy_(hinv)  # (r, r) Hinv with the applied updates
-    wt = w0.T.contiguous()  # (r, m) W^T with the applied updates
+    hf = store.view(n, n).copy_(hinv)  # (r, r) Hinv with the applied updates, r live columns
+    wf = w0.clone()  # (m, r) W with the applied updates
     idx = torch.arange(n, device=dev)  # original channel of each live position
     cap = buffer + block
     u_buf = torch.empty(n, cap, dtype=dt, device=dev)  # pending: Hinv = hf - U U^T
-    a_buf = torch.empty(cap, m, dtype=dt, device=dev)  # pending: W^T = wt - U A^T
+    a_buf = torch.empty(cap, m, dtype=dt, device=dev)  # pending: W = wf - A^T U^T
     n_buf = 0
     diag = torch.diagonal(hf).clone()  # (r,) diag of the current Hinv
-    colsq = (wt * wt).sum(1)  # (r,) squared column norms of the current W
+    colsq = (wf * wf).sum(0)  # (r,) squared column norms of the current W
     gone = torch.zeros(n, dtype=torch.bool, device=dev)  # removed since the last flush
     inf = torch.tensor(float("inf"), dtype=dt, device=dev)
     order: list[torch.Tensor] = []
     removed = 0
     while removed < n_remove:
         b = min(block, n_remove - removed)
-        saliency = torch.where(gone, inf, colsq / diag)  # 2 dE_i, OBS saliency
+        saliency = torch.where(gone, inf, colsq / diag)  # 2 dE_i, the OBS saliency
         if b == 1:
             sel = torch.argmin(saliency).reshape(1)
         else:
@@ -86,24 +89,26 @@ def greedy_obs(
         r = idx.numel()
         ub, ab = u_buf[:r, :n_buf], a_buf[:n_buf]  # (r, l), (l, m)
         u_sel = ub.index_select(0, sel)  # (b, l)
-        h_rows = hf.index_select(0, sel) - u_sel @ ub.T  # (b, r) current Hinv[B, :]
-        w_rows = wt.index_select(0, sel) - u_sel @ ab  # (b, m) current W[:, B]^T
-        # Hinv[B, B] = L L^T: the Schur downdate Hinv[:, B] Hinv[B, B]^-1 Hinv[B, :] = u u^T
-        # with u = Hinv[:, B] L^-T, and the OBS update W[:, B] Hinv[B, B]^-1 Hinv[B, :] = a u^T
-        # with a = W[:, B] L^-T (b = 1: L = sqrt(Hinv_ii)).
+        w_rows = wf.index_select(1, sel).T - u_sel @ ab  # (b, m) current W[:, B]^T
+        # one pass over the pending factors for both corrections (U U^T and U A W[:, B])
+        corr = ub @ torch.cat([u_sel.T, ab @ w_rows.T], 1)  # (r, 2b)
+        h_rows = hf.index_select(0, sel) - corr[:, :b].T  # (b, r) current Hinv[B, :]
+        g_rows = w_rows @ wf - corr[:, b:].T  # (b, r) W[:, B]^T W, current W
+        # Hinv[B, B] = L L^T. Schur downdate: Hinv[:, B] Hinv[B, B]^-1 Hinv[B, :] = u u^T with
+        # u = Hinv[:, B] L^-T; OBS update: W[:, B] Hinv[B, B]^-1 Hinv[B, :] = a u^T with
+        # a = W[:, B] L^-T (b = 1: L = sqrt(Hinv_ii)).
         if b == 1:
             s = h_rows[:, sel].sqrt()  # (1, 1)
-            ut, at = h_rows / s, w_rows / s  # (1, r), (1, m)
+            ut, at, gt = h_rows / s, w_rows / s, g_rows / s  # (1, r), (1, m), (1, r)
         else:
-            chol = torch.linalg.cholesky(h_rows[:, sel])  # (b, b)
+            chol, _ = torch.linalg.cholesky_ex(h_rows[:, sel])  # (b, b); _ex: no host sync
             ut = torch.linalg.solve_triangular(chol, h_rows, upper=False)  # (b, r)
             at = torch.linalg.solve_triangular(chol, w_rows, upper=False)  # (b, m)
-        a = at.T  # (m, b)
-        g = wt @ a - ub @ (ab @ a)  # (r, b) = W^T a, with W before this step
+            gt = torch.linalg.solve_triangular(chol, g_rows, upper=False)  # (b, r) a^T W
         u = ut.T  # (r, b)
         # ||W[:, j] - a u_j||^2 = ||W[:, j]||^2 - 2 u_j . (a^T W[:, j]) + u_j a^T a u_j
-        colsq = colsq - 2 * (u * g).sum(1) + ((u @ (at @ a)) * u).sum(1)
-        diag = diag - (u * u).sum(1)
+        colsq = colsq - 2 * (ut * gt).sum(0) + ((u @ (at @ at.T)) * u).sum(1)
+        diag = diag - (ut * ut).sum(0)
         gone[sel] = True
         order.append(idx[sel])
         u_buf[:r, n_buf : n_buf + b] = u
@@ -120,14 +125,14 @@ def greedy_obs(
             rows = torch.index_select(hf, 0, live, out=spare[: k * r].view(k, r))
             hf = torch.index_select(rows, 1, live, out=store[: k * k].view(k, k))
             hf.addmm_(ul, ul.T, alpha=-1)  # (k, k)
-            wt = wt.index_select(0, live).addmm_(ul, al, alpha=-1)  # (k, m)
+            wf = wf.index_select(1, live).addmm_(al.T, ul.T, alpha=-1)  # (m, k)
             idx = idx[live]
             diag = torch.diagonal(hf).clone()  # exact again: no drift between flushes
-            colsq = (wt * wt).sum(1)
+            colsq = (wf * wf).sum(0)
             gone = torch.zeros(k, dtype=torch.bool, device=dev)
             n_buf = 0
     order_t = torch.cat(order) if order else torch.empty(0, dtype=torch.long, device=dev)
-    return order_t, idx, wt.T.contiguous()
+    return order_t, idx, wf
 
 
 @dataclass
@@ -147,6 +152,9 @@ class ObsSolver:
             raise ValueError("the obs solver needs the Gram matrix (stats.gram is None)")
         w0 = problem.w_down.to(torch.float64)  # (m, n)
         n = w0.shape[1]
+        if n_keep == n:
+            keep = torch.arange(n, device=w0.device)
+            return Decision(keep=keep, w_down=w0, info={"rel_error": 0.0, "obs_refit_gap": 0.0})
         h = damp(problem.stats.gram.to(w0), self.damp)  # (n, n)
         _, keep, w_obs = greedy_obs(w0, spd_inverse(h), n - n_keep, self.block, self.buffer)
         w = refit_down(w0, h, keep)  # (m, k)

@@ -77,3 +77,24 @@ def relative_error(w0: torch.Tensor, w_full: torch.Tensor, h: torch.Tensor) -> f
     """||W X - W0 X||^2 / ||W0 X||^2 computed from the Gram matrix."""
     denom = 0.5 * float(((w0 @ h) * w0).sum())
     return weight_error(w0, w_full, h) / denom if denom > 0 else 0.0
+
+
+def refit_toward_dense(
+    w0: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """Least-squares refit regularized toward the dense weights of the kept channels:
+
+        argmin_{W_K} 1/2 ||W_K X_K - W0 X||^2 + lam * mean(diag H_KK) / 2 * ||W_K - W0[:, K]||^2
+        W_K = (W0 H[:, K] + mu W0[:, K]) (H[K, K] + mu I)^-1,   mu = lam * mean(diag H_KK)
+
+    lam = 0 is the exact refit; lam -> inf keeps the dense weights (no update). With a few
+    thousand calibration tokens the exact refit overfits them; shrinking toward W0 (a solution
+    that was never fit to them) rather than toward zero (plain damping) generalizes better.
+    """
+    if keep.numel() == 0:
+        return w0.new_zeros(w0.shape[0], 0)
+    h_kk = h[keep][:, keep]  # (k, k)
+    mu = lam * float(torch.diagonal(h_kk).mean())
+    eye = torch.eye(keep.numel(), dtype=h.dtype, device=h.device)
+    rhs = h[keep] @ w0.T + mu * w0[:, keep].T  # (k, m)
+    return spd_solve(h_kk + mu * eye, rhs).T  # (m, k)

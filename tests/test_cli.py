@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import byte_tokenizer, tiny_model
 
+from conftest import byte_tokenizer, tiny_model
 from spap.cli import main
 
 

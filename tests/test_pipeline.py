@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, random_ids, tiny_model
 
 import spap
+from conftest import FAMILIES, random_ids, tiny_model
 from spap.errors import SpapError
 from spap.models import get_adapter
 from spap.pipeline import n_keep_for

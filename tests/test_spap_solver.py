@@ -118,8 +118,9 @@ def test_recovery_lowers_heldout_error_or_keeps_refit():
     gate = torch.sigmoid(a @ torch.randn(n, d, generator=g, dtype=f64).T)  # (p, n)
     x = gate * (a @ up.T)
     w0 = torch.randn(m, n, generator=g, dtype=f64)
-    prob = LayerProblem(w_down=w0, w_in={"gate": up.clone(), "up": up}, stats=stats_from_activations(x),
-                        inputs=a, gate_act=gate, linear_key="up")
+    prob = LayerProblem(w_down=w0, w_in={"gate": up.clone(), "up": up},
+                        stats=stats_from_activations(x), inputs=a, gate_act=gate,
+                        linear_key="up")
     solver = get_solver("spap", recovery_rounds=3, holdout=0.25, refit_all=False,
                         recovery_dtype="float64")
     dec = solver.solve(prob, 8)

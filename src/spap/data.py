@@ -120,7 +120,9 @@ def tokenize(tokenizer, text: Text) -> torch.Tensor:
     return ids[0]
 
 
-def calibration_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def calibration_windows(
+    stream: torch.Tensor, nsamples: int, seqlen: int, seed: int
+) -> torch.Tensor:
     """`nsamples` random windows of `seqlen` tokens: (nsamples, seqlen) int64."""
     if nsamples < 1 or seqlen < 2:
         raise SpapError("--nsamples must be >= 1 and --seqlen >= 2")
@@ -139,7 +141,9 @@ def eval_windows(stream: torch.Tensor, seqlen: int, windows: int | None = None) 
     """Non-overlapping windows from the start of the stream: (w, seqlen). The tail is dropped."""
     total = stream.numel() // seqlen
     if total == 0:
-        raise SpapError(f"evaluation text has {stream.numel()} tokens, fewer than --seqlen {seqlen}")
+        raise SpapError(
+            f"evaluation text has {stream.numel()} tokens, fewer than --seqlen {seqlen}"
+        )
     w = total if windows is None else min(windows, total)
     return stream[: w * seqlen].view(w, seqlen)
 

@@ -26,7 +26,9 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise SpapError(f"output '{out}' exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SpapError(f"output folder '{out}' is not empty; pass --overwrite or choose another --out")
+        raise SpapError(
+            f"output folder '{out}' is not empty; pass --overwrite or choose another --out"
+        )
     return out
 
 

@@ -101,7 +101,9 @@ def _load_gguf(folder: Path, name: str, dtype: torch.dtype):
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     except ImportError as e:
-        raise SpapError(f"loading GGUF files needs the 'gguf' package: pip install gguf ({e})")
+        raise SpapError(
+            f"loading GGUF files needs the 'gguf' package: pip install gguf ({e})"
+        ) from None
     # A dequantized GGUF model is a plain float model; drop the quantizer so it saves normally.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -17,9 +17,10 @@ have no down-projection bias; the compensation then becomes a new bias (the pipe
 FLAP also standardizes the scores of all layers and thresholds them globally, which gives each
 layer its own width ("adaptive structure"). This project prunes the same ratio in every layer
 (FLAP's "UL-UM" setting), where only the per-layer ranking matters, so the standardization is
-not needed. The variance is the population variance over all calibration tokens (ActStats.var);
-FLAP's streaming estimate differs from it only by the normalization, which is the same for every
-channel. No other weight update: kept weights stay as they are.
+not needed. The variance is the exact population variance over all calibration tokens
+(ActStats.var, from the sums); FLAP's streaming estimate approximates the same quantity (with
+running means and, as its code is written, without the first calibration batch). No other
+weight update: kept weights stay as they are.
 """
 
 from __future__ import annotations

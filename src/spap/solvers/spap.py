@@ -216,10 +216,13 @@ class SpapSolver:
             return float((r * r).sum()) / y_val_sq
 
         def rounds(sl, u, w, count):
+            """`count` alternating rounds on tokens `sl`; the (u, w) after each."""
+            out = []
             for _ in range(count):
                 u = _up_step(a[sl], g[sl], w, y[sl], u, self.ridge, self.cg_iters)
                 w = _down_step(g[sl] * (a[sl] @ u.T), y[sl], self.damp)
-                yield u, w
+                out.append((u, w))
+            return out
 
         w_fit = _down_step(g[fit] * (a[fit] @ u0.T), y[fit], self.damp)  # round 0, fit only
         errs = [val_err(u0, w_fit)]
@@ -232,9 +235,7 @@ class SpapSolver:
         if best == 0:
             return  # keep the exact all-token refit of the decision
         if self.refit_all:
-            u, w = u0, decision.w_down.to(dt)
-            for u, w in rounds(slice(0, p), u, w, best):
-                pass
+            u, w = rounds(slice(0, p), u0, decision.w_down.to(dt), best)[-1]
         else:
             u, w = fit_only[best]
         decision.w_down = w.to(w0.dtype)

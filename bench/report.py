@@ -1,0 +1,160 @@
+"""Write BENCHMARKS.md from the JSON files in bench/results/ (never typed by hand).
+
+    .venv/bin/python bench/report.py
+
+Sections appear for the result files that exist: compare-<model>.json (spap compare),
+ablation-<model>.json (spap compare over SPAP variants), zeroshot-<model>.json
+(bench/zeroshot.py) and speed-<model>.json (spap bench).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RES = ROOT / "bench" / "results"
+BASELINES = ("obs", "fasp", "flap", "wanda-sp", "magnitude")
+
+
+def load(pattern: str) -> list[tuple[str, dict]]:
+    out = []
+    for p in sorted(RES.glob(pattern)):
+        out.append((p.stem.split("-", 1)[1], json.loads(p.read_text())))
+    return out
+
+
+def fmt(x, nd=2):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{nd}f}"
+
+
+def protocol_line(d: dict) -> str:
+    c, e = d["protocol"]["calibration"], d["protocol"]["eval"]
+    return (f"calibration {c['nsamples']} x {c['seqlen']} tokens of {c['source']} "
+            f"(seed {c['seed']}, hash {c['token_hash'][:12]}); perplexity on {e['windows']} "
+            f"windows x {e['seqlen']} held-out tokens ({e['data']}, {e['split']}); "
+            f"{d['protocol']['device']}, {d['protocol']['dtype']}, torch "
+            f"{d['protocol']['versions'].get('torch')}, transformers "
+            f"{d['protocol']['versions'].get('transformers')}")
+
+
+def compare_section(model: str, d: dict) -> list[str]:
+    recs = d["records"]
+    methods = list(dict.fromkeys(r["method"] for r in recs))
+    spars = sorted({r["sparsity"] for r in recs})
+    by = {(r["method"], r["sparsity"]): r for r in recs}
+    lines = [f"### {model}: perplexity (dense {fmt(d['dense_ppl'])})", "",
+             f"Protocol: {protocol_line(d)}.", ""]
+    lines.append("| method | " + " | ".join(f"r={s:g}" for s in spars) + " |")
+    lines.append("|---|" + "---|" * len(spars))
+    for m in methods:
+        cells = []
+        for s in spars:
+            r = by.get((m, s))
+            if r is None:
+                cells.append("")
+                continue
+            best = min((by[(mm, s)]["ppl"] for mm in methods if (mm, s) in by
+                        and by[(mm, s)]["ppl"] is not None), default=None)
+            v = fmt(r["ppl"])
+            cells.append(f"**{v}**" if r["ppl"] == best else v)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | sparsity | params removed | mean layer error | prune s "
+              "(forward / solve) |", "|---|---|---|---|---|"]
+    for r in recs:
+        lines.append(f"| {r['method']} | {r['sparsity']:g} | {r['params_removed_frac']:.3f} | "
+                     f"{fmt(r['layer_error_mean'], 4)} | {r['seconds']:.0f} "
+                     f"({fmt(r.get('seconds_forward'), 0)} / {fmt(r.get('seconds_solve'), 0)}) |")
+    png = RES / f"compare-{model}.png"
+    if png.exists():
+        lines += ["", f"![perplexity vs sparsity, {model}](bench/results/{png.name})"]
+    lines += ["", *goal_lines(methods, spars, by)]
+    return lines
+
+
+def goal_lines(methods, spars, by) -> list[str]:
+    if "spap" not in methods:
+        return []
+    out = ["Goals of the baselines issue, computed from the records above:", "",
+           "| sparsity | SPAP lowest? | SPAP gap | best baseline (gap) | gap reduction | "
+           "layers with SPAP error <= OBS | SPAP time / wanda-sp |",
+           "|---|---|---|---|---|---|---|"]
+    for s in spars:
+        sp = by.get(("spap", s))
+        base = [by[(m, s)] for m in methods if m in BASELINES and (m, s) in by
+                and by[(m, s)]["ppl"] is not None]
+        if sp is None or not base:
+            continue
+        best = min(base, key=lambda r: r["ppl"])
+        red = 1 - sp["gap"] / best["gap"] if best["gap"] > 0 else float("nan")
+        obs = by.get(("obs", s))
+        frac = "n/a"
+        if obs and sp.get("layer_errors") and obs.get("layer_errors"):
+            pairs = list(zip(sp["layer_errors"], obs["layer_errors"]))
+            frac = f"{sum(a <= b * (1 + 1e-9) for a, b in pairs)}/{len(pairs)}"
+        wanda = by.get(("wanda-sp", s))
+        tr = fmt(sp["seconds"] / wanda["seconds"]) + "x" if wanda else "n/a"
+        out.append(f"| {s:g} | {'yes' if sp['ppl'] <= best['ppl'] else 'no'} | "
+                   f"{fmt(sp['gap'])} | {best['method']} ({fmt(best['gap'])}) | "
+                   f"{100 * red:.1f}% | {frac} | {tr} |")
+    return out
+
+
+def zeroshot_section(model: str, d: dict) -> list[str]:
+    rows = d["models"]
+    tasks = list(next(iter(rows.values()))["tasks"])
+    lines = [f"### {model}: zero-shot accuracy (lm-eval {d.get('lm_eval_version')}, "
+             f"limit {d.get('limit')} per task, offline task data)", "",
+             "| model | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
+    for name, r in rows.items():
+        accs = [r["tasks"][t].get("acc_norm") or r["tasks"][t]["acc"] for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(fmt(a, 3) for a in accs) +
+                     f" | {fmt(sum(accs) / len(accs), 3)} |")
+    lines += ["", "acc_norm where lm-eval defines it, else acc. Splits: " + ", ".join(
+        f"{t}: {next(iter(rows.values()))['tasks'][t].get('split')}" for t in tasks) + "."]
+    return lines
+
+
+def speed_section(model: str, d: dict) -> list[str]:
+    lines = [f"### {model}: speed on {d.get('device_name') or d['device']} "
+             f"({d['threads']} threads, {d['dtype']}, torch {d['torch_version']})", "",
+             f"Parameters {d['params']['base']:,} -> {d['params']['pruned']:,} "
+             f"({d['params']['pruned'] / d['params']['base']:.3f}x); weight bytes "
+             f"{d['weight_bytes']['base']:,} -> {d['weight_bytes']['pruned']:,} "
+             f"({d['weight_bytes']['ratio']:.3f}x).", "",
+             "| batch | prompt | prefill speedup | ideal (FLOPs) | ratio | decode speedup | "
+             "ideal (bytes) | ratio |", "|---|---|---|---|---|---|---|---|"]
+    for s in d["settings"]:
+        p, q = s["prefill"], s["decode"]
+        lines.append(f"| {s['batch']} | {s['prompt_len']} | {fmt(p['speedup'])} | "
+                     f"{fmt(p['ideal_speedup'])} | {fmt(p['ratio'])} | {fmt(q['speedup'])} | "
+                     f"{fmt(q['ideal_speedup'])} | {fmt(q['ratio'])} |")
+    mem = d.get("memory") or {}
+    if mem:
+        lines += ["", "Memory: `" + json.dumps(mem)[:600] + "`"]
+    return lines
+
+
+def main() -> None:
+    head = (ROOT / "bench" / "HEADER.md").read_text()
+    parts = [head.rstrip(), ""]
+    for title, pattern, fn in [
+        ("## Perplexity: SPAP against the baselines", "compare-*.json", compare_section),
+        ("## Ablation: what each piece of SPAP contributes", "ablation-*.json", compare_section),
+        ("## Zero-shot accuracy", "zeroshot-*.json", zeroshot_section),
+        ("## Speed and memory", "speed-*.json", speed_section),
+    ]:
+        found = load(pattern)
+        if not found:
+            continue
+        parts += [title, ""]
+        for model, d in found:
+            parts += [*fn(model, d), ""]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts).rstrip() + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Zero-shot accuracy of the dense model and of SPAP and the two strongest baselines, pruned at
+the given sparsities with identical calibration tokens; writes bench/results/zeroshot-<model>.json.
+
+    .venv/bin/python bench/zeroshot.py smollm2-135m --limit 50 --sparsities 0.3,0.5 \
+        --methods spap,obs,fasp --nsamples 16 --seqlen 512
+
+Models are pruned in memory (as in spap compare) and each is scored with spap's lm-eval bridge
+(spap.eval.harness.zero_shot) on the offline task data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import spap
+from spap.api import calibration_ids
+from spap.config import CalibConfig
+from spap.eval.harness import zero_shot
+
+TASKS = "piqa,hellaswag,winogrande,arc_easy,arc_challenge,boolq,openbookqa,lambada"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--methods", default="spap,obs,fasp")
+    ap.add_argument("--sparsities", default="0.3,0.5")
+    ap.add_argument("--tasks", default=TASKS)
+    ap.add_argument("--limit", type=int, default=50)
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--option", action="append", default=[], help="method:key=value")
+    args = ap.parse_args()
+
+    out = Path(__file__).parent / "results" / f"zeroshot-{args.model}.json"
+    dense, tok, _ = spap.load_model(args.model)
+    ids, calib = calibration_ids(tok, CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen))
+    tasks = args.tasks.split(",")
+    opts: dict[str, dict] = {}
+    for item in args.option:
+        m, kv = item.split(":", 1)
+        k, v = kv.split("=", 1)
+        opts.setdefault(m, {})[k] = spap.config._parse_value(v)
+    result = {"model": args.model, "limit": args.limit, "calibration": calib, "models": {}}
+
+    def record(name, model, extra):
+        t0 = time.perf_counter()
+        zs = zero_shot(model, tok, tasks, limit=args.limit, batch_size=args.batch_size)
+        result["lm_eval_version"] = zs["lm_eval_version"]
+        result["models"][name] = {**extra, "tasks": zs["tasks"],
+                                  "seconds": time.perf_counter() - t0}
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out)
+        print(name, {t: round(v.get("acc_norm") or v["acc"], 3) for t, v in zs["tasks"].items()},
+              flush=True)
+
+    record("dense", dense, {})
+    for s in [float(x) for x in args.sparsities.split(",")]:
+        for m in args.methods.split(","):
+            model = copy.deepcopy(dense)
+            res = spap.prune(model, sparsity=s, method=m, method_options=opts.get(m),
+                             calib_ids=ids, allow_unsaveable=True)
+            record(f"{m} {s:g}", model, {"method": m, "sparsity": s,
+                                         "params_removed_frac": res.report["params_removed_frac"]})
+            del model
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+if __name__ == "__main__":
+    main()

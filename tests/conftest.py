@@ -84,3 +84,21 @@ def text_file(tmp_path):
     p = tmp_path / "calib.txt"
     p.write_text(TEXT * 40)
     return p
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A tiny random LLaMA saved with the byte tokenizer, as a user's local folder."""
+    d = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+def run_cli(argv, capsys):
+    """Run `spap ARGV`; return (exit code, stdout, stderr)."""
+    from spap.cli import main
+
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

@@ -8,22 +8,11 @@ import json
 import pytest
 import torch
 
-from conftest import byte_tokenizer, tiny_model
-from spap.cli import main
-
-
-@pytest.fixture
-def tiny_dir(tmp_path):
-    d = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return d
+from conftest import byte_tokenizer, run_cli, tiny_model
 
 
 def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+    return run_cli(argv, capsys)
 
 
 def test_prune_then_eval(tiny_dir, text_file, tmp_path, capsys):

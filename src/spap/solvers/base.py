@@ -76,3 +76,18 @@ def top_k_keep(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Indices of the n_keep largest scores, sorted ascending (ties broken by index)."""
     idx = torch.topk(scores, n_keep, largest=True, sorted=False).indices
     return torch.sort(idx).values
+
+
+def prune_without_update(problem: LayerProblem, keep: torch.Tensor) -> Decision:
+    """The kept columns of the dense down projection, unchanged (score-only methods), with the
+    in-sample relative error in `info` when the pipeline collected the Gram."""
+    from .refit import relative_error, scatter_columns
+
+    w_down = problem.w_down.to(torch.float64)  # (m, n)
+    w = w_down[:, keep]  # (m, k)
+    info = {}
+    if problem.stats.gram is not None:
+        info["rel_error"] = relative_error(
+            w_down, scatter_columns(w, keep, problem.n), problem.stats.gram
+        )
+    return Decision(keep=keep, w_down=w, info=info)

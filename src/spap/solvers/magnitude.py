@@ -19,8 +19,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import SpapError
-from .base import Decision, LayerProblem, top_k_keep
-from .refit import relative_error, scatter_columns
+from .base import Decision, LayerProblem, prune_without_update, top_k_keep
 
 
 @dataclass
@@ -47,11 +46,4 @@ class MagnitudeSolver:
         return torch.stack([(p * p).sum(1) for p in parts]).sum(0).sqrt()
 
     def solve(self, problem: LayerProblem, n_keep: int) -> Decision:
-        w_down = problem.w_down.to(torch.float64)  # (m, n)
-        keep = top_k_keep(self.scores(problem), n_keep)
-        w = w_down[:, keep]  # (m, k)
-        info = {}
-        if problem.stats.gram is not None:  # in-sample error, when the pipeline has the Gram
-            w_full = scatter_columns(w, keep, problem.n)
-            info["rel_error"] = relative_error(w_down, w_full, problem.stats.gram)
-        return Decision(keep=keep, w_down=w, info=info)
+        return prune_without_update(problem, top_k_keep(self.scores(problem), n_keep))

@@ -21,8 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Decision, LayerProblem, top_k_keep
-from .refit import relative_error, scatter_columns
+from .base import Decision, LayerProblem, prune_without_update, top_k_keep
 
 
 def wanda_sp_scores(w_down: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
@@ -40,11 +39,5 @@ class WandaSpSolver:
     needs_inputs: ClassVar[bool] = False
 
     def solve(self, problem: LayerProblem, n_keep: int) -> Decision:
-        w_down = problem.w_down.to(torch.float64)  # (m, n)
-        keep = top_k_keep(wanda_sp_scores(w_down, problem.stats.norm), n_keep)
-        w = w_down[:, keep]  # (m, k)
-        info = {}
-        if problem.stats.gram is not None:  # in-sample error, when the pipeline has the Gram
-            w_full = scatter_columns(w, keep, problem.n)
-            info["rel_error"] = relative_error(w_down, w_full, problem.stats.gram)
-        return Decision(keep=keep, w_down=w, info=info)
+        scores = wanda_sp_scores(problem.w_down.to(torch.float64), problem.stats.norm)
+        return prune_without_update(problem, top_k_keep(scores, n_keep))

@@ -76,7 +76,7 @@ def compare_section(model: str, d: dict) -> list[str]:
 
 
 def goal_lines(methods, spars, by) -> list[str]:
-    if "spap" not in methods:
+    if "spap" not in methods or not any(m in BASELINES for m in methods):
         return []
     out = ["Goals of the baselines issue, computed from the records above:", "",
            "| sparsity | SPAP lowest? | SPAP gap | best baseline (gap) | gap reduction | "

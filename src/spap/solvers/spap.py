@@ -15,8 +15,8 @@ over {s in [0,1]^n, 1^T s = lambda}, while rho grows geometrically. Two s-steps 
   well the *other* columns compensate for column i, which lets the mask move; measured on real
   layers it reaches greedy OBS's error.
 - "soft": s_i = min(1, tau / c_i) with tau set so that sum(s) = lambda.
-The penalty method is run from several starts (the greedy OBS mask and uniform s by default;
-also the OBS and Wanda score masks) and the mask with the lowest exact error
+The penalty method is run from one or more starts (the greedy OBS mask by default; also
+uniform s and the OBS and Wanda score masks) and the mask with the lowest exact error
 (refit.mask_error) among the results and the binary starts themselves is kept, so the
 decision is never worse than its starts with the same refit. On small layers
 (n <= swap_max_n) an exact 1- and 2-exchange search polishes it.
@@ -60,11 +60,13 @@ class SpapSolver:
     weights: str = "obs"  # d_i: "obs" = 1 / Hinv_ii (OBS curvature), "diag" = H_ii
     s_step: str = "loo"  # "loo" (leave-one-out costs, LP step), "lp" (the paper's), "soft"
     rho0: float = 0.05  # initial rho, relative to d (so scale-free)
-    rho_growth: float = 3.0
-    iters: int = 8  # penalty iterations (rho reaches rho0 * growth^(iters-1))
+    rho_growth: float = 4.0
+    iters: int = 4  # penalty iterations (rho reaches rho0 * growth^(iters-1))
     # comma-separated starting points of s (uniform, obs score, wanda score, greedy OBS mask);
     # the penalty method runs from each and the lowest exact error wins
-    starts: str = "greedy,uniform"
+    # (a uniform start found masks within 0.01% of the greedy start's on SmolLM2 layers at
+    # twice the cost, so the default runs from the greedy OBS mask alone)
+    starts: str = "greedy"
     # refit shrunk toward the dense weights, strength (relative to mean diag H_KK) chosen per
     # layer on held-out windows from this grid; "" = the exact refit with damping `damp`
     ridge_grid: str = "0.01,0.03,0.1,0.3,1"

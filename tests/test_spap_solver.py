@@ -98,7 +98,8 @@ def test_spap_decision_near_brute_force_optimum():
 
 def test_penalty_alone_is_not_trivially_the_start():
     """The soft penalty method (no multi-start, no swaps) still lands near the optimum."""
-    solver = get_solver("spap", recovery_rounds=0, starts="uniform", swap_max_n=0, s_step="loo")
+    solver = get_solver("spap", starts="uniform", swap_max_n=0, s_step="loo", iters=12,
+                        rho_growth=2.0)
     ratios = []
     for seed in range(20):
         x, w0 = random_layer(10, seed=300 + seed)

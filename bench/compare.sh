@@ -13,7 +13,7 @@ for m in $MODELS; do
     smollm2-135m) SIZES="--nsamples 16 --seqlen 512 --eval-seqlen 512 --eval-windows 16"
                   SPARS=0.2,0.3,0.4,0.5 ;;
     qwen2.5-coder-0.5b) SIZES="--nsamples 8 --seqlen 512 --eval-seqlen 512 --eval-windows 8"
-                  SPARS=${QWEN_SPARSITIES:-0.3,0.5} ;;
+                  SPARS=${QWEN_SPARSITIES:-0.3} ;;
     *) SIZES=""; SPARS=0.2,0.3,0.4,0.5 ;;
   esac
   $SPAP compare "$m" --methods spap,obs,fasp,flap,wanda-sp,magnitude --sparsities "$SPARS" \

@@ -71,8 +71,25 @@ def compare_section(model: str, d: dict) -> list[str]:
     png = RES / f"compare-{model}.png"
     if png.exists():
         lines += ["", f"![perplexity vs sparsity, {model}](bench/results/{png.name})"]
+    if not any(m in BASELINES for m in methods):
+        lines += options_lines(recs)
     lines += ["", *goal_lines(methods, spars, by)]
     return lines
+
+
+def options_lines(recs) -> list[str]:
+    """For SPAP variants: the options each run used that differ from today's defaults."""
+    import dataclasses
+
+    from spap.solvers.spap import SpapSolver
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SpapSolver)}
+    out = ["", "| variant | options that differ from the current `spap` defaults |", "|---|---|"]
+    for r in recs:
+        diff = {k: v for k, v in (r.get("options") or {}).items() if defaults.get(k) != v}
+        out.append(f"| {r['method']} @ {r['sparsity']:g} | "
+                   f"{', '.join(f'{k}={v!r}' for k, v in diff.items()) or '(none)'} |")
+    return out
 
 
 def goal_lines(methods, spars, by) -> list[str]:
@@ -133,8 +150,15 @@ def speed_section(model: str, d: dict) -> list[str]:
                      f"{fmt(p['ideal_speedup'])} | {fmt(p['ratio'])} | {fmt(q['speedup'])} | "
                      f"{fmt(q['ideal_speedup'])} | {fmt(q['ratio'])} |")
     mem = d.get("memory") or {}
-    if mem:
-        lines += ["", "Memory: `" + json.dumps(mem)[:600] + "`"]
+    if mem.get("pruned") and mem.get("base"):
+        mib = 2**20
+        lines += ["", f"Memory ({mem.get('method')}, batch {mem.get('batch')}, prompt "
+                  f"{mem.get('prompt_len')}):", "",
+                  "| MiB | pruned | base | ratio |", "|---|---|---|---|"]
+        for key in ("weight_bytes", "rss_after_load", "run_peak_rss", "run_peak_above_loaded"):
+            a, b = mem["pruned"].get(key), mem["base"].get(key)
+            if a and b:
+                lines.append(f"| {key} | {a / mib:.0f} | {b / mib:.0f} | {a / b:.3f} |")
     return lines
 
 

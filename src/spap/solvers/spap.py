@@ -44,10 +44,10 @@ from .refit import (
     mask_error,
     refit_down,
     refit_toward_dense,
+    relative_error,
     scatter_columns,
     spd_inverse,
     spd_solve,
-    weight_error,
 )
 
 
@@ -115,15 +115,15 @@ class SpapSolver:
             return refit_toward_dense(w0, h, keep, lam), {"ridge": lam, "ridge_chosen_on": "none"}
         h_fit = h - h_val
         n = w0.shape[1]
-        errs = {}
-        for lam in grid:
-            w = refit_toward_dense(w0, h_fit, keep, lam)
-            errs[lam] = weight_error(w0, scatter_columns(w, keep, n), h_val)
+        errs = {
+            lam: relative_error(w0, scatter_columns(refit_toward_dense(w0, h_fit, keep, lam),
+                                                    keep, n), h_val)
+            for lam in grid
+        }
         lam = min(errs, key=errs.get)
-        base = 0.5 * float(((w0 @ h_val) * w0).sum())
         return refit_toward_dense(w0, h, keep, lam), {
             "ridge": lam,
-            "ridge_heldout_rel_error": {str(k): v / base for k, v in errs.items()},
+            "ridge_heldout_rel_error": {str(k): v for k, v in errs.items()},
         }
 
     # ---- decision -----------------------------------------------------------------------
@@ -131,26 +131,31 @@ class SpapSolver:
         n = w0.shape[1]
         lam = n - n_keep
         d = 1.0 / torch.diagonal(hinv) if self.weights == "obs" else torch.diagonal(h).clone()
-        col = (w0 * w0).sum(0)  # (n,) ||W0[:, i]||^2
+
+        def indicator(pruned):
+            s = torch.zeros(n, dtype=w0.dtype, device=w0.device)
+            s[pruned] = 1
+            return s
+
+        # starting points of s, built only when asked for (greedy OBS costs a few seconds)
         inits = {
-            "uniform": torch.full((n,), lam / n, dtype=w0.dtype, device=w0.device),
-            "obs": _smallest_indicator(col / torch.diagonal(hinv), lam),
-            "wanda": _smallest_indicator(
+            "uniform": lambda: torch.full((n,), lam / n, dtype=w0.dtype, device=w0.device),
+            "obs": lambda: _smallest_indicator((w0 * w0).sum(0) / torch.diagonal(hinv), lam),
+            "wanda": lambda: _smallest_indicator(
                 w0.abs().sum(0) * problem.stats.norm.to(w0), lam
             ),
+            "greedy": lambda: indicator(greedy_obs(w0, hinv, lam)[0]),
         }
-        if "greedy" in self.starts:
-            inits["greedy"] = torch.zeros(n, dtype=w0.dtype, device=w0.device)
-            inits["greedy"][greedy_obs(w0, hinv, lam)[0]] = 1
         hw0 = h @ w0.T  # (n, m), right-hand side of every W-step
         best = None
         for start in [s.strip() for s in self.starts.split(",") if s.strip()]:
             if start not in inits:
                 raise ValueError(f"unknown start '{start}'; use {', '.join(inits)}")
-            candidates = [self.penalty(h, hw0, d, inits[start], lam)] if self.iters else []
-            if bool(((inits[start] == 0) | (inits[start] == 1)).all()):
+            s0 = inits[start]()
+            candidates = [self.penalty(h, hw0, d, s0, lam)] if self.iters else []
+            if bool(((s0 == 0) | (s0 == 1)).all()):
                 # a binary start is itself a mask: the penalty method must not end worse
-                candidates.append(torch.nonzero(inits[start] > 0.5).flatten())
+                candidates.append(torch.nonzero(s0 > 0.5).flatten())
             for pruned in candidates:
                 swaps = 0
                 if n <= self.swap_max_n:  # polish each: local optima differ between starts
@@ -161,7 +166,7 @@ class SpapSolver:
                     best = (err, pruned, start, swaps)
         err, pruned, start, swaps = best
         keep = complement(pruned, n)
-        total = 0.5 * float(((w0 @ h) * w0).sum())
+        total = 0.5 * float((hw0.T * w0).sum())  # 1/2 tr(W0 H W0^T), reusing H W0^T
         return keep, {"start": start, "swaps": swaps, "fit_rel_error": err / max(total, 1e-300)}
 
     def penalty(self, h, hw0, d, s, lam):

@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
-# What each piece of SPAP contributes, on the protocol of bench/compare.sh:
-#   spap              the default: LOO penalty decision (greedy + uniform starts) + refit toward dense
-#   spap-exact-refit  same decision, exact (damped) least-squares refit
-#   spap-lp           the paper's penalty as first written: binary LP s-step from the OBS score, exact refit
-#   spap-fast         greedy OBS mask only (no penalty iterations) + refit toward dense
+# What each piece of SPAP contributes, and what it costs, on the protocol of bench/compare.sh,
+# with wanda-sp and obs in the same run as time and quality references:
+#   spap              the default: greedy OBS start + LOO penalty iterations (keep the best
+#                     iterate) + refit toward the dense weights, strength chosen on held-out
+#                     calibration windows; float32 solve
+#   spap-greedy       same without penalty iterations (greedy OBS mask + held-out ridge refit)
+#   spap-fast         one-shot OBS-score mask + held-out ridge refit (no greedy, no penalty)
+#   spap-exact-refit  the default decision with the exact (damped) least-squares refit
+#   spap-lp           the paper's penalty as first written: binary LP s-step from the OBS
+#                     score, exact refit
+#   spap-f64          the default in float64 (SmolLM2 only: 4x the solve time on Qwen)
 # (recovery_rounds=1, alternating (up, down) refit chosen on held-out tokens, is available
-#  as an option but is not in this run: about 40 s per layer on one core)
-#   usage: bench/ablation.sh [model] [sparsities]
+#  as an option but is not in this run: it overfit 16k calibration tokens on SmolLM2)
+#   usage: bench/ablation.sh [model] [sparsity]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 m=${1:-smollm2-135m}
-s=${2:-0.5}
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/spap compare "$m" --sparsities "$s" \
-  --methods "spap,spap-exact-refit=spap:ridge_grid=,spap-lp=spap:s_step=lp;starts=obs;ridge_grid=,spap-fast=spap:starts=greedy;iters=0" \
-  --nsamples 16 --seqlen 512 --eval-seqlen 512 --eval-windows 16 --device cpu \
+case $m in
+  smollm2-135m) s=${2:-0.5}; SIZES="--nsamples 16 --seqlen 512 --eval-seqlen 512 --eval-windows 16"
+                F64=",spap-f64=spap:solve_dtype=float64" ;;
+  qwen2.5-coder-0.5b) s=${2:-0.3}; SIZES="--nsamples 8 --seqlen 512 --eval-seqlen 512 --eval-windows 8"
+                F64="" ;;
+  *) s=${2:-0.5}; SIZES=""; F64="" ;;
+esac
+.venv/bin/spap compare "$m" --sparsities "$s" \
+  --methods "wanda-sp,obs,spap,spap-greedy=spap:iters=0,spap-fast=spap:starts=obs;iters=0,spap-exact-refit=spap:ridge_grid=,spap-lp=spap:s_step=lp;starts=obs;ridge_grid=$F64" \
+  $SIZES --device cpu \
   --json "bench/results/ablation-$m.json" --plot "bench/results/ablation-$m.png"
 .venv/bin/python bench/report.py

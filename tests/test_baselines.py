@@ -202,7 +202,7 @@ def test_obs_fast_path_matches_literal_loop():
 def test_obs_solver_returns_exact_refit():
     problem, _ = make_problem(n=20, m=6, p=100, seed=6)
     for delta in (0.0, 0.01):
-        dec = get_solver("obs", damp=delta).solve(problem, 11)
+        dec = get_solver("obs", damp=delta, solve_dtype="float64").solve(problem, 11)
         h = damp(problem.stats.gram, delta)
         _, keep, w_obs = greedy_obs(problem.w_down, spd_inverse(h), 9)
         assert torch.equal(dec.keep, keep)
@@ -273,3 +273,11 @@ def test_obs_is_no_worse_than_one_shot_scores():
     problem, _ = make_problem(n=40, m=10, p=200, seed=12)
     errs = {name: get_solver(name).solve(problem, 20).info["rel_error"] for name in ("fasp", "obs")}
     assert errs["obs"] <= errs["fasp"] + 1e-12
+
+
+def test_obs_float32_same_mask_as_float64():
+    problem, _ = make_problem(n=40, m=10, p=400, seed=13)
+    d32 = get_solver("obs").solve(problem, 24)
+    d64 = get_solver("obs", solve_dtype="float64").solve(problem, 24)
+    assert torch.equal(d32.keep, d64.keep) and d32.w_down.dtype == torch.float64
+    assert torch.allclose(d32.w_down, d64.w_down, rtol=1e-3, atol=1e-4)

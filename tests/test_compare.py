@@ -1,6 +1,7 @@
 """`spap compare` end to end on a tiny model: one record per (method, sparsity) under one
-protocol, a plot, exact dense perplexity at sparsity 0, and bad input refused before any
-model is loaded (exit 2, no JSON)."""
+protocol, a plot, exact dense perplexity at sparsity 0, held-out layer errors on probe windows
+cut from the end of the evaluation text, and bad input refused before any model is loaded
+(exit 2, no JSON)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,21 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer, random_ids, run_cli, tiny_model
-from spap.compare import Variant, compare, parse_sparsities, parse_variants
+from spap.compare import (
+    Variant,
+    compare,
+    format_table,
+    parse_sparsities,
+    parse_variants,
+    split_probes,
+)
+from spap.data import eval_windows, load_text, token_hash, tokenize
 from spap.errors import SpapError
 from spap.solvers.base import Decision, top_k_keep
 
 REQUIRED = ("method", "sparsity", "ppl", "dense_ppl", "gap", "params_removed_frac",
-            "layer_error_mean", "layer_errors", "seconds", "seconds_solve", "seconds_forward",
-            "options")
+            "layer_error_mean", "layer_errors", "layer_error_heldout_mean",
+            "layer_errors_heldout", "seconds", "seconds_solve", "seconds_forward", "options")
 
 
 def run(argv, capsys):
@@ -41,21 +50,29 @@ def test_compare_end_to_end(tiny_dir, text_file, tmp_path, capsys):
     assert res["protocol"]["eval"]["windows"] == 2 and res["protocol"]["eval"]["seqlen"] == 32
     assert res["protocol"]["eval"]["data"] == str(text_file)
     assert res["protocol"]["calibration"]["nsamples"] == 4
+    probe = res["protocol"]["probe"]  # default: max(1, nsamples // 4) windows of --seqlen
+    assert probe["windows"] == 1 and probe["seqlen"] == 32 and probe["tokens"] == 32
+    assert probe["source"] == str(text_file)
+    assert probe["start_token"] == probe["stream_tokens"] - 32 >= 2 * 32
     assert "torch" in res["protocol"]["versions"]
     recs = res["records"]
     assert [(r["method"], r["sparsity"]) for r in recs] == [
-        (m, s) for m in ("spap", "spap-fast", "obs") for s in (0.0, 0.25)
-    ]
+        (m, s) for s in (0.0, 0.25) for m in ("spap", "spap-fast", "obs")
+    ]  # sparsity-major: one sparsity's methods run back to back
     for r in recs:
         assert all(k in r for k in REQUIRED), sorted(set(REQUIRED) - set(r))
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1
         assert r["dense_ppl"] == res["dense_ppl"]
-        assert len(r["layer_errors"]) == 2
+        assert len(r["layer_errors"]) == 2 and len(r["layer_errors_heldout"]) == 2
+        assert all(math.isfinite(e) and e >= 0 for e in r["layer_errors_heldout"])
         if r["sparsity"] == 0:  # nothing pruned: the copy is bit-identical to dense
             assert r["ppl"] == res["dense_ppl"] and r["gap"] == 0
             assert r["params_removed_frac"] == 0
+            assert r["layer_errors_heldout"] == [0.0, 0.0]
+            assert r["layer_error_heldout_mean"] == 0.0
         else:
             assert r["params_removed_frac"] > 0 and r["layer_error_mean"] > 0
+            assert r["layer_error_heldout_mean"] > 0
     opts = {r["method"]: r["options"] for r in recs}
     # --option spap:... reaches every spap variant; a variant's own options win
     from spap.solvers.spap import SpapSolver
@@ -63,7 +80,7 @@ def test_compare_end_to_end(tiny_dir, text_file, tmp_path, capsys):
     assert opts["spap"]["recovery_rounds"] == 1 and opts["spap"]["iters"] == SpapSolver.iters
     assert opts["spap-fast"]["iters"] == 4 and opts["spap-fast"]["recovery_rounds"] == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "spap-fast" in out and "dense" in out
+    assert "spap-fast" in out and "dense" in out and "held-out err" in out
     assert not list(js.parent.glob(".*tmp*"))  # atomic writes leave no temporary file
 
 
@@ -84,6 +101,7 @@ def test_unknown_method_exits_2_without_json(tiny_dir, text_file, tmp_path, caps
     (["--option", "spap:nosuch=1"], "unknown option"),
     (["--methods", "a=spap,a=obs"], "twice"),
     (["--plot", "cmp.nosuch"], "image type"),
+    (["--probe-windows", "-1"], "--probe-windows"),
 ])
 def test_bad_input_exits_2_without_json(argv, needle, tmp_path, capsys):
     js = tmp_path / "cmp.json"
@@ -142,3 +160,73 @@ def test_unsaveable_method_is_compared_in_memory(monkeypatch):
     assert r["saveable"] is False and math.isfinite(r["ppl"]) and r["ppl"] != res["dense_ppl"]
     # the dense model given to compare is left untouched
     assert model.config.intermediate_size == 96 and model.model.layers[0].mlp.down_proj.bias is None
+
+
+def _compare_argv(tiny_dir, text_file, js, *extra):
+    return ["compare", tiny_dir, "--methods", "obs", "--sparsities", "0.25", "--calib",
+            text_file, "--nsamples", "4", "--seqlen", "32", "--eval-data", text_file,
+            "--eval-seqlen", "32", "--device", "cpu", "--json", js, *extra]
+
+
+def test_probes_shorten_an_all_windows_evaluation(tiny_dir, text_file, tmp_path, capsys):
+    """Without --eval-windows perplexity uses every window of the stream before the probes, and
+    the protocol records exactly which tokens those were."""
+    js = tmp_path / "cmp.json"
+    code, _, err = run(_compare_argv(tiny_dir, text_file, js, "--probe-windows", "3"), capsys)
+    assert code == 0, err
+    res = json.loads(js.read_text())
+    stream = tokenize(byte_tokenizer(), load_text(str(text_file), "test"))
+    start = stream.numel() - 3 * 32
+    probe = res["protocol"]["probe"]
+    assert probe["start_token"] == probe["eval_stream_tokens"] == start
+    assert probe["token_hash"] == token_hash(stream[start:].view(3, 32))
+    ev = res["protocol"]["eval"]
+    assert ev["windows"] == start // 32
+    assert ev["token_hash"] == token_hash(eval_windows(stream[:start], 32))
+    (r,) = res["records"]
+    assert len(r["layer_errors_heldout"]) == 2 and r["layer_error_heldout_mean"] > 0
+
+
+def test_probe_windows_zero_disables(tiny_dir, text_file, tmp_path, capsys):
+    js = tmp_path / "cmp.json"
+    code, out, err = run(_compare_argv(tiny_dir, text_file, js, "--eval-windows", "2",
+                                       "--probe-windows", "0"), capsys)
+    assert code == 0, err
+    res = json.loads(js.read_text())
+    assert res["protocol"]["probe"] is None
+    (r,) = res["records"]
+    assert r["layer_error_heldout_mean"] is None and r["layer_errors_heldout"] is None
+    assert "n/a" in format_table(res).splitlines()[-1] and "held-out err" in out
+
+
+def test_probes_overlapping_evaluation_exit_2(tiny_dir, text_file, tmp_path, capsys):
+    js = tmp_path / "cmp.json"
+    code, _, err = run(_compare_argv(tiny_dir, text_file, js, "--probe-windows", "1000"), capsys)
+    assert code == 2 and "overlap" in err and "--probe-windows" in err, err
+    assert not js.exists()
+
+
+def test_split_probes_keeps_the_requested_eval_windows():
+    stream = torch.arange(200)
+    ev, probe, desc = split_probes(stream, 2, 16, eval_seqlen=20, eval_windows=3)
+    assert torch.equal(eval_windows(ev, 20, 3), eval_windows(stream, 20, 3))
+    assert torch.equal(probe.flatten(), torch.arange(168, 200)) and desc["start_token"] == 168
+    assert split_probes(stream, 0, 16, 20, None) == (stream, None, None)
+    with pytest.raises(SpapError, match="overlap"):
+        split_probes(stream, 2, 16, eval_seqlen=20, eval_windows=9)  # 180 + 32 > 200
+    with pytest.raises(SpapError, match="overlap"):
+        split_probes(stream, 12, 16, eval_seqlen=20, eval_windows=None)  # no window left
+
+
+def test_compare_records_heldout_errors_directly():
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    calib, probe = random_ids(4, 32), random_ids(2, 16, seed=3)
+    res = compare(model, tok, parse_variants("obs"), [0.25], calib_ids=calib,
+                  eval_stream=random_ids(1, 96, seed=1).flatten(), eval_seqlen=32,
+                  probe_ids=probe)
+    assert res["protocol"]["probe"] == {"windows": 2, "seqlen": 16, "tokens": 32,
+                                        "token_hash": token_hash(probe)}
+    (r,) = res["records"]
+    assert r["layer_error_heldout_mean"] == pytest.approx(
+        sum(r["layer_errors_heldout"]) / len(r["layer_errors_heldout"]))
+    json.dumps(res, allow_nan=False)

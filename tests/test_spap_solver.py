@@ -78,7 +78,8 @@ def wanda_error(w0, x, hinv, n_keep):
 
 
 def test_spap_decision_near_brute_force_optimum():
-    solver = get_solver("spap", starts="greedy,uniform,wanda", ridge_grid="")
+    solver = get_solver("spap", starts="greedy,uniform,wanda", ridge_grid="",
+                        solve_dtype="float64")
     within, cases = 0, 0
     for seed in range(40):
         n = 8 + seed % 5  # 8..12
@@ -99,7 +100,7 @@ def test_spap_decision_near_brute_force_optimum():
 def test_penalty_alone_is_not_trivially_the_start():
     """The soft penalty method (no multi-start, no swaps) still lands near the optimum."""
     solver = get_solver("spap", starts="uniform", swap_max_n=0, s_step="loo", iters=12,
-                        rho_growth=2.0)
+                        rho_growth=2.0, solve_dtype="float64")
     ratios = []
     for seed in range(20):
         x, w0 = random_layer(10, seed=300 + seed)
@@ -123,7 +124,7 @@ def test_recovery_lowers_heldout_error_or_keeps_refit():
                         stats=stats_from_activations(x), inputs=a, gate_act=gate,
                         linear_key="up")
     solver = get_solver("spap", recovery_rounds=3, holdout=0.25, refit_all=False,
-                        recovery_dtype="float64")
+                        recovery_dtype="float64", solve_dtype="float64")
     dec = solver.solve(prob, 8)
     errs = dec.info["heldout_rel_error"]
     chosen = dec.info["recovery_rounds"]
@@ -154,7 +155,7 @@ def test_ridge_chosen_on_heldout_windows():
     stats.gram_heldout = val.T @ val
     prob = LayerProblem(w_down=w0, w_in={"up": torch.zeros(12, 3, dtype=f64)}, stats=stats)
     grid = "0,0.01,0.1,1,10"
-    dec = get_solver("spap", ridge_grid=grid).solve(prob, 6)
+    dec = get_solver("spap", ridge_grid=grid, solve_dtype="float64").solve(prob, 6)
     errs = dec.info["ridge_heldout_rel_error"]
     assert dec.info["ridge"] == float(min(errs, key=errs.get))
     keep = dec.keep
@@ -165,3 +166,57 @@ def test_ridge_chosen_on_heldout_windows():
         assert abs(measured - e) < 1e-9
     # the final weights are refit on all tokens with the chosen ridge
     torch.testing.assert_close(dec.w_down, refit_toward_dense(w0, x.T @ x, keep, dec.info["ridge"]))
+
+
+def test_woodbury_penalized_step_equals_explicit_inverse():
+    """The W-step and diag(B) through Woodbury (penalty on few channels) equal the n x n
+    inverse they replace."""
+    from spap.solvers.spap import penalized_step
+
+    x, w0 = random_layer(20, m=7, seed=21)
+    h = damp(x.T @ x, 0.01)
+    hinv = spd_inverse(h)
+    hw0 = h @ w0.T
+    pen = torch.zeros(20, dtype=f64)
+    pen[[1, 4, 5, 11, 17]] = torch.tensor([0.3, 2.0, 0.05, 1.0, 7.0], dtype=f64)
+    w, bii = penalized_step(h, hinv, w0, hw0, pen)
+    b = torch.linalg.inv(h + torch.diag(pen))
+    torch.testing.assert_close(w, (b @ hw0).T, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(bii, torch.diagonal(b), rtol=1e-9, atol=1e-12)
+    dense_pen = torch.full((20,), 0.2, dtype=f64)  # penalty everywhere: the explicit path
+    w2, b2 = penalized_step(h, hinv, w0, hw0, dense_pen)
+    b = torch.linalg.inv(h + torch.diag(dense_pen))
+    torch.testing.assert_close(w2, (b @ hw0).T, rtol=1e-9, atol=1e-10)
+
+
+def test_float32_solve_matches_float64():
+    """The default float32 decision and refit agree with float64 on a well-conditioned layer:
+    the same channels, weights equal to float32 precision, float64 weights returned."""
+    x, w0 = random_layer(64, m=16, p=2000, seed=5)
+    stats = stats_from_activations(x)
+    stats.gram_heldout = x[1600:].T @ x[1600:]
+    prob = LayerProblem(w_down=w0, w_in={"up": torch.zeros(64, 3, dtype=f64)}, stats=stats)
+    d64 = get_solver("spap", solve_dtype="float64").solve(prob, 40)
+    d32 = get_solver("spap").solve(prob, 40)
+    assert d32.w_down.dtype == f64
+    assert torch.equal(d32.keep, d64.keep)
+    assert d32.info["ridge"] == d64.info["ridge"]
+    torch.testing.assert_close(d32.w_down, d64.w_down, rtol=1e-3, atol=1e-4)
+
+
+def test_ridge_walk_finds_grid_minimum():
+    """The downhill walk over the ridge grid ends at the minimum of the full grid, with
+    fewer evaluations, on layers whose held-out error is U-shaped in the ridge."""
+    from spap.solvers.spap import heldout_errors_toward_dense
+
+    grid = [0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10]
+    for seed in range(6):
+        x, w0 = random_layer(24, m=8, p=60, seed=40 + seed)  # few tokens: the refit overfits
+        fit, val = x[:40], x[40:]
+        keep = torch.arange(0, 24, 2)
+        full = heldout_errors_toward_dense(w0, fit.T @ fit, val.T @ val, keep, grid, "all")
+        walk = heldout_errors_toward_dense(w0, fit.T @ fit, val.T @ val, keep, grid, "walk")
+        for lam, e in walk.items():
+            assert abs(e - full[lam]) < 1e-12
+        assert min(walk, key=walk.get) == min(full, key=full.get)
+        assert len(walk) <= len(full)

@@ -84,6 +84,7 @@ def prune(
     calib_ids: torch.Tensor | None = None,
     progress: bool = False,
     allow_unsaveable: bool = False,
+    probe_ids: torch.Tensor | None = None,
 ) -> PruneResult:
     """Prune the MLP channels of every decoder layer of `model` in place.
 
@@ -94,6 +95,12 @@ def prune(
     A method that adds a down-projection bias is refused on a family whose saved config cannot
     hold one (Qwen2, Mistral), unless `allow_unsaveable`: the model is then only usable in
     memory (`spap compare` measures it that way) and the report says `"saveable": false`.
+
+    `probe_ids` (n_probe, seqlen_probe) are held-out windows that never enter any statistics:
+    each layer's MLP error is also measured on them after the cut (`rel_error_heldout`), an
+    out-of-sample counterpart of the in-sample calibration error. They must not overlap the
+    calibration windows for that to mean anything; `spap compare` takes them from the tail of
+    the evaluation text.
     """
     cfg = PruneConfig(sparsity, method, dict(method_options or {}), round_to, batch_size,
                       layer_limit)
@@ -108,6 +115,7 @@ def prune(
             f"method '{method}' compensates with a down-projection bias, which a saved "
             f"{model.config.model_type} model cannot store; choose another --method"
         )
+    probe_desc = _probe_desc(probe_ids)
     t0 = time.perf_counter()
     if calib_ids is None:
         if tokenizer is None:
@@ -125,7 +133,7 @@ def prune(
     width_before = adapter.width(model.config)
     records = prune_layers(
         model, adapter, calib_ids, solver, sparsity, round_to=round_to, device=device,
-        batch_size=batch_size, progress=progress, layer_limit=layer_limit,
+        batch_size=batch_size, progress=progress, layer_limit=layer_limit, probe=probe_ids,
     )
     if not unsaveable:  # in memory, nn.Linear uses a bias without any config flag
         add_missing_biases(model, adapter)
@@ -160,8 +168,27 @@ def prune(
         "device": str(device),
         "calibration": calib_desc,
         "layer_error_mean": sum(r.rel_error for r in records) / max(len(records), 1),
+        "layer_error_heldout_mean": _heldout_mean(records) if probe_ids is not None else None,
+        "probe": probe_desc,
         "layers": [r.to_json() for r in records],
         "timings": {"calibration_data_s": t1 - t0, "prune_s": t2 - t1},
         "versions": versions(),
     }
     return PruneResult(model, report, records, calib_ids)
+
+
+def _probe_desc(probe_ids: torch.Tensor | None) -> dict[str, Any] | None:
+    """The probe windows' description for the report; refuses a shape the pipeline can't use."""
+    if probe_ids is None:
+        return None
+    if probe_ids.dim() != 2 or probe_ids.shape[0] < 1 or probe_ids.shape[1] < 1:
+        raise SpapError(
+            f"probe_ids must be (n_probe, seqlen) token ids, got shape {tuple(probe_ids.shape)}"
+        )
+    return {"windows": int(probe_ids.shape[0]), "seqlen": int(probe_ids.shape[1]),
+            "tokens": int(probe_ids.numel()), "token_hash": token_hash(probe_ids)}
+
+
+def _heldout_mean(records: list[LayerRecord]) -> float:
+    errs = [r.rel_error_heldout for r in records if r.rel_error_heldout is not None]
+    return sum(errs) / max(len(errs), 1)

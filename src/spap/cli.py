@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Load MODEL once, draw the calibration windows once and tokenize the held-out text\n"
             "once; prune a fresh copy of the dense model with every method at every sparsity\n"
-            "and report perplexity, gap to dense, size, layer error and time. The JSON is\n"
+            "and report perplexity, gap to dense, size, layer error (in-sample and on held-out\n"
+            "probe windows from the end of the evaluation text) and time. The JSON is\n"
             "rewritten after every run. Nothing is saved but the JSON and the plot.\n\n"
             "Methods and variants (--methods, comma-separated):\n"
             "  spap                          a method with its default options\n"
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (2048)")
     p.add_argument("--eval-windows", type=int, default=None,
                    help="only the first N perplexity windows (quick CPU runs)")
+    p.add_argument("--probe-windows", type=int, default=None,
+                   help="windows of --seqlen tokens cut from the end of the evaluation text, "
+                        "disjoint from the perplexity windows, on which each layer's error is "
+                        "also measured held-out (no statistics see them); default "
+                        "max(1, nsamples // 4), 0 disables")
     p.add_argument("--json", required=True, help="results file, rewritten after every run")
     p.add_argument("--plot", default=None, help="perplexity-vs-sparsity image (e.g. cmp.png)")
 

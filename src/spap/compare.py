@@ -8,6 +8,11 @@ tokenized once; each (method, sparsity) run then prunes a fresh deep copy of the
 JSON is rewritten atomically after every run, so an interrupted comparison keeps what it
 measured.
 
+Each layer's MLP error is reported twice: in-sample, on the calibration windows the solver
+fitted, and held-out, on probe windows cut from the end of the evaluation text (disjoint from
+the perplexity windows, which come from its start) that enter no statistics. A method can
+overfit its calibration windows; only the held-out error shows it.
+
 A method is named in `--methods` as `method`, or as a variant `name=method:key=val;key=val`
 (e.g. `spap-fast=spap:recovery_rounds=0`) so the same method can appear with different options.
 """
@@ -149,9 +154,15 @@ def compare(
     round_to: int = 1,
     json_path: str | os.PathLike | None = None,
     progress: bool = False,
+    probe_ids: torch.Tensor | None = None,
+    probe_desc: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prune a copy of the dense `model` (left untouched, on the CPU) with every variant at
     every sparsity and score it on the same evaluation windows.
+
+    `probe_ids` (n_probe, seqlen) give every record a held-out layer error; they must be
+    disjoint from the calibration and evaluation windows (`run_cli` takes them from the tail
+    of the evaluation stream and `eval_stream` without it). `probe_desc` describes them.
 
     Returns {"model", "dense_ppl", "protocol", "records": [...]} and, with `json_path`,
     rewrites that file after the dense score and after every record.
@@ -180,6 +191,7 @@ def compare(
             "eval": d["protocol"],
             "calibration": calib_desc or {"nsamples": int(calib_ids.shape[0]),
                                           "seqlen": int(calib_ids.shape[1])},
+            "probe": _probe_protocol(probe_ids, probe_desc),
             "device": str(device),
             "dtype": str(dense.dtype).replace("torch.", ""),
             "batch_size": batch_size,
@@ -197,7 +209,9 @@ def compare(
     if path:
         write_json_atomic(path, result)
 
-    runs = [(v, s) for v in variants for s in sparsities]
+    # sparsity-major: the methods of one sparsity run back to back, so their wall times are
+    # taken under the same machine load
+    runs = [(v, s) for s in sparsities for v in variants]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -211,7 +225,8 @@ def compare(
             t0 = time.perf_counter()
             pr = prune(m, tokenizer, s, method=v.method, method_options=v.options,
                        calib_ids=calib_ids, device=device, batch_size=batch_size,
-                       round_to=round_to, progress=progress, allow_unsaveable=True)
+                       round_to=round_to, progress=progress, allow_unsaveable=True,
+                       probe_ids=probe_ids)
             seconds = time.perf_counter() - t0
             ev = score(m)
             del m, pr.model
@@ -231,6 +246,9 @@ def compare(
                 "saveable": rep.get("saveable", True),
                 "layer_error_mean": rep["layer_error_mean"],
                 "layer_errors": [layer["rel_error"] for layer in layers],
+                "layer_error_heldout_mean": rep["layer_error_heldout_mean"],
+                "layer_errors_heldout": ([layer["rel_error_heldout"] for layer in layers]
+                                         if probe_ids is not None else None),
                 "seconds": seconds,
                 "seconds_solve": sum(layer["seconds"]["solve"] for layer in layers),
                 # layer forwards on calibration data (statistics + replay); the layer-0
@@ -254,21 +272,34 @@ def compare(
     return result
 
 
+def _probe_protocol(probe_ids: torch.Tensor | None,
+                    desc: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the held-out layer errors were measured on (None: no probes, no such errors)."""
+    if probe_ids is None:
+        return None
+    from .data import token_hash
+
+    return {**(desc or {}), "windows": int(probe_ids.shape[0]),
+            "seqlen": int(probe_ids.shape[1]), "tokens": int(probe_ids.numel()),
+            "token_hash": token_hash(probe_ids)}
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """One line per record, dense first: perplexity, gap, size and time."""
+    """One line per record, dense first: perplexity, gap, size, layer errors and time."""
     header = ("method", "sparsity", "ppl", "gap", "params removed", "layer err",
-              "prune s", "forward s", "solve s")
+              "held-out err", "prune s", "forward s", "solve s")
 
     def num(x, fmt):
         return "n/a" if x is None else format(x, fmt)
 
-    rows = [("dense", "0", num(result["dense_ppl"], ".3f"), "0", "0", "0", "", "", "")]
+    probed = "0" if result.get("protocol", {}).get("probe") else "n/a"
+    rows = [("dense", "0", num(result["dense_ppl"], ".3f"), "0", "0", "0", probed, "", "", "")]
     for r in result["records"]:
         rows.append((r["method"] + ("" if r.get("saveable", True) else " (in memory)"),
                      f"{r['sparsity']:g}", num(r["ppl"], ".3f"), num(r["gap"], "+.3f"),
                      f"{r['params_removed_frac']:.3f}", f"{r['layer_error_mean']:.4f}",
-                     f"{r['seconds']:.1f}", f"{r['seconds_forward']:.1f}",
-                     f"{r['seconds_solve']:.1f}"))
+                     num(r.get("layer_error_heldout_mean"), ".4f"), f"{r['seconds']:.1f}",
+                     f"{r['seconds_forward']:.1f}", f"{r['seconds_solve']:.1f}"))
     cells = [header, *rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = []
@@ -328,6 +359,29 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
     return out
 
 
+def split_probes(
+    stream: torch.Tensor, n_probe: int, seqlen: int, eval_seqlen: int, eval_windows: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any] | None]:
+    """Cut `n_probe` windows of `seqlen` tokens off the end of the evaluation stream; return
+    (the stream perplexity is computed on, the probe ids, their description).
+
+    Perplexity windows come from the start, so they stay what they were when `eval_windows`
+    fit before the probes (refused otherwise); with all windows (`eval_windows` None) the
+    evaluation stream is shortened to end where the probes begin, leaving at least one window.
+    """
+    from .data import probe_windows
+
+    if n_probe == 0:
+        return stream, None, None
+    total = stream.numel()
+    skip = eval_seqlen * (1 if eval_windows is None else min(eval_windows, total // eval_seqlen))
+    probe = probe_windows(stream, n_probe, seqlen, skip)
+    start = total - probe.numel()
+    desc = {"position": "the end of the evaluation stream, after every perplexity window",
+            "start_token": start, "stream_tokens": total, "eval_stream_tokens": start}
+    return stream[:start], probe, desc
+
+
 def run_cli(args) -> int:
     """`spap compare` (flags in cli.build_parser): validate everything, load once, compare."""
     from .api import calibration_ids
@@ -348,6 +402,9 @@ def run_cli(args) -> int:
         raise SpapError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.round_to < 1:
         raise SpapError(f"--round-to must be a positive multiple, got {args.round_to}")
+    n_probe = max(1, args.nsamples // 4) if args.probe_windows is None else args.probe_windows
+    if n_probe < 0:
+        raise SpapError(f"--probe-windows must be at least 0 (0 disables), got {n_probe}")
     if args.plot:
         _check_plot_path(args.plot)
     device = resolve_device(args.device)
@@ -356,11 +413,17 @@ def run_cli(args) -> int:
     calib_ids, calib_desc = calibration_ids(tok, ccfg)
     eval_text = load_text(args.eval_data, "test")
     stream = tokenize(tok, eval_text)
+    eval_stream, probe_ids, probe_desc = split_probes(
+        stream, n_probe, args.seqlen, args.eval_seqlen, args.eval_windows
+    )
+    if probe_desc is not None:
+        probe_desc = {"source": args.eval_data, "split": eval_text.split, **probe_desc}
     result = compare(
-        model, tok, variants, sparsities, calib_ids=calib_ids, eval_stream=stream,
+        model, tok, variants, sparsities, calib_ids=calib_ids, eval_stream=eval_stream,
         eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows, eval_data=args.eval_data,
         eval_split=eval_text.split, calib_desc=calib_desc, model_name=src.spec, device=device,
         batch_size=args.batch_size, round_to=args.round_to, json_path=args.json, progress=True,
+        probe_ids=probe_ids, probe_desc=probe_desc,
     )
     print()
     print(format_table(result))

@@ -11,7 +11,8 @@ Sources:
 
 Calibration windows are `nsamples` random slices of `seqlen` tokens of the calibration stream,
 drawn with a seeded generator (as GPTQ, SparseGPT and Wanda do). Evaluation uses
-non-overlapping windows from the start of the held-out stream.
+non-overlapping windows from the start of the held-out stream; probe windows (a held-out layer
+error that no statistic ever sees) are cut from its end, so the two never share a token.
 """
 
 from __future__ import annotations
@@ -146,6 +147,25 @@ def eval_windows(stream: torch.Tensor, seqlen: int, windows: int | None = None) 
         )
     w = total if windows is None else min(windows, total)
     return stream[: w * seqlen].view(w, seqlen)
+
+
+def probe_windows(stream: torch.Tensor, nsamples: int, seqlen: int, skip: int) -> torch.Tensor:
+    """`nsamples` non-overlapping windows of `seqlen` tokens from the end of the stream:
+    (nsamples, seqlen), in stream order. Taken from the end because perplexity windows come
+    from the start; refused unless the first `skip` tokens (those evaluation uses) stay clear.
+    """
+    if nsamples < 1 or seqlen < 1:
+        raise SpapError(f"probe windows need a count >= 1 and a length >= 1, got {nsamples} x "
+                        f"{seqlen}")
+    need = nsamples * seqlen
+    start = stream.numel() - need
+    if start < skip:
+        raise SpapError(
+            f"evaluation text has {stream.numel()} tokens: {nsamples} probe windows x {seqlen} "
+            f"tokens from its end would overlap the first {skip} tokens used for perplexity; "
+            f"lower --probe-windows (0 disables them) or --eval-windows, or give more text"
+        )
+    return stream[start:].reshape(nsamples, seqlen)
 
 
 def token_hash(ids: torch.Tensor) -> str:

@@ -11,6 +11,10 @@
    - cut: slice the weights physically;
    - replay: run the pruned layer so the next layer sees pruned inputs, and measure the
      relative error of the MLP output against a copy of the dense MLP on the same inputs.
+Optional probe windows are captured and carried along like the calibration batches but only
+run at replay, after the cut: they never enter the statistics or the solver, so the error
+measured on them is a held-out estimate of each layer's error (the calibration one is
+in-sample, and the solver minimised it).
 Only the current layer sits on the compute device; the rest of the model stays where it is.
 """
 
@@ -44,6 +48,8 @@ class LayerRecord:
     seconds: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
     keep: list[int] = field(default_factory=list)
+    # the same ratio on the probe windows (never fitted on); None when no probes were given
+    rel_error_heldout: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,10 +132,13 @@ def prune_layers(
     batch_size: int = 4,
     progress: bool = False,
     layer_limit: int | None = None,
+    probe: torch.Tensor | None = None,
 ) -> list[LayerRecord]:
     """Prune every decoder layer's MLP in place; returns one record per layer.
 
     `layer_limit` prunes only the first N layers (quick smoke runs); the rest are kept dense.
+    `probe` (n_probe, seqlen_probe) token windows are propagated through the pruned layers like
+    the calibration batches, but used for nothing except each record's `rel_error_heldout`.
     """
     device = torch.device(device)
     layers = adapter.layers(model)
@@ -138,6 +147,8 @@ def prune_layers(
     layers[0].to(device)
     try:
         batches = capture_layer0_inputs(model, layers[0], calib, device, batch_size)
+        probes = (capture_layer0_inputs(model, layers[0], probe, device, batch_size)
+                  if probe is not None else None)
         layers[0].to(home)
         records = []
         todo = len(layers) if layer_limit is None else min(layer_limit, len(layers))
@@ -148,12 +159,14 @@ def prune_layers(
             bar = tqdm(bar, desc=f"pruning ({solver.name})", unit="layer")
         for i in bar:
             layer = layers[i].to(device)
-            rec, batches = _prune_one(adapter, layer, i, batches, solver, sparsity, round_to)
+            rec, batches, probes = _prune_one(adapter, layer, i, batches, solver, sparsity,
+                                              round_to, probes)
             layers[i].to(home)
             records.append(rec)
             log.info(
-                "layer %d: kept %d/%d, relative error %.4g", i, rec.kept, rec.width_before,
+                "layer %d: kept %d/%d, relative error %.4g%s", i, rec.kept, rec.width_before,
                 rec.rel_error,
+                "" if rec.rel_error_heldout is None else f", held-out {rec.rel_error_heldout:.4g}",
             )
             if progress:
                 bar.set_postfix(err=f"{rec.rel_error:.3g}")
@@ -166,7 +179,20 @@ def _run(layer, batches):
     return [_layer_out(layer(hidden, *args, **kwargs)) for hidden, args, kwargs in batches]
 
 
-def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to):
+def _propagate(layer, batches):
+    """The next layer's inputs: this layer's outputs with the same extra arguments."""
+    outs = _run(layer, batches)
+    return [(o, a, kw) for o, (_, a, kw) in zip(outs, batches)]
+
+
+def _ratio(err: torch.Tensor) -> float:
+    return float(err[0] / err[1]) if err[1] > 0 else 0.0
+
+
+def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probes=None):
+    """Prune one layer; returns its record and the next layer's calibration and probe inputs
+    (probes stay None when none were given). Probes run only after the cut, so calibration
+    results are bit-identical with or without them."""
     ins = adapter.in_linears(layer)
     first_in = next(iter(ins.values()))
     down = adapter.out_linear(layer)
@@ -174,10 +200,15 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to):
     k = n_keep_for(n, sparsity, round_to)
     t0 = time.perf_counter()
     if k == n:  # nothing to prune: the layer must stay bit-identical
-        outs = _run(layer, batches)
-        new = [(o, a, kw) for o, (_, a, kw) in zip(outs, batches)]
+        new = _propagate(layer, batches)
         secs = {"collect": 0.0, "solve": 0.0, "replay": time.perf_counter() - t0}
-        return LayerRecord(index, n, n, 0.0, secs, {}, list(range(n))), new
+        held = None
+        if probes is not None:
+            t_probe = time.perf_counter()
+            probes = _propagate(layer, probes)
+            secs["probe"] = time.perf_counter() - t_probe
+            held = 0.0
+        return LayerRecord(index, n, n, 0.0, secs, {}, list(range(n)), held), new, probes
 
     # collect
     acc = StatsAccumulator(n, solver.needs_gram, down.weight.device)
@@ -228,8 +259,11 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to):
     act = adapter.activation(layer)
     apply_decision(adapter, layer, decision)
 
-    # replay, measuring the MLP's relative error on the same inputs
+    # replay, measuring the MLP's relative error on the same inputs; then the probes, into
+    # their own sums
     err = torch.zeros(2, dtype=f64, device=down.weight.device)
+    err_probe = torch.zeros_like(err)
+    sink = {"err": err}
     seen: dict[str, torch.Tensor] = {}
     new_first = adapter.in_linears(layer)[next(iter(ins))]
     new_down = adapter.out_linear(layer)
@@ -239,22 +273,28 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to):
 
     def measure(_m, _a, out):
         ref = adapter.mlp_output(dense, dense_down, act, seen["a"]).to(f64)
-        err[0] += (out.to(f64) - ref).pow(2).sum()
-        err[1] += ref.pow(2).sum()
+        sink["err"][0] += (out.to(f64) - ref).pow(2).sum()
+        sink["err"][1] += ref.pow(2).sum()
 
     hooks = [new_first.register_forward_pre_hook(grab), new_down.register_forward_hook(measure)]
     try:
-        outs = _run(layer, batches)
+        new = _propagate(layer, batches)
+        t3 = time.perf_counter()
+        if probes is not None:
+            sink["err"] = err_probe
+            probes = _propagate(layer, probes)
     finally:
         for h in hooks:
             h.remove()
-    t3 = time.perf_counter()
-    rel = float(err[0] / err[1]) if err[1] > 0 else 0.0
-    new = [(o, a, kw) for o, (_, a, kw) in zip(outs, batches)]
+    t4 = time.perf_counter()
     secs = {"collect": t1 - t0, "solve": t2 - t1, "replay": t3 - t2}
+    held = None
+    if probes is not None:
+        secs["probe"] = t4 - t3
+        held = _ratio(err_probe)
     info = {key: v for key, v in decision.info.items() if _jsonable(v)}
-    return LayerRecord(index, n, int(decision.keep.numel()), rel, secs, info,
-                       decision.keep.tolist()), new
+    return LayerRecord(index, n, int(decision.keep.numel()), _ratio(err), secs, info,
+                       decision.keep.tolist(), held), new, probes
 
 
 def _jsonable(v) -> bool:

@@ -1,0 +1,58 @@
+"""bench/report.py renders compare JSON files of every age: files written before probe windows
+existed (no held-out fields) show "n/a", newer ones the held-out layer-error goal."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPORT = Path(__file__).resolve().parent.parent / "bench" / "report.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("bench_report", REPORT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _record(method, errs, held=None):
+    rec = {"method": method, "sparsity": 0.3, "ppl": 20.0 if method == "spap" else 22.0,
+           "gap": 2.0 if method == "spap" else 4.0, "params_removed_frac": 0.18,
+           "layer_error_mean": sum(errs) / len(errs), "layer_errors": errs, "seconds": 10.0,
+           "seconds_forward": 6.0, "seconds_solve": 4.0}
+    if held is not None:
+        rec.update(layer_error_heldout_mean=sum(held) / len(held), layer_errors_heldout=held)
+    return rec
+
+
+def _result(records, probe=None):
+    protocol = {"calibration": {"nsamples": 4, "seqlen": 32, "source": "wiki-offline",
+                                "seed": 0, "token_hash": "a" * 64},
+                "eval": {"windows": 2, "seqlen": 32, "data": "wiki-offline", "split": "test"},
+                "device": "cpu", "dtype": "float32", "versions": {"torch": "x"}}
+    if probe is not None:
+        protocol["probe"] = probe
+    return {"dense_ppl": 18.0, "protocol": protocol, "records": records}
+
+
+def test_old_record_without_heldout_fields_renders(report):
+    d = _result([_record("spap", [0.1] * 20), _record("obs", [0.2] * 20)])
+    text = "\n".join(report.compare_section("no-such-model", d))
+    assert "held-out layer error" in text
+    assert "| spap | 0.3 | 0.180 | 0.1000 | n/a |" in text
+    goal = [line for line in text.splitlines() if line.startswith("| 0.3 | yes")]
+    assert goal == ["| 0.3 | yes | 2.00 | obs (4.00) | 50.0% | 20/20 (100%, met) | n/a | n/a |"]
+
+
+def test_heldout_goal_is_evaluated_separately(report):
+    spap_held = [0.1] * 18 + [0.3] * 2  # 18/20 = 90% at or below OBS: the goal is not met
+    d = _result([_record("spap", [0.1] * 20, spap_held), _record("obs", [0.2] * 20, [0.2] * 20)],
+                probe={"windows": 2, "seqlen": 32, "token_hash": "b" * 64})
+    text = "\n".join(report.compare_section("no-such-model", d))
+    assert "20/20 (100%, met) | 18/20 (90%, not met)" in text
+    assert "2 probe windows x 32 tokens" in text
+    assert "| spap | 0.3 | 0.180 | 0.1000 | 0.1200 |" in text

@@ -4,6 +4,7 @@
 #   spap              the default: greedy OBS start + LOO penalty iterations (keep the best
 #                     iterate) + refit toward the dense weights, strength chosen on held-out
 #                     calibration windows; float32 solve
+#   spap-exact-greedy the default with exact greedy OBS (one column per step, not 16)
 #   spap-greedy       same without penalty iterations (greedy OBS mask + held-out ridge refit)
 #   spap-fast         one-shot OBS-score mask + held-out ridge refit (no greedy, no penalty)
 #   spap-exact-refit  the default decision with the exact (damped) least-squares refit
@@ -24,7 +25,7 @@ case $m in
   *) s=${2:-0.5}; SIZES=""; F64="" ;;
 esac
 .venv/bin/spap compare "$m" --sparsities "$s" \
-  --methods "wanda-sp,obs,spap,spap-greedy=spap:iters=0,spap-fast=spap:starts=obs;iters=0,spap-exact-refit=spap:ridge_grid=,spap-lp=spap:s_step=lp;starts=obs;ridge_grid=$F64" \
+  --methods "wanda-sp,obs,spap,spap-exact-greedy=spap:greedy_block=1,spap-greedy=spap:iters=0,spap-fast=spap:starts=obs;iters=0,spap-exact-refit=spap:ridge_grid=,spap-lp=spap:s_step=lp;starts=obs;ridge_grid=$F64" \
   $SIZES --device cpu \
   --json "bench/results/ablation-$m.json" --plot "bench/results/ablation-$m.png"
 .venv/bin/python bench/report.py

@@ -438,7 +438,7 @@ def step_timing(rec: dict[str, Any], state: dict[str, Any], args, device: torch.
             t1 = time.perf_counter()
             res = prune(model, calib_ids=calib, sparsity=args.sparsity, method=v.method,
                         method_options=v.options, device=device, batch_size=args.batch_size,
-                        allow_unsaveable=True)
+                        round_to=args.round_to, allow_unsaveable=True)
             sync(device)
             secs = time.perf_counter() - t1
             run.update(ok=True, seconds=secs, peak_memory_gib=peak_gib(device))
@@ -501,7 +501,8 @@ def step_speed(rec: dict[str, Any], state: dict[str, Any], args, device: torch.d
     rec["pruned_variant"] = state["pruned_name"]
     prompt, gen = (64, 16) if args.tiny else (args.prompt_len, args.gen_tokens)
     free(device)
-    result = bench(pruned, dense, batch_sizes=(1,), prompt_lens=(prompt,), gen_tokens=gen,
+    batches = tuple(int(b) for b in str(args.speed_batches).split(","))
+    result = bench(pruned, dense, batch_sizes=batches, prompt_lens=(prompt,), gen_tokens=gen,
                    warmup=1, reps=args.speed_reps, device=device, cpu_memory=False)
     rec["bench"] = result
     s = result["settings"][0]
@@ -615,6 +616,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--speed-reps", type=int, default=3)
+    p.add_argument("--speed-batches", default="1", help="comma-separated batch sizes (1)")
+    p.add_argument("--round-to", type=int, default=1,
+                   help="round the kept width to a multiple (GPU kernels like 64 or 128)")
     p.add_argument("--skip", default="", help="comma-separated steps to skip: "
                    "correctness,timing,speed")
     args = p.parse_args(argv)

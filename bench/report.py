@@ -181,12 +181,121 @@ def speed_section(model: str, d: dict) -> list[str]:
     return lines
 
 
+def tradeoff_section(model: str, d: dict) -> list[str]:
+    """Perplexity against pruning time for every run of one ablation file (same process, same
+    sparsity, same machine load as far as sparsity-major order allows), with a scatter plot."""
+    recs = [r for r in d["records"] if r["ppl"] is not None]
+    wanda = next((r for r in recs if r["method"] == "wanda-sp"), None)
+    spars = ", ".join(sorted({f"{r['sparsity']:g}" for r in recs}))
+    lines = [f"### {model}: perplexity against pruning time at sparsity {spars}", "",
+             "| run | ppl | gap to dense | prune s | x wanda-sp | forward s | solve s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(recs, key=lambda r: r["seconds"]):
+        ratio = fmt(r["seconds"] / wanda["seconds"]) + "x" if wanda else "n/a"
+        lines.append(f"| {r['method']} | {fmt(r['ppl'])} | {fmt(r['gap'])} | "
+                     f"{r['seconds']:.0f} | {ratio} | {fmt(r.get('seconds_forward'), 0)} | "
+                     f"{fmt(r.get('seconds_solve'), 0)} |")
+    png = RES / f"tradeoff-{model}.png"
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return lines
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for r in recs:
+        ax.scatter(r["seconds"], r["ppl"], s=25)
+        ax.annotate(r["method"], (r["seconds"], r["ppl"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("prune wall time, s (log)")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title(f"{model}: quality against time (dense {fmt(d['dense_ppl'])})", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.savefig(png, dpi=150)
+    lines += ["", f"![perplexity against time, {model}](bench/results/{png.name})"]
+    return lines
+
+
+def _non_default(run: dict) -> dict:
+    """The options of a recorded run that differ from the method's current defaults (a file
+    written before a default changed then shows the old value explicitly)."""
+    import dataclasses
+
+    from spap.solvers import solver_class
+
+    full = run.get("options_full") or run.get("options") or {}
+    defaults = {f.name: f.default for f in dataclasses.fields(solver_class(run["method"]))}
+    out = {k: v for k, v in full.items() if k in defaults and defaults[k] != v}
+    if full:  # options added after the run was recorded: it ran the behaviour before them
+        out.update({k: "(not yet an option)" for k in defaults if k not in full})
+    return out
+
+
+def gpu_section(name: str, d: dict) -> list[str]:
+    """bench/gpu_check.py results: correctness on the device, pruning time against wanda-sp at
+    the literature's calibration size, and the pruned model's speed."""
+    env, args = d.get("env", {}), d.get("args", {})
+    gpu = (env.get("gpu") or {}).get("name", env.get("device"))
+    vers = env.get("versions", {})
+    lines = [f"### {name}: {gpu}, torch {vers.get('torch')}, transformers "
+             f"{vers.get('transformers')}, round_to {args.get('round_to', 1)}", ""]
+    corr = d.get("correctness")
+    if corr:
+        checks = [(fam, c, v) for fam, cs in corr.items() if isinstance(cs, dict)
+                  for c, v in cs.items() if isinstance(v, dict) and "ok" in v]
+        worst = max((v.get("max_abs_diff_vs_masked_dense") or v.get("max_abs_diff") or 0.0
+                     for _, _, v in checks), default=0.0)
+        ok = sum(bool(v["ok"]) for _, _, v in checks)
+        lines += [f"Correctness on the GPU (tiny random LLaMA, Qwen2 and OPT models, float32): "
+                  f"{ok}/{len(checks)} checks pass (pruned logits against the masked dense "
+                  f"model, sparsity 0 unchanged, save and stock reload); largest logit "
+                  f"difference {worst:.1e}.", ""]
+    t = d.get("timing")
+    if t:
+        cal = t.get("calibration", {})
+        lines += [f"Pruning time: random-weights model of the Qwen2.5-0.5B architecture "
+                  f"({t.get('dtype')}), calibration {cal.get('nsamples')} x "
+                  f"{cal.get('seqlen')} random token ids, sparsity {t.get('sparsity')}, every "
+                  f"run in one process. Layer errors of random weights say little about "
+                  f"quality; the times are what this measures.", "",
+                  "| run | options | prune s | x wanda-sp | forward (collect + replay) s | "
+                  "solve s |", "|---|---|---|---|---|---|"]
+        for r in t.get("runs", []):
+            if not r.get("ok"):
+                lines.append(f"| {r['name']} | failed: {r.get('error')} | | | | |")
+                continue
+            ls = r.get("layer_seconds", {})
+            opts = ", ".join(f"{k}={v}" for k, v in _non_default(r).items()) or "(defaults)"
+            lines.append(f"| {r['name']} | {opts} | {r['seconds']:.1f} | "
+                         f"{fmt(r.get('ratio_to_wanda_sp'))}x | "
+                         f"{ls.get('collect', 0) + ls.get('replay', 0):.1f} | "
+                         f"{ls.get('solve', 0):.1f} |")
+        lines.append("")
+    sp = (d.get("speed") or {}).get("bench")
+    if sp:
+        lines += [f"Speed of the {d['speed'].get('pruned_variant')} model against dense "
+                  f"(weights {sp['weight_bytes']['ratio']:.3f}x):", "",
+                  "| batch | prompt | prefill speedup | ideal (FLOPs) | decode speedup | "
+                  "ideal (bytes) |", "|---|---|---|---|---|---|"]
+        for st in sp["settings"]:
+            lines.append(f"| {st['batch']} | {st['prompt_len']} | "
+                         f"{fmt(st['prefill']['speedup'])} | "
+                         f"{fmt(st['prefill']['ideal_speedup'])} | "
+                         f"{fmt(st['decode']['speedup'])} | "
+                         f"{fmt(st['decode']['ideal_speedup'])} |")
+    return lines
+
+
 def main() -> None:
     head = (ROOT / "bench" / "HEADER.md").read_text()
     parts = [head.rstrip(), ""]
     for title, pattern, fn in [
         ("## Perplexity: SPAP against the baselines", "compare-*.json", compare_section),
         ("## Ablation: what each piece of SPAP contributes", "ablation-*.json", compare_section),
+        ("## Trade-off: perplexity against pruning time", "ablation-*.json", tradeoff_section),
+        ("## GPU: correctness, pruning time at 128 x 2048, speed", "gpu-*.json",
+         gpu_section),
         ("## Zero-shot accuracy", "zeroshot-*.json", zeroshot_section),
         ("## Speed and memory", "speed-*.json", speed_section),
     ]:

@@ -56,3 +56,24 @@ def test_heldout_goal_is_evaluated_separately(report):
     assert "20/20 (100%, met) | 18/20 (90%, not met)" in text
     assert "2 probe windows x 32 tokens" in text
     assert "| spap | 0.3 | 0.180 | 0.1000 | 0.1200 |" in text
+
+
+def test_tradeoff_section_orders_by_time_with_ratio(report, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RES", tmp_path)
+    recs = [_record("spap", [0.1]), _record("wanda-sp", [0.2])]
+    recs[0]["seconds"], recs[1]["seconds"] = 30.0, 10.0
+    lines = report.tradeoff_section("tiny", _result(recs))
+    rows = [line for line in lines if line.startswith("| spap") or line.startswith("| wanda")]
+    assert rows[0].startswith("| wanda-sp") and "| 1.00x |" in rows[0]
+    assert "| 3.00x |" in rows[1]
+    assert (tmp_path / "tradeoff-tiny.png").stat().st_size > 0
+
+
+def test_gpu_section_marks_options_the_run_predates(report):
+    run = {"name": "spap", "method": "spap", "ok": True, "seconds": 20.0,
+           "ratio_to_wanda_sp": 4.0, "layer_seconds": {"collect": 5.0, "solve": 14.0},
+           "options_full": {"iters": 2}}  # recorded before most options existed
+    d = {"env": {"gpu": {"name": "GPU"}, "versions": {}}, "args": {},
+         "timing": {"calibration": {"nsamples": 128, "seqlen": 2048}, "runs": [run]}}
+    row = next(line for line in report.gpu_section("x", d) if line.startswith("| spap"))
+    assert "greedy_block=(not yet an option)" in row and "| 4.00x |" in row

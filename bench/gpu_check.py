@@ -195,10 +195,33 @@ def step_env(rec: dict[str, Any], device: torch.device) -> None:
                       "total_gib": total_b / 2**30, "free_gib": free_b / 2**30,
                       "multiprocessors": props.multi_processor_count,
                       "device_count": torch.cuda.device_count()}
+    rec["gram_half_path"] = check_gram(device)
     log(f"torch {vers['torch']} (cuda {vers['torch_cuda']}), transformers "
         f"{vers['transformers']}, device {device}"
         + (f" = {rec['gpu']['name']}, {rec['gpu']['total_gib']:.0f} GiB" if "gpu" in rec else "")
         + (f"; spap import pulled in {pulled}" if pulled else ""))
+
+
+def check_gram(device: torch.device) -> dict[str, Any]:
+    """spap.stats.gram_of on bfloat16 activations against a float64 reference: which path ran
+    (half-precision inputs with float32 output, or the float32 upcast) and its error."""
+    from spap.stats import gram_of
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(8192, 1024, generator=g).to(device, torch.bfloat16)
+    ref = x.double().T @ x.double()
+    out = gram_of(x)
+    fast = True
+    if device.type == "cuda":
+        try:
+            torch.mm(x.T, x, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            fast = False
+    else:
+        fast = False
+    err = float((out.double() - ref).abs().max() / ref.abs().max())
+    return {"half_inputs_float32_out": fast, "max_rel_error_vs_float64": err,
+            "dtype": str(out.dtype)}
 
 
 # ---- step 2: correctness --------------------------------------------------------------------

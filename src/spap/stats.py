@@ -42,6 +42,26 @@ class ActStats:
         return self.sqsum.sqrt()
 
 
+def gram_of(x: torch.Tensor, xf: torch.Tensor | None = None) -> torch.Tensor:
+    """X^T X in float32 for x (tokens, n).
+
+    On CUDA, bfloat16 / float16 activations are multiplied as they are, with float32 output
+    (`torch.mm(..., out_dtype=float32)`): products of two half-precision numbers are exact in
+    float32 and the tensor cores accumulate in float32, so this equals the float32 product up
+    to summation order, at tensor-core speed (the float32 product was most of the calibration
+    pass on an H200, bench/results/gpu-*.json). Elsewhere, or where that overload is missing,
+    the activations are upcast to float32 first.
+    """
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(x.T, x, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    if xf is None:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return xf.T @ xf
+
+
 class StatsAccumulator:
     """Accumulates `ActStats` from batches of activations shaped (..., n)."""
 
@@ -70,7 +90,7 @@ class StatsAccumulator:
         self.sum += xf.sum(0).to(self.device, torch.float64)
         self.sqsum += (xf * xf).sum(0).to(self.device, torch.float64)
         if self.gram is not None:
-            g = (xf.T @ xf).to(self.device, torch.float64)  # (n, n)
+            g = gram_of(x, xf).to(self.device, torch.float64)  # (n, n)
             self.gram += g
             if heldout:
                 self.gram_heldout = g if self.gram_heldout is None else self.gram_heldout + g

@@ -11,21 +11,26 @@
 #   spap-lp           the paper's penalty as first written: binary LP s-step from the OBS
 #                     score, exact refit
 #   spap-f64          the default in float64 (SmolLM2 only: 4x the solve time on Qwen)
-# (recovery_rounds=1, alternating (up, down) refit chosen on held-out tokens, is available
-#  as an option but is not in this run: it overfit 16k calibration tokens on SmolLM2)
+#   spap-recover      the default + up to 2 rounds of alternating (up, down) refit toward the
+#                     dense layer output, the number of rounds chosen per layer on held-out
+#                     tokens (SmolLM2 only)
 #   usage: bench/ablation.sh [model] [sparsity]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 m=${1:-smollm2-135m}
 case $m in
   smollm2-135m) s=${2:-0.5}; SIZES="--nsamples 16 --seqlen 512 --eval-seqlen 512 --eval-windows 16"
-                F64=",spap-f64=spap:solve_dtype=float64" ;;
+                F64=",spap-f64=spap:solve_dtype=float64,spap-recover=spap:recovery_rounds=2" ;;
   qwen2.5-coder-0.5b) s=${2:-0.3}; SIZES="--nsamples 8 --seqlen 512 --eval-seqlen 512 --eval-windows 8"
                 F64="" ;;
   *) s=${2:-0.5}; SIZES=""; F64="" ;;
 esac
-.venv/bin/spap compare "$m" --sparsities "$s" \
-  --methods "wanda-sp,obs,spap,spap-exact-greedy=spap:greedy_block=1,spap-greedy=spap:iters=0,spap-fast=spap:starts=obs;iters=0,spap-exact-refit=spap:ridge_grid=,spap-lp=spap:s_step=lp;starts=obs;ridge_grid=$F64" \
+ALL="wanda-sp,obs,spap,spap-exact-greedy=spap:greedy_block=1,spap-greedy=spap:iters=0,spap-fast=spap:starts=obs;iters=0,spap-exact-refit=spap:ridge_grid=,spap-lp=spap:s_step=lp;starts=obs;ridge_grid=$F64"
+# ABLATION_METHODS overrides the list. The Qwen run left out spap-exact-greedy and spap-lp
+# (about 8 minutes each there on one core):
+#   ABLATION_METHODS="wanda-sp,obs,spap,spap-greedy=spap:iters=0,spap-fast=spap:starts=obs;iters=0,spap-exact-refit=spap:ridge_grid=" \
+#     bench/ablation.sh qwen2.5-coder-0.5b
+.venv/bin/spap compare "$m" --sparsities "$s" --methods "${ABLATION_METHODS:-$ALL}" \
   $SIZES --device cpu \
   --json "bench/results/ablation-$m.json" --plot "bench/results/ablation-$m.png"
 .venv/bin/python bench/report.py

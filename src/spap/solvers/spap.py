@@ -241,16 +241,26 @@ class SpapSolver:
             r = (g[val] * (a[val] @ u_.T)) @ w_.T - y[val]
             return float((r * r).sum()) / y_val_sq
 
+        # The down-steps use the refit the decision chose: shrunk toward the dense weights with
+        # the held-out ridge (`decision.info["ridge"]`), else the exact damped refit.
+        lam = decision.info.get("ridge")
+        w0_k = w0[:, keep].to(dt)
+
+        def down(x, y_):
+            if lam is None:
+                return _down_step(x, y_, self.damp)
+            return _down_step_toward(x, y_, w0_k, lam)
+
         def rounds(sl, u, w, count):
             """`count` alternating rounds on tokens `sl`; the (u, w) after each."""
             out = []
             for _ in range(count):
                 u = _up_step(a[sl], g[sl], w, y[sl], u, self.ridge, self.cg_iters)
-                w = _down_step(g[sl] * (a[sl] @ u.T), y[sl], self.damp)
+                w = down(g[sl] * (a[sl] @ u.T), y[sl])
                 out.append((u, w))
             return out
 
-        w_fit = _down_step(g[fit] * (a[fit] @ u0.T), y[fit], self.damp)  # round 0, fit only
+        w_fit = down(g[fit] * (a[fit] @ u0.T), y[fit])  # round 0, fit only
         errs = [val_err(u0, w_fit)]
         fit_only = [(u0, w_fit)]
         for u, w in rounds(fit, u0, w_fit, self.recovery_rounds):
@@ -451,6 +461,15 @@ def _up_step(a, g, w, y, u0, ridge, iters):
         pdir = r + (rr_new / rr) * pdir
         rr = rr_new
     return x
+
+
+def _down_step_toward(x, y, w0_k, lam):
+    """min_W ||x W^T - y||^2 + mu ||W - W0_K||^2, mu = lam * mean(diag x^T x): the refit
+    toward the dense weights (refit.refit_toward_dense) on explicit activations."""
+    gram = x.T @ x  # (k, k)
+    mu = lam * float(torch.diagonal(gram).mean())
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return spd_solve(gram + mu * eye, x.T @ y + mu * w0_k.T).T  # (m, k)
 
 
 def _down_step(x, y, ridge):

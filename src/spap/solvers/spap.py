@@ -27,10 +27,11 @@ The refit of the kept down projection is shrunk toward the dense weights, with t
 chosen per layer on held-out calibration windows (`heldout_errors_toward_dense`); decision
 and refit run in `solve_dtype` (float32 by default) and return float64 weights.
 
-Update (section 4). The kept down projection gets the exact least-squares refit. Then, for
-gated MLPs, X = act(gate(a)) * up(a) is linear in the up projection for fixed gate
-activations, so (W_up, W_down) are refit alternately to the dense layer's output: the up-step
-by conjugate gradient on its (ridge-regularized) normal equations, the down-step exactly. A
+Update (section 4). The kept down projection gets the refit above. Then, optionally
+(`recovery_rounds`), for gated MLPs X = act(gate(a)) * up(a) is linear in the up projection
+for fixed gate activations, so (W_up, W_down) are refit alternately to the dense layer's
+output: the up-step by conjugate gradient on its normal equations regularized toward the
+dense rows, the down-step by the same refit toward the dense weights (same ridge). A
 slice of the calibration windows is held out, and the number of rounds (0..recovery_rounds)
 with the lowest held-out error is kept, so recovery cannot overfit the layer.
 """

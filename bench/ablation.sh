@@ -27,8 +27,9 @@ case $m in
 esac
 ALL="wanda-sp,obs,spap,spap-exact-greedy=spap:greedy_block=1,spap-greedy=spap:iters=0,spap-fast=spap:starts=obs;iters=0,spap-exact-refit=spap:ridge_grid=,spap-lp=spap:s_step=lp;starts=obs;ridge_grid=$F64"
 # ABLATION_METHODS overrides the list. The Qwen run left out spap-exact-greedy and spap-lp
-# (about 8 minutes each there on one core):
-#   ABLATION_METHODS="wanda-sp,obs,spap,spap-greedy=spap:iters=0,spap-fast=spap:starts=obs;iters=0,spap-exact-refit=spap:ridge_grid=" \
+# (about 8 minutes each there on one core); spap-recover was started last and stopped: about
+# 110 s per layer on one core, 45 minutes for the model. The Qwen JSON came from
+#   ABLATION_METHODS="wanda-sp,spap,spap-fast=spap:starts=obs;iters=0,spap-greedy=spap:iters=0,obs,spap-exact-refit=spap:ridge_grid=" \
 #     bench/ablation.sh qwen2.5-coder-0.5b
 .venv/bin/spap compare "$m" --sparsities "$s" --methods "${ABLATION_METHODS:-$ALL}" \
   $SIZES --device cpu \

@@ -258,28 +258,6 @@ def tiny_model(family: str, device: torch.device, seed: int = 0):
     return model.to(device).eval()
 
 
-def masked_dense(dense, pruned, records, adapter):
-    """tests/test_pipeline.py's oracle: the dense-shaped model with the removed channels zeroed
-    and the kept weights set to the pruned model's, which the cut model must equal."""
-    from spap.solvers.refit import scatter_columns
-
-    ref = copy.deepcopy(dense)
-    for rec, lref, lcut in zip(records, adapter.layers(ref), adapter.layers(pruned)):
-        keep = torch.tensor(rec.keep, device=adapter.out_linear(lref).weight.device)
-        n = rec.width_before
-        with torch.no_grad():
-            for (_, a), (_, b) in zip(adapter.in_linears(lref).items(),
-                                      adapter.in_linears(lcut).items()):
-                a.weight[keep] = b.weight
-                if a.bias is not None:
-                    a.bias[keep] = b.bias
-            dref, dcut = adapter.out_linear(lref), adapter.out_linear(lcut)
-            dref.weight.copy_(scatter_columns(dcut.weight, keep, n))
-            if dcut.bias is not None:
-                dref.bias = torch.nn.Parameter(dcut.bias.clone())
-    return ref
-
-
 def widths_consistent(model, adapter) -> dict[str, Any]:
     width = adapter.width(model.config)
     shapes = set()
@@ -297,6 +275,7 @@ def check_family(family: str, device: torch.device, sparsity: float) -> dict[str
     """All correctness checks of one tiny model family, each guarded."""
     import spap
     from spap.models import get_adapter
+    from spap.surgery import masked_dense
 
     fam: dict[str, Any] = {}
     dense = tiny_model(family, device)
@@ -314,7 +293,7 @@ def check_family(family: str, device: torch.device, sparsity: float) -> dict[str
         sync(device)
         secs = time.perf_counter() - t0
         adapter = get_adapter(model.config)
-        oracle = masked_dense(dense, model, res.layers, adapter)
+        oracle = masked_dense(dense, model, adapter, [r.keep for r in res.layers])
         got, want = logits(model, ids), logits(oracle, ids)
         scale = float(want.abs().max())
         diff = float((got - want).abs().max())

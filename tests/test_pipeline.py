@@ -16,7 +16,7 @@ from spap.data import eval_windows, probe_windows, token_hash
 from spap.errors import SpapError
 from spap.models import get_adapter
 from spap.pipeline import n_keep_for
-from spap.solvers.refit import scatter_columns
+from spap.surgery import masked_dense
 
 METHODS_BY_FAMILY = [(f, m) for f in FAMILIES for m in ("spap", "obs", "flap")]
 
@@ -24,26 +24,6 @@ METHODS_BY_FAMILY = [(f, m) for f in FAMILIES for m in ("spap", "obs", "flap")]
 def logits(model, ids):
     with torch.no_grad():
         return model(ids, use_cache=False).logits
-
-
-def masked_dense(dense, pruned, records, adapter):
-    """The dense-shaped model with the removed channels zeroed and the kept weights set to the
-    pruned model's: what the cut model must compute exactly."""
-    ref = copy.deepcopy(dense)
-    for rec, lref, lcut in zip(records, adapter.layers(ref), adapter.layers(pruned)):
-        keep = torch.tensor(rec.keep)
-        n = rec.width_before
-        with torch.no_grad():
-            for (_, a), (_, b) in zip(adapter.in_linears(lref).items(),
-                                      adapter.in_linears(lcut).items()):
-                a.weight[keep] = b.weight
-                if a.bias is not None:
-                    a.bias[keep] = b.bias
-            dref, dcut = adapter.out_linear(lref), adapter.out_linear(lcut)
-            dref.weight.copy_(scatter_columns(dcut.weight, keep, n))
-            if dcut.bias is not None:
-                dref.bias = torch.nn.Parameter(dcut.bias.clone())
-    return ref
 
 
 @pytest.mark.parametrize("family,method", METHODS_BY_FAMILY)
@@ -59,7 +39,7 @@ def test_cut_equals_masked_dense(family, method):
     assert adapter.width(model.config) == n_keep_for(n, 0.5) < n
     for layer in adapter.layers(model):
         assert adapter.out_linear(layer).weight.shape[1] == n_keep_for(n, 0.5)
-    ref = masked_dense(dense, model, res.layers, adapter)
+    ref = masked_dense(dense, model, adapter, [r.keep for r in res.layers])
     ids = random_ids(2, 24, seed=2)
     torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=1e-5, atol=1e-5)
     assert res.report["params_after"] < res.report["params_before"]

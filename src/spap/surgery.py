@@ -3,6 +3,8 @@ columns of the down projection, so the saved model is really smaller."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -41,6 +43,29 @@ def zero_channels(adapter: MLPAdapter, layer: nn.Module, keep: torch.Tensor) -> 
     mask = torch.zeros(down.in_features, dtype=torch.bool, device=down.weight.device)
     mask[keep.to(down.weight.device)] = True
     down.weight[:, ~mask] = 0
+
+
+@torch.no_grad()
+def masked_dense(dense: nn.Module, pruned: nn.Module, adapter: MLPAdapter,
+                 keeps: list[list[int]]) -> nn.Module:
+    """A copy of `dense` with the pruned model's weights written back at their channels
+    (`keeps[i]` for layer i) and the removed channels' down-projection columns zeroed: the
+    dense-shaped model the physically cut one must compute exactly (the tests' and the GPU
+    check's oracle)."""
+    from .solvers.refit import scatter_columns
+
+    ref = copy.deepcopy(dense)
+    for keep_list, lref, lcut in zip(keeps, adapter.layers(ref), adapter.layers(pruned)):
+        dref, dcut = adapter.out_linear(lref), adapter.out_linear(lcut)
+        keep = torch.tensor(keep_list, device=dref.weight.device)
+        for a, b in zip(adapter.in_linears(lref).values(), adapter.in_linears(lcut).values()):
+            a.weight[keep] = b.weight
+            if a.bias is not None:
+                a.bias[keep] = b.bias
+        dref.weight.copy_(scatter_columns(dcut.weight, keep, dref.in_features))
+        if dcut.bias is not None:
+            dref.bias = nn.Parameter(dcut.bias.clone())
+    return ref
 
 
 @torch.no_grad()

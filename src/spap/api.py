@@ -115,7 +115,7 @@ def prune(
             f"method '{method}' compensates with a down-projection bias, which a saved "
             f"{model.config.model_type} model cannot store; choose another --method"
         )
-    probe_desc = _probe_desc(probe_ids)
+    probe_desc = probe_description(probe_ids)
     t0 = time.perf_counter()
     if calib_ids is None:
         if tokenizer is None:
@@ -177,7 +177,7 @@ def prune(
     return PruneResult(model, report, records, calib_ids)
 
 
-def _probe_desc(probe_ids: torch.Tensor | None) -> dict[str, Any] | None:
+def probe_description(probe_ids: torch.Tensor | None) -> dict[str, Any] | None:
     """The probe windows' description for the report; refuses a shape the pipeline can't use."""
     if probe_ids is None:
         return None

@@ -275,13 +275,11 @@ def compare(
 def _probe_protocol(probe_ids: torch.Tensor | None,
                     desc: dict[str, Any] | None) -> dict[str, Any] | None:
     """What the held-out layer errors were measured on (None: no probes, no such errors)."""
+    from .api import probe_description
+
     if probe_ids is None:
         return None
-    from .data import token_hash
-
-    return {**(desc or {}), "windows": int(probe_ids.shape[0]),
-            "seqlen": int(probe_ids.shape[1]), "tokens": int(probe_ids.numel()),
-            "token_hash": token_hash(probe_ids)}
+    return {**(desc or {}), **probe_description(probe_ids)}
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ with the lowest held-out error is kept, so recovery cannot overfit the layer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -159,13 +160,12 @@ class SpapSolver:
             ),
             "greedy": lambda: indicator(greedy_obs(w0, hinv, lam, block=self.greedy_block)[0]),
         }
-        hw0 = None  # H W0^T, formed only if a W-step needs the explicit inverse
         best = None
         for start in [s.strip() for s in self.starts.split(",") if s.strip()]:
             if start not in inits:
                 raise ValueError(f"unknown start '{start}'; use {', '.join(inits)}")
             s0 = inits[start]()
-            candidates = [self.penalty(h, hinv, w0, hw0, d, s0, lam)] if self.iters else []
+            candidates = [self.penalty(h, hinv, w0, d, s0, lam)] if self.iters else []
             if bool(((s0 == 0) | (s0 == 1)).all()):
                 # a binary start is itself a mask: the penalty method must not end worse
                 candidates.append(torch.nonzero(s0 > 0.5).flatten())
@@ -183,7 +183,7 @@ class SpapSolver:
         # weights are measured by the pipeline)
         return keep, {"start": start, "swaps": swaps, "fit_error": err}
 
-    def penalty(self, h, hinv, w0, hw0, d, s, lam):
+    def penalty(self, h, hinv, w0, d, s, lam):
         """Alternate W- and s-steps while rho grows. Every binary iterate is a mask; return
         the one with the lowest exact error (later iterates, at large rho, can lock in a
         worse mask than an earlier one)."""
@@ -191,11 +191,9 @@ class SpapSolver:
         s = s.clone()
         best = None
         loo = self.s_step.startswith("loo")
-        binary = bool(((s == 0) | (s == 1)).all())
-        if hw0 is None and (self.s_step.endswith("soft") or not binary or lam >= 0.6 * s.numel()):
-            hw0 = h @ w0.T  # the explicit W-step will be needed: form H W0^T once
+        hw0 = functools.cache(lambda: h @ w0.T)  # H W0^T, formed once if ever needed
         for _ in range(self.iters):
-            w, bii = penalized_step(h, hinv, w0, hw0, rho * s * d, need_diag=loo)
+            w, bii = penalized_step(h, hinv, w0, rho * s * d, need_diag=loo, hw0=hw0)
             if loo:
                 # Leave-one-out cost: zeroing column i once its own penalty is lifted
                 # (Sherman-Morrison on H_rho - rho s_i d_i e_i e_i^T):
@@ -286,7 +284,7 @@ def _dtype(name: str) -> torch.dtype:
     return dt
 
 
-def penalized_step(h, hinv, w0, hw0, pen, need_diag=True):
+def penalized_step(h, hinv, w0, pen, need_diag=True, hw0=None):
     """The W-step of the penalty method, W = W0 H B with B = (H + diag(pen))^-1, and diag(B).
 
     When the penalty sits on few channels P (a binary s, which the LP s-step always returns),
@@ -296,7 +294,8 @@ def penalized_step(h, hinv, w0, hw0, pen, need_diag=True):
         W = W0 H B = W0 - W0[:, P] M^-1 Hinv[P, :]          (as H Hinv = I)
 
     which costs O(n |P| (|P| + m)) instead of O(n^3). Otherwise B is formed. Returns (W, diag B)
-    (diag B is None when not needed). `hw0` = H W0^T may be None: formed when needed.
+    (diag B is None when not needed). `hw0` returns H W0^T for the explicit path (a cached
+    callable, so a caller iterating pays for it once); None forms it here.
     """
     p_idx = torch.nonzero(pen).flatten()
     if p_idx.numel() < 0.6 * pen.numel():
@@ -307,12 +306,11 @@ def penalized_step(h, hinv, w0, hw0, pen, need_diag=True):
         bii = torch.diagonal(hinv) - (hp * z).sum(0) if need_diag else None
         return w, bii
     h_rho = h + torch.diag(pen)
-    if hw0 is None:
-        hw0 = h @ w0.T  # (n, m)
+    rhs = hw0() if hw0 is not None else h @ w0.T  # (n, m)
     if need_diag:
         b = spd_inverse(h_rho)  # (n, n)
-        return (b @ hw0).T, torch.diagonal(b)
-    return spd_solve(h_rho, hw0).T, None
+        return (b @ rhs).T, torch.diagonal(b)
+    return spd_solve(h_rho, rhs).T, None
 
 
 def heldout_errors_toward_dense(w0, h_fit, h_val, keep, grid, search="walk"):

@@ -82,7 +82,8 @@ TEXT = (
 @pytest.fixture
 def text_file(tmp_path):
     p = tmp_path / "calib.txt"
-    p.write_text(TEXT * 40)
+    # paragraphs, so the file splits into calibration and evaluation parts (data._local)
+    p.write_text("\n\n".join(f"{i}. {TEXT * 4}" for i in range(40)))
     return p
 
 

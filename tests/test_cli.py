@@ -41,7 +41,7 @@ def test_prune_then_eval(tiny_dir, text_file, tmp_path, capsys):
 def test_overwrite_replaces(tiny_dir, text_file, tmp_path, capsys):
     out = tmp_path / "o"
     args = ["prune", tiny_dir, "--sparsity", "0.5", "--out", out, "--calib", text_file,
-            "--nsamples", "2", "--seqlen", "16", "--option", "recovery_rounds=0"]
+            "--nsamples", "2", "--seqlen", "16", "--option", "recovery=none"]
     assert run(args, capsys)[0] == 0
     code, _, err = run(args, capsys)
     assert code == 2 and "--overwrite" in err and err.startswith("spap: error:")

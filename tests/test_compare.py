@@ -37,9 +37,9 @@ def run(argv, capsys):
 
 def test_compare_end_to_end(tiny_dir, text_file, tmp_path, capsys):
     js, png = tmp_path / "out" / "cmp.json", tmp_path / "out" / "cmp.png"
-    methods = "spap,spap-fast=spap:recovery_rounds=0;iters=4,obs"
+    methods = "spap,spap-fast=spap:recovery=none;iters=4,obs"
     code, out, err = run(["compare", tiny_dir, "--methods", methods, "--sparsities", "0,0.25",
-                          "--option", "spap:recovery_rounds=1", "--calib", text_file,
+                          "--option", "spap:recovery_epochs=1", "--calib", text_file,
                           "--nsamples", "4", "--seqlen", "32", "--eval-data", text_file,
                           "--eval-seqlen", "32",
                           "--eval-windows", "2", "--device", "cpu", "--json", js, "--plot", png],
@@ -77,8 +77,8 @@ def test_compare_end_to_end(tiny_dir, text_file, tmp_path, capsys):
     # --option spap:... reaches every spap variant; a variant's own options win
     from spap.solvers.spap import SpapSolver
 
-    assert opts["spap"]["recovery_rounds"] == 1 and opts["spap"]["iters"] == SpapSolver.iters
-    assert opts["spap-fast"]["iters"] == 4 and opts["spap-fast"]["recovery_rounds"] == 0
+    assert opts["spap"]["recovery_epochs"] == 1 and opts["spap"]["iters"] == SpapSolver.iters
+    assert opts["spap-fast"]["iters"] == 4 and opts["spap-fast"]["recovery"] == "none"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "spap-fast" in out and "dense" in out and "held-out err" in out
     assert not list(js.parent.glob(".*tmp*"))  # atomic writes leave no temporary file
@@ -113,11 +113,11 @@ def test_bad_input_exits_2_without_json(argv, needle, tmp_path, capsys):
 
 
 def test_parse_variants_and_sparsities():
-    vs = parse_variants("spap, fast=spap:recovery_rounds=0;damp=0.1, obs:block=2, o=obs",
+    vs = parse_variants("spap, fast=spap:recovery=none;damp=0.1, obs:block=2, o=obs",
                         ["obs:buffer=8", "o:block=4"])
     assert vs == [
         Variant("spap", "spap", {}),
-        Variant("fast", "spap", {"recovery_rounds": 0, "damp": 0.1}),
+        Variant("fast", "spap", {"recovery": "none", "damp": 0.1}),
         Variant("obs:block=2", "obs", {"buffer": 8, "block": 2}),
         Variant("o", "obs", {"buffer": 8, "block": 4}),
     ]

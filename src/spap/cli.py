@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="spap",
                    help="spap (default), obs, fasp, flap, wanda-sp, magnitude")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="method option, repeatable (e.g. --option recovery_rounds=0)")
+                   help="method option, repeatable (e.g. --option recovery=none)")
     _add_calib_flags(p)
     _add_model_flags(p)
     p.add_argument("--round-to", type=int, default=1,
@@ -81,15 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
             "rewritten after every run. Nothing is saved but the JSON and the plot.\n\n"
             "Methods and variants (--methods, comma-separated):\n"
             "  spap                          a method with its default options\n"
-            "  spap-fast=spap:recovery_rounds=0\n"
+            "  spap-fast=spap:recovery=none\n"
             "                                a named variant: name=method:key=val;key=val\n"
             "                                (quote it in the shell when it contains ';')\n"
-            "  --option spap:recovery_rounds=0\n"
+            "  --option spap:recovery=none\n"
             "                                an option for every variant of method spap (or for\n"
             "                                the variant of that name); a variant's own options\n"
             "                                take precedence\n"
             "e.g. spap compare smollm2-135m \\\n"
-            "       --methods spap,spap-fast=spap:recovery_rounds=0,obs \\\n"
+            "       --methods spap,spap-fast=spap:recovery=none,obs \\\n"
             "       --sparsities 0.2,0.4 --json cmp.json --plot cmp.png"),
     )
     p.add_argument("model", help="Hub id, local folder, .gguf file, or alias")
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", default="0.2,0.3,0.4,0.5",
                    help="comma-separated fractions in [0, 1) (default 0.2,0.3,0.4,0.5)")
     p.add_argument("--option", action="append", metavar="METHOD:KEY=VALUE",
-                   help="method option, repeatable (e.g. --option spap:recovery_rounds=0)")
+                   help="method option, repeatable (e.g. --option spap:recovery=none)")
     _add_calib_flags(p)
     _add_model_flags(p)
     p.add_argument("--round-to", type=int, default=1, help="round the kept width (1)")
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "max(1, nsamples // 4), 0 disables")
     p.add_argument("--json", required=True, help="results file, rewritten after every run")
     p.add_argument("--plot", default=None, help="perplexity-vs-sparsity image (e.g. cmp.png)")
+    p.add_argument("--save-models", default=None, metavar="DIR",
+                   help="also save every saveable pruned model as DIR/<method>-<sparsity> "
+                        "(for spap eval --tasks on exactly the models compared)")
 
     p = sub.add_parser("bench", help="speed and memory of a pruned model against its base, "
                                      "timed alternately in one process")

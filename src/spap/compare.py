@@ -14,7 +14,7 @@ the perplexity windows, which come from its start) that enter no statistics. A m
 overfit its calibration windows; only the held-out error shows it.
 
 A method is named in `--methods` as `method`, or as a variant `name=method:key=val;key=val`
-(e.g. `spap-fast=spap:recovery_rounds=0`) so the same method can appear with different options.
+(e.g. `spap-fast=spap:recovery=none`) so the same method can appear with different options.
 """
 
 from __future__ import annotations
@@ -156,6 +156,7 @@ def compare(
     progress: bool = False,
     probe_ids: torch.Tensor | None = None,
     probe_desc: dict[str, Any] | None = None,
+    save_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Prune a copy of the dense `model` (left untouched, on the CPU) with every variant at
     every sparsity and score it on the same evaluation windows.
@@ -165,7 +166,9 @@ def compare(
     of the evaluation stream and `eval_stream` without it). `probe_desc` describes them.
 
     Returns {"model", "dense_ppl", "protocol", "records": [...]} and, with `json_path`,
-    rewrites that file after the dense score and after every record.
+    rewrites that file after the dense score and after every record. With `save_dir`, every
+    saveable pruned model is also saved (reload-checked) as `save_dir/<method>-<sparsity>`,
+    so zero-shot evaluation runs on exactly the models compared.
     """
     from .api import prune, versions
     from .eval.ppl import perplexity
@@ -229,6 +232,13 @@ def compare(
                        probe_ids=probe_ids)
             seconds = time.perf_counter() - t0
             ev = score(m)
+            saved = None
+            if save_dir is not None and pr.report.get("saveable", True):
+                from .export import save_pruned
+
+                saved = str(save_pruned(m.to("cpu"), tokenizer,
+                                        Path(save_dir) / f"{v.name}-{s:g}", pr.report,
+                                        overwrite=True, check_ids=calib_ids[:1, :64]))
             del m, pr.model
             _free(device)
             rep = pr.report
@@ -257,6 +267,7 @@ def compare(
                                        for layer in layers),
                 "seconds_eval": ev["seconds"],
                 "options": rep["options"],
+                "saved": saved,
             }
             result["records"].append(rec)
             if path:
@@ -421,7 +432,7 @@ def run_cli(args) -> int:
         eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows, eval_data=args.eval_data,
         eval_split=eval_text.split, calib_desc=calib_desc, model_name=src.spec, device=device,
         batch_size=args.batch_size, round_to=args.round_to, json_path=args.json, progress=True,
-        probe_ids=probe_ids, probe_desc=probe_desc,
+        probe_ids=probe_ids, probe_desc=probe_desc, save_dir=args.save_models,
     )
     print()
     print(format_table(result))

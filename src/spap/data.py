@@ -9,10 +9,19 @@ Sources:
 - `wikitext2` and `c4` through `datasets`, where the Hub is reachable (train/validation splits
   for calibration as in SparseGPT, test/validation for evaluation).
 
-Calibration windows are `nsamples` random slices of `seqlen` tokens of the calibration stream,
-drawn with a seeded generator (as GPTQ, SparseGPT and Wanda do). Evaluation uses
-non-overlapping windows from the start of the held-out stream; probe windows (a held-out layer
-error that no statistic ever sees) are cut from its end, so the two never share a token.
+Local files are split like the Wikipedia text, so that `--calib FILE --eval-data FILE` never
+evaluates on calibration text: the units (lines of a `.jsonl`, paragraphs of a `.txt`, or its
+lines when it has fewer than 10 paragraphs) with index % 10 == 9 are the evaluation part, the
+rest the calibration part.
+
+Calibration windows are `nsamples` windows of `seqlen` tokens of the calibration stream at
+random, seeded positions (as GPTQ, SparseGPT and Wanda do), but drawn **without overlap**: the
+stream is cut into consecutive slots of `seqlen` tokens and `nsamples` distinct slots are
+chosen. So no two windows share a token, and the held-out windows (`heldout_windows`: the last
+1/8 of them, which choose every out-of-sample setting: the ridge, the recovery length) share no
+token with the windows the solvers fit. Evaluation uses non-overlapping windows from the start
+of the held-out stream; probe windows (a held-out layer error that no statistic ever sees) are
+cut from its end, so the two never share a token.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from .errors import SpapError
 
 WIKI = "wiki-offline"
 HELDOUT_EVERY = 10
+#: share of the calibration windows held out (the last ones) to choose settings out of sample
+HELDOUT_SHARE = 1 / 8
 
 
 @dataclass(frozen=True)
@@ -82,7 +93,8 @@ def _hub(name: str, part: str) -> Text:
         ) from None
 
 
-def _local(path: Path) -> Text:
+def _local(path: Path, part: str) -> Text:
+    """A local file's calibration or evaluation part (the split in the module docstring)."""
     if path.suffix == ".jsonl":
         rows = []
         with open(path, encoding="utf-8") as f:
@@ -95,8 +107,22 @@ def _local(path: Path) -> Text:
                     raise SpapError(
                         f"{path}:{n}: each .jsonl line must be an object with a 'text' field"
                     ) from None
-        return Text("\n\n".join(rows), str(path), "all")
-    return Text(path.read_text(encoding="utf-8"), str(path), "all")
+        units, kind, sep = rows, "lines", "\n\n"
+    else:
+        text = path.read_text(encoding="utf-8")
+        units = [u for u in text.split("\n\n") if u.strip()]
+        kind, sep = "paragraphs", "\n\n"
+        if len(units) < HELDOUT_EVERY:
+            units, kind, sep = [u for u in text.splitlines() if u.strip()], "lines", "\n"
+    if len(units) < HELDOUT_EVERY:
+        raise SpapError(
+            f"{path} has {len(units)} {kind}; at least {HELDOUT_EVERY} are needed to split it "
+            "into calibration and evaluation parts that share no text"
+        )
+    test = part == "test"
+    chosen = [u for i, u in enumerate(units) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == test]
+    rule = f"{kind} with index % {HELDOUT_EVERY} {'==' if test else '!='} {HELDOUT_EVERY - 1}"
+    return Text(sep.join(chosen), str(path), f"{part}: {rule} ({len(chosen)} of {len(units)})")
 
 
 def load_text(source: str, part: str) -> Text:
@@ -109,7 +135,7 @@ def load_text(source: str, part: str) -> Text:
         return _hub(source, part)
     p = Path(source).expanduser()
     if p.is_file() and p.suffix in (".txt", ".jsonl"):
-        return _local(p)
+        return _local(p, part)
     raise SpapError(
         f"unknown text source '{source}'; use {WIKI}, wikitext2, c4, or a local .txt/.jsonl file"
     )
@@ -124,7 +150,10 @@ def tokenize(tokenizer, text: Text) -> torch.Tensor:
 def calibration_windows(
     stream: torch.Tensor, nsamples: int, seqlen: int, seed: int
 ) -> torch.Tensor:
-    """`nsamples` random windows of `seqlen` tokens: (nsamples, seqlen) int64."""
+    """`nsamples` windows of `seqlen` tokens at random positions, no two sharing a token:
+    (nsamples, seqlen) int64. The stream is cut into consecutive slots of `seqlen` tokens, and
+    `nsamples` distinct slots are drawn with a seeded generator (a random offset of the slot
+    grid, below `seqlen`, varies the cut points with the seed)."""
     if nsamples < 1 or seqlen < 2:
         raise SpapError("--nsamples must be >= 1 and --seqlen >= 2")
     need = nsamples * seqlen
@@ -134,8 +163,21 @@ def calibration_windows(
             f"--seqlen {seqlen} needs {need}; lower them or give more text"
         )
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seqlen + 1, (nsamples,), generator=g)
-    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+    slack = stream.numel() - need
+    offset = int(torch.randint(0, min(seqlen, slack) + 1, (1,), generator=g))
+    slots = (stream.numel() - offset) // seqlen
+    chosen = torch.randperm(slots, generator=g)[:nsamples]
+    return torch.stack([stream[offset + s * seqlen : offset + (s + 1) * seqlen]
+                        for s in chosen.tolist()])
+
+
+def heldout_windows(nsamples: int) -> int:
+    """How many of `nsamples` calibration windows are held out (the last ones): the one
+    held-out rule of every out-of-sample choice. round(nsamples * HELDOUT_SHARE), at least 1
+    when there are 2 or more windows, 0 for a single window (nothing can be held out)."""
+    if nsamples < 2:
+        return 0
+    return max(1, min(nsamples - 1, round(nsamples * HELDOUT_SHARE)))
 
 
 def eval_windows(stream: torch.Tensor, seqlen: int, windows: int | None = None) -> torch.Tensor:

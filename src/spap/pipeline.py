@@ -16,6 +16,12 @@ run at replay, after the cut: they never enter the statistics or the solver, so 
 measured on them is a held-out estimate of each layer's error (the calibration one is
 in-sample, and the solver minimised it).
 Only the current layer sits on the compute device; the rest of the model stays where it is.
+
+Held-out calibration windows: the last `data.heldout_windows(nsamples)` windows (1/8) are
+batched apart from the others, so every batch is either fit or held out; their statistics
+(`ActStats.gram_heldout`) and their rows of the recovery inputs (`LayerProblem.heldout_tokens`)
+let a solver choose a setting out of sample. Windows never overlap (`data.calibration_windows`),
+so held-out and fit tokens are disjoint.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import heldout_windows
 from .models.base import MLPAdapter
 from .solvers.base import LayerProblem, Solver
 from .stats import StatsAccumulator
@@ -36,7 +43,6 @@ from .surgery import apply_decision
 
 log = logging.getLogger(__name__)
 
-HOLDOUT_EVERY = 8  # 1/8 of the calibration batches are held out for out-of-sample choices
 
 
 @dataclass
@@ -145,8 +151,15 @@ def prune_layers(
     home = next(model.parameters()).device
     _move_outside_layers(model, layers, device)
     layers[0].to(device)
+    n_held = heldout_windows(calib.shape[0])
+    n_fit = calib.shape[0] - n_held
     try:
-        batches = capture_layer0_inputs(model, layers[0], calib, device, batch_size)
+        # fit windows and held-out windows in separate batches, held-out last
+        batches = capture_layer0_inputs(model, layers[0], calib[:n_fit], device, batch_size)
+        held_batches = (capture_layer0_inputs(model, layers[0], calib[n_fit:], device,
+                                              batch_size) if n_held else [])
+        heldout = (len(held_batches), n_held * calib.shape[1])
+        batches += held_batches
         probes = (capture_layer0_inputs(model, layers[0], probe, device, batch_size)
                   if probe is not None else None)
         layers[0].to(home)
@@ -160,7 +173,7 @@ def prune_layers(
         for i in bar:
             layer = layers[i].to(device)
             rec, batches, probes = _prune_one(adapter, layer, i, batches, solver, sparsity,
-                                              round_to, probes)
+                                              round_to, probes, heldout)
             layers[i].to(home)
             records.append(rec)
             log.info(
@@ -189,10 +202,12 @@ def _ratio(err: torch.Tensor) -> float:
     return float(err[0] / err[1]) if err[1] > 0 else 0.0
 
 
-def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probes=None):
+def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probes=None,
+               heldout=(0, 0)):
     """Prune one layer; returns its record and the next layer's calibration and probe inputs
     (probes stay None when none were given). Probes run only after the cut, so calibration
-    results are bit-identical with or without them."""
+    results are bit-identical with or without them. `heldout` = (number of trailing batches
+    that are held-out windows, their token count)."""
     ins = adapter.in_linears(layer)
     first_in = next(iter(ins.values()))
     down = adapter.out_linear(layer)
@@ -213,17 +228,24 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     # collect
     acc = StatsAccumulator(n, solver.needs_gram, down.weight.device)
     inputs: list[torch.Tensor] = []
-    # The last 1/HOLDOUT_EVERY of the batches (at least one, if there are two or more) also
-    # count into a held-out Gram, for solvers that choose a setting out of sample.
-    n_held = max(1, len(batches) // HOLDOUT_EVERY) if len(batches) >= 2 else 0
+    targets: list[torch.Tensor] = []
+    # The trailing held-out batches also count into a held-out Gram, for solvers that choose a
+    # setting out of sample.
+    n_held = heldout[0]
     state = {"batch": 0}
 
     def collect(_m, a):
         acc.add(a[0], heldout=state["batch"] >= len(batches) - n_held)
 
+    def flat(t):
+        return t.detach().reshape(-1, t.shape[-1])
+
     hooks = [down.register_forward_pre_hook(collect)]
     if solver.needs_inputs:
-        hooks.append(first_in.register_forward_pre_hook(lambda _m, a: inputs.append(a[0])))
+        # the MLP inputs and the dense layer's output on them, the recovery's data and target
+        hooks.append(first_in.register_forward_pre_hook(
+            lambda _m, a: inputs.append(flat(a[0]))))
+        hooks.append(down.register_forward_hook(lambda _m, _a, out: targets.append(flat(out))))
     try:
         for j, (hidden, args, kwargs) in enumerate(batches):
             state["batch"] = j
@@ -242,13 +264,13 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
         b_down=down.bias.to(f64) if down.bias is not None else None,
         b_in=first_in.bias.to(f64) if first_in.bias is not None else None,
         linear_key=adapter.linear_key,
+        act=adapter.activation(layer),
     )
     if solver.needs_inputs:
-        a = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])  # (p, d)
-        problem.inputs = a.to(f64)
-        g = adapter.gate_act(layer, a)
-        problem.gate_act = g.to(f64) if g is not None else None
-        del inputs
+        problem.inputs = torch.cat(inputs)  # (p, d)
+        problem.targets = torch.cat(targets)  # (p, m)
+        problem.heldout_tokens = heldout[1] if n_held else 0
+        del inputs, targets
     decision = solver.solve(problem, k)
     del problem
     t2 = time.perf_counter()

@@ -10,6 +10,7 @@ comparison between methods compares the methods and nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -22,10 +23,13 @@ class LayerProblem:
     """One MLP layer: out = W_down X + b_down, with X (n x tokens) its intermediate activations.
 
     `w_in` holds the input projections as rows per channel, e.g. {"gate": (n, d), "up": (n, d)}
-    for gated MLPs or {"fc1": (n, d)} for OPT; `b_in` the input bias per channel (OPT's fc1).
-    `inputs` and `gate_act` are only filled for solvers with `needs_inputs`: the MLP inputs
-    (tokens, d) and, for gated MLPs, the fixed gate activations act(gate(a)) (tokens, n), so
-    that X = gate_act * (inputs @ w_in[linear_key].T).
+    for gated MLPs or {"fc1": (n, d)} for OPT; `b_in` the input bias per channel (OPT's fc1);
+    `act` the nonlinearity, so that X = act(a gate^T) * (a up^T) (gated: `linear_key` names
+    the entry that enters linearly) or X = act(a fc1^T + b_in).
+    `inputs` and `targets` are only filled for solvers with `needs_inputs`: the MLP inputs a
+    (tokens, d) and the dense layer's output on them (tokens, m), in the activations' dtype;
+    their last `heldout_tokens` rows are the held-out calibration windows (the same windows as
+    `stats.gram_heldout`), which no fit may use.
     """
 
     w_down: torch.Tensor  # (m, n)
@@ -34,8 +38,10 @@ class LayerProblem:
     b_down: torch.Tensor | None = None  # (m,)
     b_in: torch.Tensor | None = None  # (n,)
     inputs: torch.Tensor | None = None  # (p, d)
-    gate_act: torch.Tensor | None = None  # (p, n)
+    targets: torch.Tensor | None = None  # (p, m)
     linear_key: str | None = None  # the entry of w_in that enters X linearly, if any
+    act: Callable[[torch.Tensor], torch.Tensor] | None = None
+    heldout_tokens: int = 0  # trailing rows of inputs/targets from held-out windows
 
     @property
     def n(self) -> int:

@@ -10,9 +10,10 @@ aggregation over a channel's weights in FASP's metric could not be checked again
 code from here; this is the "Wanda-style score" that SPAP_METHOD.md names, and the same score as
 our wanda-sp baseline, so fasp and wanda-sp differ only by the refit.
 
-Restoration: W_K = W0 H[:, K] H[K, K]^-1 with the damped Gram matrix (SPAP_METHOD.md
-section 2), i.e. least squares of the kept activations against the dense output Y = W0 X; with
-damp = 0 it is plain least squares.
+Restoration: the shared refit (`refit.RefitOptions`). As published, `refit=exact`:
+W_K = W0 H[:, K] H[K, K]^-1 with the damped Gram matrix (SPAP_METHOD.md section 2), i.e. least
+squares of the kept activations against the dense output Y = W0 X; `refit=ridge` shrinks it
+toward the dense weights with a strength chosen on held-out windows.
 """
 
 from __future__ import annotations
@@ -23,19 +24,17 @@ from typing import ClassVar
 import torch
 
 from .base import Decision, LayerProblem, top_k_keep
-from .refit import damp, refit_down, relative_error, scatter_columns
+from .refit import RefitOptions, relative_error, scatter_columns
 from .wanda_sp import wanda_sp_scores
 
 
 @dataclass
-class FaspSolver:
-    """Wanda-style choice, exact least-squares refit of the kept down-projection columns."""
+class FaspSolver(RefitOptions):
+    """Wanda-style choice, the shared refit of the kept down-projection columns."""
 
     name: ClassVar[str] = "fasp"
     needs_gram: ClassVar[bool] = True
     needs_inputs: ClassVar[bool] = False
-
-    damp: float = 0.01  # H + damp * mean(diag H) * I for the refit
 
     def solve(self, problem: LayerProblem, n_keep: int) -> Decision:
         if problem.stats.gram is None:
@@ -45,7 +44,6 @@ class FaspSolver:
         keep = top_k_keep(wanda_sp_scores(w0, problem.stats.norm), n_keep)
         if n_keep == n:  # nothing removed: the dense weights are already the best fit
             return Decision(keep=keep, w_down=w0, info={"rel_error": 0.0})
-        gram = problem.stats.gram.to(w0)  # (n, n)
-        w = refit_down(w0, damp(gram, self.damp), keep)  # (m, k)
-        info = {"rel_error": relative_error(w0, scatter_columns(w, keep, n), gram)}
+        w, info = self.refit_kept(w0, problem.stats, keep)  # (m, k)
+        info["rel_error"] = relative_error(w0, scatter_columns(w, keep, n), problem.stats.gram)
         return Decision(keep=keep, w_down=w, info=info)

@@ -14,8 +14,10 @@ and the compensation and the inverse of H restricted to the remaining columns ar
 ZipLM removes the column with the smallest dE_i, updates, and repeats. Each dE_i is the exact
 increase of the best-refit error `refit.mask_error` (section 2 of SPAP_METHOD.md), so this is
 the greedy algorithm for that objective, and after the last step W equals the exact refit
-`refit_down(W0, H, keep)` up to round-off. We return the exact refit (computed afresh rather
-than accumulated over thousands of updates) and report the gap to the OBS weights in `info`.
+`refit_down(W0, H, keep)` up to round-off. We return the shared refit (`refit.RefitOptions`:
+by default, as published, the exact refit, computed afresh rather than accumulated over
+thousands of updates; `refit=ridge` for the refit toward the dense weights with a held-out
+strength) and report the gap between the OBS weights and the exact refit in `info`.
 
 Why the bookkeeping: done literally, every step is two rank-1 updates of an (n x n) and an
 (m x n) matrix, which are memory-bound: about two minutes for n = 4864 at 50% on two CPU cores.
@@ -43,7 +45,14 @@ from typing import ClassVar
 import torch
 
 from .base import Decision, LayerProblem
-from .refit import damp, refit_down, relative_error, scatter_columns, spd_inverse
+from .refit import (
+    RefitOptions,
+    damp,
+    refit_down,
+    relative_error,
+    scatter_columns,
+    spd_inverse,
+)
 
 
 def greedy_obs(
@@ -136,14 +145,14 @@ def greedy_obs(
 
 
 @dataclass
-class ObsSolver:
-    """Greedy structured OBS choice, then the exact least-squares refit of the down projection."""
+class ObsSolver(RefitOptions):
+    """Greedy structured OBS choice, then the shared refit of the down projection (exact least
+    squares by default, as published)."""
 
     name: ClassVar[str] = "obs"
     needs_gram: ClassVar[bool] = True
     needs_inputs: ClassVar[bool] = False
 
-    damp: float = 0.01  # H + damp * mean(diag H) * I
     block: int = 1  # columns removed per OBS step; 1 = exact greedy
     buffer: int = 128  # OBS steps between applications of the pending updates (speed only)
     # dtype of the greedy search and the refit (float64 weights are returned); float32 chose
@@ -153,6 +162,7 @@ class ObsSolver:
     def solve(self, problem: LayerProblem, n_keep: int) -> Decision:
         if problem.stats.gram is None:
             raise ValueError("the obs solver needs the Gram matrix (stats.gram is None)")
+        self.check_refit()
         if self.solve_dtype not in ("float32", "float64"):
             raise ValueError(f"solve_dtype must be float32 or float64, got {self.solve_dtype!r}")
         w64 = problem.w_down.to(torch.float64)
@@ -163,12 +173,14 @@ class ObsSolver:
         w0 = w64.to(getattr(torch, self.solve_dtype))  # (m, n)
         h = damp(problem.stats.gram.to(w0), self.damp)  # (n, n)
         _, keep, w_obs = greedy_obs(w0, spd_inverse(h), n - n_keep, self.block, self.buffer)
-        w = refit_down(w0, h, keep)  # (m, k)
-        scale = float(w.abs().max()) if w.numel() else 0.0
-        gap = float((w_obs - w).abs().max()) / scale if scale > 0 else 0.0
+        w_exact = refit_down(w0, h, keep)  # (m, k)
+        scale = float(w_exact.abs().max()) if w_exact.numel() else 0.0
+        gap = float((w_obs - w_exact).abs().max()) / scale if scale > 0 else 0.0
+        w, info = (w_exact, {"refit": "exact"}) if self.refit == "exact" else \
+            self.refit_kept(w0, problem.stats, keep, h)
         w = w.to(torch.float64)
-        info = {
-            "rel_error": relative_error(w64, scatter_columns(w, keep, n), problem.stats.gram),
-            "obs_refit_gap": gap,
-        }
+        info.update(
+            rel_error=relative_error(w64, scatter_columns(w, keep, n), problem.stats.gram),
+            obs_refit_gap=gap,
+        )
         return Decision(keep=keep, w_down=w, info=info)

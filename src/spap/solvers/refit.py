@@ -6,11 +6,27 @@ P pruned channel sets, Hinv = H^-1.
 - best weights for a fixed mask:  W_P = 0,  W_K = W0 H[:, K] H[K, K]^-1
 - error of that mask:             1/2 tr( W0[:, P] (Hinv[P, P])^-1 W0[:, P]^T )
 - error of any W:                 1/2 tr( (W - W0) H (W - W0)^T )
+
+`RefitOptions` is the one least-squares refit of the kept down projection that every method
+which refits (obs, fasp, spap) shares, as the option `refit`:
+- `exact`: damped least squares, W_K = W0 H[:, K] (H[K, K] + damp * mean(diag H) I)^-1;
+- `ridge`: least squares shrunk toward the dense weights (`refit_toward_dense`), its strength
+  chosen per layer on the held-out calibration windows (`heldout_errors_toward_dense`: fit on
+  the other windows, scored on the held-out ones), then refit on all windows.
+So a comparison gives every method the same refit, and `obs:refit=ridge` is the baseline at
+full strength.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
+
+log = logging.getLogger(__name__)
+
+REFITS = ("exact", "ridge")
 
 
 def damp(h: torch.Tensor, delta: float) -> torch.Tensor:
@@ -98,3 +114,109 @@ def refit_toward_dense(
     eye = torch.eye(keep.numel(), dtype=h.dtype, device=h.device)
     rhs = h[keep] @ w0.T + mu * w0[:, keep].T  # (k, m)
     return spd_solve(h_kk + mu * eye, rhs).T  # (m, k)
+
+
+def heldout_errors_toward_dense(w0, h_fit, h_val, keep, grid, search="walk"):
+    """Relative errors on the held-out Gram h_val of refit_toward_dense(w0, h_fit, keep, lam),
+    i.e. relative_error(w0, W_lam, h_val), for lam in `grid`: {lam: error}.
+
+    search="all" evaluates every grid point. search="walk" (default) starts at the middle of
+    the sorted grid and walks downhill to a local minimum, evaluating 3 to 4 points on a
+    typical layer: the held-out error is U-shaped in lam (overfit at small lam, the unchanged
+    dense weights at large lam), so the local minimum is the grid's minimum.
+
+    Shared work is done once: the right-hand side H_fit[K, :] W0^T, and the parts of
+    tr(dW Hv dW^T) that do not depend on lam. With dW = [W_K - W0_K | -W0_P],
+
+        tr(dW Hv dW^T) = tr(D Hv_KK D^T) - 2 tr(D Hv_KP W0_P^T) + tr(W0_P Hv_PP W0_P^T),
+
+    D = W_K - W0_K, so each lam costs one k x k solve and one (m, k) x (k, k) product.
+    """
+    n = w0.shape[1]
+    pruned = complement(keep, n)
+    w_k, w_p = w0[:, keep], w0[:, pruned]  # (m, k), (m, |P|)
+    hf_kk = h_fit[keep][:, keep]  # (k, k)
+    rhs0 = h_fit[keep] @ w0.T  # (k, m)
+    hv_k = h_val[keep]  # (k, n)
+    hv_kk = hv_k[:, keep]  # (k, k)
+    cross = hv_k[:, pruned] @ w_p.T  # (k, m) = Hv_KP W0_P^T
+    const = float(((h_val[pruned][:, pruned] @ w_p.T) * w_p.T).sum())
+    # tr(W0 Hv W0^T) from the blocks already formed: K rows of Hv, and Hv_PP
+    denom = float(((hv_kk @ w_k.T + 2 * cross) * w_k.T).sum()) + const
+    mean_diag = float(torch.diagonal(hf_kk).mean())
+    eye = torch.eye(keep.numel(), dtype=w0.dtype, device=w0.device)
+
+    def error(lam):
+        mu = lam * mean_diag
+        w_new = spd_solve(hf_kk + mu * eye, rhs0 + mu * w_k.T).T  # (m, k)
+        dk = w_new - w_k
+        num = float(((dk @ hv_kk) * dk).sum()) - 2 * float((dk * cross.T).sum()) + const
+        return max(num, 0.0) / denom if denom > 0 else 0.0
+
+    grid = sorted(set(grid))
+    if search == "all" or len(grid) < 3:
+        return {lam: error(lam) for lam in grid}
+    if search != "walk":
+        raise ValueError(f"unknown ridge search '{search}'; use walk or all")
+    out = {}
+
+    def at(i):
+        if grid[i] not in out:
+            out[grid[i]] = error(grid[i])
+        return out[grid[i]]
+
+    i = len(grid) // 2
+    while True:
+        here = at(i)
+        left = at(i - 1) if i > 0 else float("inf")
+        right = at(i + 1) if i + 1 < len(grid) else float("inf")
+        if here <= left and here <= right:
+            return out
+        i = i - 1 if left < right else i + 1
+
+
+@dataclass
+class RefitOptions:
+    """The shared refit, as dataclass fields every refitting solver inherits (so they are its
+    options, recorded in every report). Subclasses may change the defaults."""
+
+    refit: str = "exact"  # "exact" (damped least squares) or "ridge" (toward dense, held out)
+    damp: float = 0.01  # delta in H + delta * mean(diag H) * I (exact refit and decisions)
+    # ridge strengths (relative to mean diag H_KK) tried on the held-out windows
+    ridge_grid: str = "0.003,0.01,0.03,0.1,0.3,1,3,10"
+    ridge_search: str = "walk"  # "walk": downhill from the grid's middle; "all": every point
+    # used, with a warning, when the calibration has a single window (nothing to hold out)
+    ridge_fallback: float = 0.1
+
+    def check_refit(self) -> None:
+        if self.refit not in REFITS:
+            raise ValueError(f"unknown refit '{self.refit}'; use {' or '.join(REFITS)}")
+
+    def refit_kept(self, w0: torch.Tensor, stats, keep: torch.Tensor,
+                   h_damped: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The kept down projection (m, k) in w0's dtype, and what was chosen (for `info`).
+
+        `stats` is the layer's ActStats (gram and gram_heldout); `h_damped`, when the caller
+        has already formed the damped Gram in w0's dtype, saves forming it again."""
+        self.check_refit()
+        h = stats.gram.to(w0.dtype)
+        if self.refit == "exact":
+            hd = h_damped if h_damped is not None else damp(h, self.damp)
+            return refit_down(w0, hd, keep), {"refit": "exact"}
+        grid = [float(x) for x in str(self.ridge_grid).split(",") if x.strip()]
+        if not grid:
+            raise ValueError("refit=ridge needs a non-empty ridge_grid")
+        if stats.gram_heldout is None:
+            lam = self.ridge_fallback
+            log.warning("a single calibration window: nothing to hold out, so the ridge of "
+                        "the refit is not chosen on data (ridge_fallback=%g); use "
+                        "--nsamples 2 or more", lam)
+            return refit_toward_dense(w0, h, keep, lam), {
+                "refit": "ridge", "ridge": lam, "ridge_chosen_on": "none (one window)"}
+        h_val = stats.gram_heldout.to(w0.dtype)
+        errs = heldout_errors_toward_dense(w0, h - h_val, h_val, keep, grid, self.ridge_search)
+        lam = min(errs, key=errs.get)
+        return refit_toward_dense(w0, h, keep, lam), {
+            "refit": "ridge", "ridge": lam, "ridge_chosen_on": "held-out windows",
+            "ridge_heldout_rel_error": {str(k): v for k, v in errs.items()},
+        }

@@ -15,25 +15,26 @@ over {s in [0,1]^n, 1^T s = lambda}, while rho grows geometrically. Two s-steps 
   well the *other* columns compensate for column i, which lets the mask move; measured on real
   layers it reaches greedy OBS's error.
 - "soft": s_i = min(1, tau / c_i) with tau set so that sum(s) = lambda.
-The penalty method is run from one or more starts (the greedy OBS mask by default; also
-uniform s and the OBS and Wanda score masks) and the mask with the lowest exact error
-(refit.mask_error) among every binary iterate and the binary starts themselves is kept, so
-the decision is never worse than its starts with the same refit. On small layers
-(n <= swap_max_n) an exact 1- and 2-exchange search polishes it. With a binary s the W-step
-needs no new n x n inverse: Woodbury's identity on H^-1 gives it in O(n |P| (|P| + m))
-(`penalized_step`).
+What the default does, plainly: `iters=0`, so the decision is the greedy OBS mask (blocks
+of 16 columns, `obs.greedy_obs`). Measured on SmolLM2 and Qwen2.5-Coder layers, penalty
+iterations run from that start never changed a mask, and from a uniform start they reach
+masks within 0.01% of its error at twice the cost (BENCHMARKS.md); they are opt-in
+(`iters=4`, `starts=uniform`, ...). With iterations, the penalty method runs from each start
+and the mask with the lowest exact error (refit.mask_error) among every binary iterate and
+the binary starts is kept. On small layers (n <= swap_max_n) an exact 1- and 2-exchange search
+polishes it. With a binary s the W-step needs no new n x n inverse: Woodbury's identity on
+H^-1 gives it in O(n |P| (|P| + m)) (`penalized_step`).
 
-The refit of the kept down projection is shrunk toward the dense weights, with the strength
-chosen per layer on held-out calibration windows (`heldout_errors_toward_dense`); decision
-and refit run in `solve_dtype` (float32 by default) and return float64 weights.
+Refit: the shared one (`refit.RefitOptions`), by default `refit=ridge`: least squares shrunk
+toward the dense weights, the strength chosen per layer on the held-out calibration windows.
+Decision and refit run in `solve_dtype` (float32 by default) and return float64 weights.
 
-Update (section 4). The kept down projection gets the refit above. Then, optionally
-(`recovery_rounds`), for gated MLPs X = act(gate(a)) * up(a) is linear in the up projection
-for fixed gate activations, so (W_up, W_down) are refit alternately to the dense layer's
-output: the up-step by conjugate gradient on its normal equations regularized toward the
-dense rows, the down-step by the same refit toward the dense weights (same ridge). A
-slice of the calibration windows is held out, and the number of rounds (0..recovery_rounds)
-with the lowest held-out error is kept, so recovery cannot overfit the layer.
+Update (section 4), SPAP's own step: `recovery` (`recovery.recover`) re-fits the kept input
+projections (gate and up, or fc1) and the down projection to the dense layer's output by
+alternating minimization: Adam steps on the input projections, then the down projection's
+closed-form refit toward the dense weights, per epoch; the number of epochs (up to
+`recovery_epochs`, 0 allowed) is chosen on the held-out calibration windows, so recovery never
+ends with a higher held-out error than the refit.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ import torch
 
 from .base import Decision, LayerProblem, top_k_keep
 from .obs import greedy_obs
+from .recovery import MODES, recover
 from .refit import (
+    RefitOptions,
     complement,
     damp,
     mask_error,
-    refit_down,
     refit_toward_dense,
     spd_inverse,
     spd_solve,
@@ -58,50 +60,46 @@ from .refit import (
 
 
 @dataclass
-class SpapSolver:
+class SpapSolver(RefitOptions):
     name: ClassVar[str] = "spap"
     needs_gram: ClassVar[bool] = True
 
-    damp: float = 0.01  # delta in H + delta * mean(diag H) * I
+    refit: str = "ridge"  # the shared refit (refit.RefitOptions); "exact" for damped lstsq
     weights: str = "obs"  # d_i: "obs" = 1 / Hinv_ii (OBS curvature), "diag" = H_ii
     s_step: str = "loo"  # "loo" (leave-one-out costs, LP step), "lp" (the paper's), "soft"
     rho0: float = 0.05  # initial rho, relative to d (so scale-free)
     rho_growth: float = 4.0
-    # penalty iterations (rho reaches rho0 * growth^(iters-1)); from the greedy start, more
-    # iterations did not lower the exact error on the measured Qwen and SmolLM2 layers
-    iters: int = 2
+    # penalty iterations (rho reaches rho0 * growth^(iters-1)). 0 (default): the decision is
+    # the greedy OBS start itself; from that start, iterations never changed a mask on the
+    # measured Qwen and SmolLM2 layers, so they are opt-in
+    iters: int = 0
     # comma-separated starting points of s (uniform, obs score, wanda score, greedy OBS mask);
     # the penalty method runs from each and the lowest exact error wins
-    # (a uniform start found masks within 0.01% of the greedy start's on SmolLM2 layers at
-    # twice the cost, so the default runs from the greedy OBS mask alone)
     starts: str = "greedy"
     # columns per greedy OBS step for the greedy start (1 = exact greedy). 16 raised the exact
     # error of a real Qwen layer's mask by 0.03% and cut the solve 7x on an H200, where
     # exact greedy is ~1500 small kernel launches per layer (bench/results/gpu-check-*.json)
     greedy_block: int = 16
-    # refit shrunk toward the dense weights, strength (relative to mean diag H_KK) chosen per
-    # layer on held-out windows from this grid; "" = the exact refit with damping `damp`
-    ridge_grid: str = "0.003,0.01,0.03,0.1,0.3,1,3,10"
-    ridge_search: str = "walk"  # "walk": downhill from the grid's middle; "all": every point
-    ridge_fallback: float = 0.1  # used when there are too few windows to hold some out
     swap_max_n: int = 32  # exact exchange search (1- and 2-swaps) only on layers this small
-    # alternating (up, down) rounds; 0 = decision + refit only. Off by default: on SmolLM2
-    # layers with 16k calibration tokens it raised the held-out error (see BENCHMARKS.md)
-    recovery_rounds: int = 0
-    holdout: float = 0.125  # fraction of calibration tokens held out to choose the rounds
-    ridge: float = 1e-3  # relative ridge in the recovery solves
-    cg_iters: int = 15  # conjugate-gradient iterations per up-step
-    refit_all: bool = True  # rerun the chosen rounds on all tokens (else keep the fit-only)
-    recovery_dtype: str = "float32"  # the recovery's products
+    # recovery (recovery.py): "alternating" (Adam on the input projections, closed-form down
+    # projection, per epoch), "joint" (Adam on all), or "none" (decision + refit only)
+    recovery: str = "alternating"
+    recovery_epochs: int = 3  # at most this many epochs; the count is chosen on held-out windows
+    recovery_lr: float = 0.02  # Adam's rate relative to each weight's RMS
+    recovery_batch: int = 1024  # tokens per Adam step
     # dtype of the decision and the refit: float32 halves the time on a CPU and is the native
     # speed on a GPU; on real Qwen and SmolLM2 layers it chose the same masks as float64
     solve_dtype: str = "float32"
 
     @property
     def needs_inputs(self) -> bool:
-        return self.recovery_rounds > 0
+        return self.recovery != "none" and self.recovery_epochs > 0
 
     def solve(self, problem: LayerProblem, n_keep: int) -> Decision:
+        self.check_refit()
+        if self.recovery not in (*MODES, "none"):
+            raise ValueError(f"unknown recovery '{self.recovery}'; use "
+                             f"{', '.join(MODES)} or none")
         n = problem.n
         if n_keep >= n:
             return Decision(torch.arange(n, device=problem.w_down.device),
@@ -111,34 +109,49 @@ class SpapSolver:
         h = damp(problem.stats.gram.to(dt), self.damp)  # (n, n)
         hinv = spd_inverse(h)
         keep, info = self.decide(w0, h, hinv, problem, n_keep)
-        w_k, lam_info = self.refit(w0, problem, h, keep)
-        info.update(lam_info)
+        w_k, refit_info = self.refit_kept(w0, problem.stats, keep, h)
+        info.update(refit_info)
         decision = Decision(keep, w_k.to(problem.w_down.dtype), info=info)
-        if self.recovery_rounds > 0 and problem.inputs is not None and problem.linear_key:
-            self.recover(problem, decision)
+        if self.needs_inputs and problem.inputs is not None and problem.targets is not None:
+            self.recover(problem, decision, dt)
         return decision
 
-    # ---- refit --------------------------------------------------------------------------
-    def refit(self, w0, problem, h_damped, keep):
-        """The kept down projection: exact least squares (section 2), or, with a ridge grid,
-        least squares shrunk toward the dense weights with the strength chosen per layer on
-        the held-out calibration windows (fit on the others, scored on them, refit on all)."""
-        grid = [float(x) for x in str(self.ridge_grid).split(",") if x.strip()]
-        if not grid:
-            return refit_down(w0, h_damped, keep), {}
-        h = problem.stats.gram.to(w0.dtype)
-        h_val = problem.stats.gram_heldout
-        if h_val is None:
-            lam = self.ridge_fallback
-            return refit_toward_dense(w0, h, keep, lam), {"ridge": lam, "ridge_chosen_on": "none"}
-        h_val = h_val.to(w0.dtype)
-        errs = heldout_errors_toward_dense(w0, h - h_val, h_val, keep, grid,
-                                           self.ridge_search)
-        lam = min(errs, key=errs.get)
-        return refit_toward_dense(w0, h, keep, lam), {
-            "ridge": lam,
-            "ridge_heldout_rel_error": {str(k): v for k, v in errs.items()},
-        }
+    # ---- recovery -----------------------------------------------------------------------
+    def recover(self, problem: LayerProblem, decision: Decision, dt: torch.dtype) -> None:
+        """Recovery from the refit, the number of epochs chosen on the held-out windows.
+        Updates `decision` in place.
+
+        The comparison is fair: the start (epoch 0) is the same refit fit on the fit windows
+        only, so every candidate is scored on windows it never saw. When no epoch beats it, the
+        all-window refit of the decision is kept."""
+        n_val = problem.heldout_tokens
+        stats = problem.stats
+        if n_val < 1 or n_val >= problem.inputs.shape[0] or stats.gram_heldout is None:
+            decision.info["recovery_epochs"] = 0
+            decision.info["recovery_skipped"] = "no held-out windows"
+            return
+        keep = decision.keep
+        w0 = problem.w_down.to(dt)
+        lam = decision.info.get("ridge")
+        h_fit = (stats.gram - stats.gram_heldout).to(dt)
+        w_start = (refit_toward_dense(w0, h_fit, keep, lam) if lam is not None
+                   else refit_toward_dense(w0, damp(h_fit, self.damp), keep, 0.0))
+        dev = problem.w_down.device
+        res = recover(
+            problem.inputs, problem.targets,
+            {k: v[keep] for k, v in problem.w_in.items()}, w_start, problem.act,
+            problem.linear_key, n_val,
+            b_in=problem.b_in[keep] if problem.b_in is not None else None,
+            b_down=problem.b_down, w_down_dense=w0[:, keep], ridge=lam,
+            epochs=self.recovery_epochs, lr=self.recovery_lr, batch=self.recovery_batch,
+            mode=self.recovery, device=dev,
+        )
+        decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout)
+        if res.epochs == 0:
+            return
+        f64 = problem.w_down.dtype
+        decision.w_down = res.w_down.to(f64)
+        decision.w_in = {k: v.to(f64) for k, v in res.w_in.items()}
 
     # ---- decision -----------------------------------------------------------------------
     def decide(self, w0, h, hinv, problem, n_keep):
@@ -177,6 +190,9 @@ class SpapSolver:
                     err = mask_error(w0, hinv, pruned)
                 if best is None or err < best[0]:
                     best = (err, pruned, start, swaps)
+        if best is None:
+            raise ValueError(f"starts '{self.starts}' are not masks and iters=0 runs no "
+                             "penalty iterations; set iters >= 1 or use starts=greedy")
         err, pruned, start, swaps = best
         keep = complement(pruned, n)
         # 1/2 ||W0 X - W X||^2 of the exact refit (absolute; relative errors of the final
@@ -210,71 +226,6 @@ class SpapSolver:
             if best is None or err < best[0]:
                 best = (err, pruned)
         return best[1]
-
-    # ---- recovery -----------------------------------------------------------------------
-    def recover(self, problem: LayerProblem, decision: Decision) -> None:
-        """Alternating least squares of (up, down) to the dense output, the number of rounds
-        chosen on held-out tokens. Updates `decision` in place.
-
-        The comparison is fair: every candidate, round 0 (the plain refit) included, is fit on
-        the same fit tokens and scored on the held-out ones. The chosen number of rounds is
-        then rerun on all tokens (`refit_all`), starting from the all-token refit.
-        """
-        keep = decision.keep
-        dt = getattr(torch, self.recovery_dtype)
-        a = problem.inputs.to(dt)  # (p, d)
-        g = problem.gate_act[:, keep].to(dt)  # (p, k) gate activations of kept channels
-        up = problem.w_in[problem.linear_key]
-        w0 = problem.w_down
-        y = ((problem.gate_act * (problem.inputs @ up.T)) @ w0.T).to(dt)  # (p, m) dense
-        u0 = up[keep].to(dt)  # (k, d)
-        p = a.shape[0]
-        n_val = int(round(p * self.holdout))
-        if n_val < 1 or p - n_val < 1:
-            return
-        # Held-out tokens are the last ones: whole calibration windows, not random tokens.
-        fit, val = slice(0, p - n_val), slice(p - n_val, p)
-        y_val_sq = float((y[val] * y[val]).sum())
-
-        def val_err(u_, w_):
-            r = (g[val] * (a[val] @ u_.T)) @ w_.T - y[val]
-            return float((r * r).sum()) / y_val_sq
-
-        # The down-steps use the refit the decision chose: shrunk toward the dense weights with
-        # the held-out ridge (`decision.info["ridge"]`), else the exact damped refit.
-        lam = decision.info.get("ridge")
-        w0_k = w0[:, keep].to(dt)
-
-        def down(x, y_):
-            if lam is None:
-                return _down_step(x, y_, self.damp)
-            return _down_step_toward(x, y_, w0_k, lam)
-
-        def rounds(sl, u, w, count):
-            """`count` alternating rounds on tokens `sl`; the (u, w) after each."""
-            out = []
-            for _ in range(count):
-                u = _up_step(a[sl], g[sl], w, y[sl], u, self.ridge, self.cg_iters)
-                w = down(g[sl] * (a[sl] @ u.T), y[sl])
-                out.append((u, w))
-            return out
-
-        w_fit = down(g[fit] * (a[fit] @ u0.T), y[fit])  # round 0, fit only
-        errs = [val_err(u0, w_fit)]
-        fit_only = [(u0, w_fit)]
-        for u, w in rounds(fit, u0, w_fit, self.recovery_rounds):
-            errs.append(val_err(u, w))
-            fit_only.append((u, w))
-        best = min(range(len(errs)), key=errs.__getitem__)
-        decision.info.update(recovery_rounds=best, heldout_rel_error=errs)
-        if best == 0:
-            return  # keep the exact all-token refit of the decision
-        if self.refit_all:
-            u, w = rounds(slice(0, p), u0, decision.w_down.to(dt), best)[-1]
-        else:
-            u, w = fit_only[best]
-        decision.w_down = w.to(w0.dtype)
-        decision.w_in = {problem.linear_key: u.to(w0.dtype)}
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -311,65 +262,6 @@ def penalized_step(h, hinv, w0, pen, need_diag=True, hw0=None):
         b = spd_inverse(h_rho)  # (n, n)
         return (b @ rhs).T, torch.diagonal(b)
     return spd_solve(h_rho, rhs).T, None
-
-
-def heldout_errors_toward_dense(w0, h_fit, h_val, keep, grid, search="walk"):
-    """Relative errors on the held-out Gram h_val of refit_toward_dense(w0, h_fit, keep, lam),
-    i.e. relative_error(w0, W_lam, h_val), for lam in `grid`: {lam: error}.
-
-    search="all" evaluates every grid point. search="walk" (default) starts at the middle of
-    the sorted grid and walks downhill to a local minimum, evaluating 3 to 4 points on a
-    typical layer: the held-out error is U-shaped in lam (overfit at small lam, the unchanged
-    dense weights at large lam), so the local minimum is the grid's minimum.
-
-    Shared work is done once: the right-hand side H_fit[K, :] W0^T, and the parts of
-    tr(dW Hv dW^T) that do not depend on lam. With dW = [W_K - W0_K | -W0_P],
-
-        tr(dW Hv dW^T) = tr(D Hv_KK D^T) - 2 tr(D Hv_KP W0_P^T) + tr(W0_P Hv_PP W0_P^T),
-
-    D = W_K - W0_K, so each lam costs one k x k solve and one (m, k) x (k, k) product.
-    """
-    n = w0.shape[1]
-    pruned = complement(keep, n)
-    w_k, w_p = w0[:, keep], w0[:, pruned]  # (m, k), (m, |P|)
-    hf_kk = h_fit[keep][:, keep]  # (k, k)
-    rhs0 = h_fit[keep] @ w0.T  # (k, m)
-    hv_k = h_val[keep]  # (k, n)
-    hv_kk = hv_k[:, keep]  # (k, k)
-    cross = hv_k[:, pruned] @ w_p.T  # (k, m) = Hv_KP W0_P^T
-    const = float(((h_val[pruned][:, pruned] @ w_p.T) * w_p.T).sum())
-    # tr(W0 Hv W0^T) from the blocks already formed: K rows of Hv, and Hv_PP
-    denom = float(((hv_kk @ w_k.T + 2 * cross) * w_k.T).sum()) + const
-    mean_diag = float(torch.diagonal(hf_kk).mean())
-    eye = torch.eye(keep.numel(), dtype=w0.dtype, device=w0.device)
-
-    def error(lam):
-        mu = lam * mean_diag
-        w_new = spd_solve(hf_kk + mu * eye, rhs0 + mu * w_k.T).T  # (m, k)
-        dk = w_new - w_k
-        num = float(((dk @ hv_kk) * dk).sum()) - 2 * float((dk * cross.T).sum()) + const
-        return max(num, 0.0) / denom if denom > 0 else 0.0
-
-    grid = sorted(set(grid))
-    if search == "all" or len(grid) < 3:
-        return {lam: error(lam) for lam in grid}
-    if search != "walk":
-        raise ValueError(f"unknown ridge search '{search}'; use walk or all")
-    out = {}
-
-    def at(i):
-        if grid[i] not in out:
-            out[grid[i]] = error(grid[i])
-        return out[grid[i]]
-
-    i = len(grid) // 2
-    while True:
-        here = at(i)
-        left = at(i - 1) if i > 0 else float("inf")
-        right = at(i + 1) if i + 1 < len(grid) else float("inf")
-        if here <= left and here <= right:
-            return out
-        i = i - 1 if left < right else i + 1
 
 
 def _smallest_indicator(score: torch.Tensor, lam: int) -> torch.Tensor:
@@ -426,56 +318,6 @@ def _swap_search(w0, hinv, pruned, max_passes: int = 50, depth: int = 2):
         if not improved:
             break
     return pruned, err, swaps
-
-
-def _up_step(a, g, w, y, u0, ridge, iters):
-    """min_U ||(g * (a U^T)) W^T - y||^2 + ridge' ||U - U0||^2 by conjugate gradient from U0.
-
-    The operator is M(U) = (g * ((g * (a U^T)) W^T W))^T a; the ridge is relative to the
-    operator's scale so the same setting works for every layer.
-    """
-    wtw = w.T @ w  # (k, k)
-
-    def op(u):
-        z = g * (a @ u.T)  # (p, k)
-        return (g * (z @ wtw)).T @ a  # (k, d)
-
-    b = (g * (y @ w)).T @ a  # (k, d)
-    scale = float((g * g).mean() * (a * a).sum(0).mean() * torch.diagonal(wtw).mean())
-    lam = ridge * max(scale, 1e-300)
-    # Regularize toward u0: solve (M + lam) U = b + lam u0.
-    rhs = b + lam * u0
-    x = u0.clone()
-    r = rhs - (op(x) + lam * x)
-    pdir = r.clone()
-    rr = float((r * r).sum())
-    for _ in range(iters):
-        ap = op(pdir) + lam * pdir
-        alpha = rr / max(float((pdir * ap).sum()), 1e-300)
-        x = x + alpha * pdir
-        r = r - alpha * ap
-        rr_new = float((r * r).sum())
-        if rr_new < 1e-20 * float((rhs * rhs).sum()):
-            break
-        pdir = r + (rr_new / rr) * pdir
-        rr = rr_new
-    return x
-
-
-def _down_step_toward(x, y, w0_k, lam):
-    """min_W ||x W^T - y||^2 + mu ||W - W0_K||^2, mu = lam * mean(diag x^T x): the refit
-    toward the dense weights (refit.refit_toward_dense) on explicit activations."""
-    gram = x.T @ x  # (k, k)
-    mu = lam * float(torch.diagonal(gram).mean())
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return spd_solve(gram + mu * eye, x.T @ y + mu * w0_k.T).T  # (m, k)
-
-
-def _down_step(x, y, ridge):
-    """min_W ||x W^T - y||^2 (+ relative ridge): exact least squares for the down projection."""
-    gram = x.T @ x  # (k, k)
-    gram = damp(gram, ridge)
-    return spd_solve(gram, x.T @ y).T  # (m, k)
 
 
 __all__ = ["SpapSolver", "top_k_keep"]

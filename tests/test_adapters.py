@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,13 @@ def _moe_config():
                           moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
 
 
+def _mixtral_config():
+    from transformers import MixtralConfig
+
+    return MixtralConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=96, num_local_experts=4)
+
+
 def _per_layer_list_config():
     from transformers import AutoConfig
 
@@ -275,18 +283,25 @@ def _unknown_config():
 
 @pytest.mark.parametrize("make,needle", [
     (_moe_config, "mixture-of-experts"),
+    (_mixtral_config, "mixture-of-experts model (num_experts=4)"),
     (_per_layer_list_config, "different MLP width per layer"),
     (_per_layer_override_config, "different MLP width per layer"),
     (_multimodal_config, "multimodal model_type 'qwen2_vl'"),
     (_unknown_config, "model_type 'gpt2' is not supported; supported: apertus, arcee,"),
-], ids=["moe", "per-layer-list", "per-layer-override", "multimodal", "unknown"])
+], ids=["moe", "mixtral", "per-layer-list", "per-layer-override", "multimodal", "unknown"])
 def test_refused_with_one_line_and_no_folder(make, needle, tmp_path, capsys):
     d = tmp_path / "model"
     make().save_pretrained(d)  # the family is checked from config.json, before any weights
     out = tmp_path / "out"
     _refused(["prune", d, "--sparsity", "0.3", "--out", out], capsys, out, needle)
-    with pytest.raises(SpapError, match=needle.split(";")[0]):
+    with pytest.raises(SpapError, match=re.escape(needle)):
         get_adapter(make())
+
+
+def test_dense_config_with_a_single_expert_field_is_accepted():
+    from transformers import LlamaConfig
+
+    assert get_adapter(LlamaConfig(num_experts=1)).model_type == "llama"
 
 
 # ---- the README --------------------------------------------------------------------------

@@ -14,18 +14,20 @@ from .layout import Family, FamilyAdapter
 
 SUPPORTED: tuple[str, ...] = tuple(sorted({*FAMILIES, *WRAPPERS}))
 
-# Config fields that only mixture-of-experts configs carry (expert counts, router top-k).
-_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
-             "num_experts_per_tok", "moe_intermediate_size")
+# Expert counts of mixture-of-experts configs. Only a count above one refuses a config: some
+# dense checkpoints carry the field with value 1 (MoE families whose default is one expert
+# have "moe" in their model_type).
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _WIDTH_KEYS = tuple(sorted({f.width_key for f in FAMILIES.values()}))
 
 
 def _refuse_unprunable(config, model_type) -> None:
     """SpapError if `config` (a model's config or its text_config) is MoE or has per-layer
     MLP widths."""
-    moe = [k for k in _MOE_KEYS if getattr(config, k, None) is not None]
+    moe = [k for k in _EXPERT_KEYS if isinstance(getattr(config, k, None), int)
+           and getattr(config, k) > 1]
     if moe or "moe" in str(getattr(config, "model_type", "")):
-        why = f" (config has {moe[0]})" if moe else ""
+        why = f" ({moe[0]}={getattr(config, moe[0])})" if moe else ""
         raise SpapError(
             f"model_type '{model_type}' is a mixture-of-experts model{why}; spap prunes the "
             "channels of one dense MLP per layer, so MoE models are not supported"

@@ -63,7 +63,7 @@ class Family:
         """The MLP as a short expression of the module names (for the README)."""
         name = {k: getattr(self, k).rsplit(".", 1)[-1] for k in ("up", "down")}
         if self.fused:
-            return f"`{name['down']}(act(g) * u)`, `g, u = {name['up']}(x)`"
+            return f"`{name['down']}(act(g) * u)`, `g, u = {name['up']}(x).chunk(2)`"
         if self.gate is not None:
             gate = self.gate.rsplit(".", 1)[-1]
             return f"`{name['down']}(act({gate}(x)) * {name['up']}(x))`"
@@ -125,12 +125,13 @@ class FamilyAdapter(MLPAdapter):
         return weights, biases
 
     def write_in(self, layer, weights, biases):
+        if self.family.fused:  # gate rows first, then up rows, as chunk(2) reads them
+            rows = {"gate_up": (torch.cat([weights["gate"], weights["up"]]),  # (2k, d)
+                                torch.cat([biases["gate"], biases["up"]]) if biases else None)}
+        else:
+            rows = {role: (w, biases.get(role)) for role, w in weights.items()}
         for role, lin in self.in_linears(layer).items():
-            if self.family.fused:  # gate rows first, then up rows, as chunk(2) reads them
-                w = torch.cat([weights["gate"], weights["up"]])  # (2k, d)
-                b = torch.cat([biases["gate"], biases["up"]]) if biases else None
-            else:
-                w, b = weights[role], biases.get(role)
+            w, b = rows[role]
             if lin.bias is not None and b is None:
                 raise ValueError(f"{self.model_type}: the {role} projection needs its bias")
             set_linear(lin, w, b)

@@ -1,9 +1,11 @@
 """Tiny random models built from the real configurations of every supported family.
 
 The shapes keep each family's distinguishing features (OPT's biases and ReLU, LLaMA's grouped
-query attention, Qwen2's q/k/v biases, Mistral's sliding window) at a size that runs in
-milliseconds. A byte-level tokenizer (256 symbols, no merges) lets the CLI run end to end
-without any downloaded tokenizer.
+query attention, Qwen2's q/k/v biases, Mistral's sliding window, Phi-3's fused gate_up_proj,
+Falcon's multi-query attention, ...) at a size that runs in milliseconds. `FAMILIES` are the
+four the pipeline tests run every method on; `ALL_FAMILIES` is every supported model_type
+(test_adapters.py runs the adapter contract on each). A byte-level tokenizer (256 symbols, no
+merges) lets the CLI run end to end without any downloaded tokenizer.
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ def widths_consistent(model, adapter) -> dict[str, Any]:
     shapes = set()
     for layer in adapter.layers(model):
         shapes.add(adapter.out_linear(layer).in_features)
-        shapes.update(lin.out_features for lin in adapter.in_linears(layer).values())
+        shapes.update(w.shape[0] for w in adapter.in_weights(layer).values())  # fused-safe
     return {"config_width": width, "weight_widths": sorted(shapes), "ok": shapes == {width}}
 
 

@@ -71,7 +71,7 @@ def test_unsupported_architecture(tmp_path, capsys):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(d)
     out = tmp_path / "o"
     _bad(["prune", d, "--sparsity", "0.3", "--out", out], capsys, out,
-         "supported: llama, mistral, opt, qwen2")
+         "is not supported; supported: apertus, arcee,")
 
 
 @pytest.mark.parametrize("s", ["1.0", "-0.1", "1.5", "nan"])

@@ -141,7 +141,7 @@ def prune(
     if layer_limit is None or layer_limit >= len(adapter.layers(model)):
         if len(widths) != 1:  # a uniform ratio gives one width; stock configs need it
             raise RuntimeError(f"layers ended with different widths {sorted(widths)}")
-        setattr(model.config, adapter.width_key, widths.pop())
+        adapter.set_width(model.config, widths.pop())
     t2 = time.perf_counter()
     params_after = count_params(model)
     removed = sum(r.width_before - r.kept for r in records)
@@ -160,7 +160,7 @@ def prune(
             "model_type": model.config.model_type,
             "width_key": adapter.width_key,
             "width_before": width_before,
-            "width_after": getattr(model.config, adapter.width_key),
+            "width_after": adapter.width(model.config),
             "layers": len(adapter.layers(model)),
             "layers_pruned": len(records),
             "dtype": str(model.dtype).replace("torch.", ""),

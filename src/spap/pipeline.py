@@ -257,12 +257,14 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
 
     # solve
     f64 = torch.float64
+    w_in, b_in = adapter.channel_rows(ins)  # per role ("gate", "up"), fused or not
+    b_first = b_in.get(next(iter(w_in)))
     problem = LayerProblem(
         w_down=down.weight.to(f64),
-        w_in={name: lin.weight.to(f64) for name, lin in ins.items()},
+        w_in={role: w.to(f64) for role, w in w_in.items()},
         stats=acc.result(),
         b_down=down.bias.to(f64) if down.bias is not None else None,
-        b_in=first_in.bias.to(f64) if first_in.bias is not None else None,
+        b_in=b_first.to(f64) if b_first is not None else None,
         linear_key=adapter.linear_key,
         act=adapter.activation(layer),
     )

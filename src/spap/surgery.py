@@ -8,31 +8,16 @@ import copy
 import torch
 from torch import nn
 
-from .models.base import MLPAdapter
+from .models.base import MLPAdapter, set_linear
 from .solvers.base import Decision
-
-
-def _set_weight(lin: nn.Linear, w: torch.Tensor, b: torch.Tensor | None) -> None:
-    ref = lin.weight
-    lin.weight = nn.Parameter(w.to(ref.device, ref.dtype).contiguous(), requires_grad=False)
-    if b is not None:
-        lin.bias = nn.Parameter(b.to(ref.device, ref.dtype).contiguous(), requires_grad=False)
-    lin.out_features, lin.in_features = lin.weight.shape
 
 
 @torch.no_grad()
 def apply_decision(adapter: MLPAdapter, layer: nn.Module, decision: Decision) -> None:
     """Replace the layer's MLP weights with the decision's: rows `keep` of every input
     projection (or the solver's refit rows), and the solver's new down projection."""
-    keep = decision.keep.to(torch.long)
-    for name, lin in adapter.in_linears(layer).items():
-        idx = keep.to(lin.weight.device)
-        w = decision.w_in[name] if decision.w_in and name in decision.w_in else lin.weight[idx]
-        b = lin.bias[idx] if lin.bias is not None else None
-        _set_weight(lin, w, b)
-    down = adapter.out_linear(layer)
-    b_down = decision.b_down
-    _set_weight(down, decision.w_down, b_down)
+    adapter.set_in_weights(layer, decision.keep, decision.w_in)
+    set_linear(adapter.out_linear(layer), decision.w_down, decision.b_down)
 
 
 @torch.no_grad()
@@ -58,10 +43,15 @@ def masked_dense(dense: nn.Module, pruned: nn.Module, adapter: MLPAdapter,
     for keep_list, lref, lcut in zip(keeps, adapter.layers(ref), adapter.layers(pruned)):
         dref, dcut = adapter.out_linear(lref), adapter.out_linear(lcut)
         keep = torch.tensor(keep_list, device=dref.weight.device)
-        for a, b in zip(adapter.in_linears(lref).values(), adapter.in_linears(lcut).values()):
-            a.weight[keep] = b.weight
-            if a.bias is not None:
-                a.bias[keep] = b.bias
+        w_ref, b_ref = adapter.channel_rows(adapter.in_linears(lref))
+        w_cut, b_cut = adapter.channel_rows(adapter.in_linears(lcut))
+        w_new = {role: w.clone() for role, w in w_ref.items()}  # (n, d) each
+        b_new = {role: b.clone() for role, b in b_ref.items()}
+        for role in w_new:
+            w_new[role][keep] = w_cut[role]
+            if role in b_new:
+                b_new[role][keep] = b_cut[role]
+        adapter.write_in(lref, w_new, b_new)
         dref.weight.copy_(scatter_columns(dcut.weight, keep, dref.in_features))
         if dcut.bias is not None:
             dref.bias = nn.Parameter(dcut.bias.clone())
@@ -75,14 +65,17 @@ def add_missing_biases(model: nn.Module, adapter: MLPAdapter) -> None:
     layers = adapter.layers(model)
     if all(adapter.out_linear(layer).bias is None for layer in layers):
         return
+    mlp = [lin for layer in layers
+           for lin in [*adapter.in_linears(layer).values(), adapter.out_linear(layer)]]
+    if all(lin.bias is not None for lin in mlp):  # the family's MLPs carry biases already
+        return
     flag = adapter.out_bias_attr(model.config)
     if flag is None:  # the solver should have been refused earlier; guard anyway
         raise ValueError(f"{model.config.model_type} cannot store a down-projection bias")
-    setattr(model.config, flag, True)
-    for layer in layers:
-        for lin in [*adapter.in_linears(layer).values(), adapter.out_linear(layer)]:
-            if lin.bias is None:
-                w = lin.weight
-                lin.bias = nn.Parameter(
-                    torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False
-                )
+    setattr(adapter.text_config(model.config), flag, True)
+    for lin in mlp:
+        if lin.bias is None:
+            w = lin.weight
+            lin.bias = nn.Parameter(
+                torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False
+            )

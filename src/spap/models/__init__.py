@@ -1,26 +1,95 @@
-"""Model-family adapters, looked up by `config.model_type`."""
+"""Model-family adapters, looked up by `config.model_type` in the table of families.py.
+
+`get_adapter` also refuses, with the reason, what channel pruning cannot handle: mixture-of-
+experts models (no single MLP per layer) and configs whose MLP width differs per layer (a
+stock config holds one width, and the modeling code builds every layer from it).
+"""
 
 from __future__ import annotations
 
 from ..errors import SpapError
 from .base import MLPAdapter
-from .llama import GatedMLPAdapter
-from .opt import OPTAdapter
+from .families import FAMILIES, WRAPPERS
+from .layout import Family, FamilyAdapter
 
-_ADAPTERS: dict[str, type[MLPAdapter]] = {
-    t: cls for cls in (OPTAdapter, GatedMLPAdapter) for t in cls.model_types
-}
+SUPPORTED: tuple[str, ...] = tuple(sorted({*FAMILIES, *WRAPPERS}))
 
-SUPPORTED: tuple[str, ...] = tuple(sorted(_ADAPTERS))
+# Expert counts of mixture-of-experts configs. Only a count above one refuses a config: some
+# dense checkpoints carry the field with value 1 (MoE families whose default is one expert
+# have "moe" in their model_type).
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+_WIDTH_KEYS = tuple(sorted({f.width_key for f in FAMILIES.values()}))
+
+
+def _refuse_unprunable(config, model_type) -> None:
+    """SpapError if `config` (a model's config or its text_config) is MoE or has per-layer
+    MLP widths."""
+    moe = [k for k in _EXPERT_KEYS if isinstance(getattr(config, k, None), int)
+           and getattr(config, k) > 1]
+    if moe or "moe" in str(getattr(config, "model_type", "")):
+        why = f" ({moe[0]}={getattr(config, moe[0])})" if moe else ""
+        raise SpapError(
+            f"model_type '{model_type}' is a mixture-of-experts model{why}; spap prunes the "
+            "channels of one dense MLP per layer, so MoE models are not supported"
+        )
+    per_layer = getattr(config, "per_layer_attributes", None) or set()
+    for key in _WIDTH_KEYS:
+        if key in per_layer or isinstance(getattr(config, key, None), (list, tuple)):
+            raise SpapError(
+                f"model_type '{model_type}' has a different MLP width per layer ({key}); "
+                "spap needs one width for all layers, as stock configs store it"
+            )
 
 
 def get_adapter(config) -> MLPAdapter:
+    """The adapter of `config`'s family; SpapError naming the reason if it is not supported."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in _ADAPTERS:
+    text = getattr(config, "text_config", None)
+    for c in (config,) if text is None else (config, text):
+        _refuse_unprunable(c, model_type)
+    if model_type in FAMILIES:
+        return FamilyAdapter(model_type, FAMILIES[model_type])
+    text_type = getattr(text, "model_type", None)
+    if model_type in WRAPPERS and text_type in FAMILIES:
+        return FamilyAdapter(model_type, FAMILIES[text_type], WRAPPERS[model_type])
+    if text is not None:
         raise SpapError(
-            f"model_type '{model_type}' is not supported; supported: {', '.join(SUPPORTED)}"
+            f"multimodal model_type '{model_type}' (language model '{text_type}') is not "
+            "supported: spap prunes a multimodal checkpoint only where stock "
+            "AutoModelForCausalLM loads it and its language model is a supported family "
+            f"({', '.join(sorted(WRAPPERS))}); supported: {', '.join(SUPPORTED)}"
         )
-    return _ADAPTERS[model_type]()
+    raise SpapError(
+        f"model_type '{model_type}' is not supported; supported: {', '.join(SUPPORTED)}"
+    )
 
 
-__all__ = ["MLPAdapter", "SUPPORTED", "get_adapter"]
+def markdown() -> str:
+    """The README's "Supported families" paragraph, generated from the table."""
+    rows: dict[tuple[str, str], list[str]] = {}
+    for model_type, fam in sorted(FAMILIES.items()):
+        rows.setdefault((fam.formula(), fam.width_key), []).append(model_type)
+    ordered = sorted(rows.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    lines = [
+        "Supported families (by `config.model_type`; generated from "
+        "`src/spap/models/families.py` by `python -m spap.models --markdown`):",
+        "",
+        "| MLP | width | `model_type` |",
+        "|---|---|---|",
+    ]
+    for (formula, key), types in ordered:
+        lines.append(f"| {formula} | `{key}` | {', '.join(f'`{t}`' for t in types)} |")
+    wrapped = ", ".join(f"`{w}`" for w in sorted(WRAPPERS))
+    lines += [
+        "",
+        f"Multimodal: {wrapped}, whose checkpoints stock `AutoModelForCausalLM` loads; the "
+        "language model's MLPs are pruned, the vision tower and projector are left as they are. "
+        "Other multimodal wrappers (Qwen2-VL, LLaVA, Mistral-3: stock `AutoModelForCausalLM` "
+        "does not load them, so a pruned copy could not be reloaded), mixture-of-experts models "
+        "and configs with a different MLP width per layer are refused with a one-line error.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["FAMILIES", "SUPPORTED", "WRAPPERS", "Family", "MLPAdapter", "get_adapter",
+           "markdown"]

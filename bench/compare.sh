@@ -8,22 +8,36 @@
 # Every baseline that refits also runs with the shared ridge refit (`refit=ridge`), so each
 # margin is stated against the strongest variant in the same run. On a GPU, drop the size
 # flags to get the literature's 128 x 2048 calibration and full 2048-token evaluation.
+#
+# The methods run in two passes of the same protocol (same tokens, checked by
+# bench/merge_compare.py): first the ones that decide the margin (spap and obs in both
+# refits, wanda-sp as the time reference), then the weaker baselines (EXTRA_METHODS), so an
+# interrupted run on 2 cores still has the comparison that matters.
 #   usage: bench/compare.sh [smollm2-135m|qwen2.5-coder-0.5b ...]
+#   SAVE_MODELS=DIR also saves every pruned model (for bench/zeroshot.py)
 # Set OMP_NUM_THREADS=1 to run two models side by side on two cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPAP=${SPAP:-.venv/bin/spap}
 MODELS=${*:-smollm2-135m qwen2.5-coder-0.5b}
-METHODS=${COMPARE_METHODS:-spap,obs-ridge=obs:refit=ridge,obs,wanda-sp,fasp-ridge=fasp:refit=ridge,flap}
+METHODS=${COMPARE_METHODS:-spap,obs-ridge=obs:refit=ridge,obs,wanda-sp}
+EXTRA=${EXTRA_METHODS-fasp-ridge=fasp:refit=ridge,flap}
 for m in $MODELS; do
   case $m in
     smollm2-135m) SIZES="--nsamples 64 --seqlen 512 --eval-seqlen 512 --eval-windows 32 --probe-windows 8" ;;
     qwen2.5-coder-0.5b) SIZES="--nsamples 16 --seqlen 512 --eval-seqlen 512 --eval-windows 16 --probe-windows 4" ;;
     *) SIZES="" ;;
   esac
-  $SPAP compare "$m" --methods "$METHODS" \
-    --sparsities "${SPARSITIES:-0.3,0.5}" $SIZES --device cpu \
-    ${SAVE_MODELS:+--save-models "$SAVE_MODELS/$m"} \
-    --json "bench/results/compare-$m.json" --plot "bench/results/compare-$m.png"
+  out=bench/results/compare-$m
+  for pass in main extra; do
+    list=$METHODS; json=$out.json
+    if [ $pass = extra ]; then list=$EXTRA; json=$out-extra.json; fi
+    [ -n "$list" ] || continue
+    $SPAP compare "$m" --methods "$list" \
+      --sparsities "${SPARSITIES:-0.5,0.3}" $SIZES --device cpu \
+      ${SAVE_MODELS:+--save-models "$SAVE_MODELS/$m"} --json "$json"
+    if [ $pass = extra ]; then .venv/bin/python bench/merge_compare.py "$out.json" "$json"; fi
+  done
+  .venv/bin/python -c "import json, spap.compare as c; c.plot(json.load(open('$out.json')), '$out.png')"
 done
 .venv/bin/python bench/report.py || true

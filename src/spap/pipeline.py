@@ -163,6 +163,9 @@ def prune_layers(
         probes = (capture_layer0_inputs(model, layers[0], probe, device, batch_size)
                   if probe is not None else None)
         layers[0].to(home)
+        # the dense model's own hidden states, for solvers whose target is the dense model's
+        # MLP output (rather than the dense MLP on the pruned model's inputs)
+        dense = list(batches) if getattr(solver, "needs_dense_stream", False) else None
         records = []
         todo = len(layers) if layer_limit is None else min(layer_limit, len(layers))
         bar = range(todo)
@@ -173,7 +176,7 @@ def prune_layers(
         for i in bar:
             layer = layers[i].to(device)
             rec, batches, probes = _prune_one(adapter, layer, i, batches, solver, sparsity,
-                                              round_to, probes, heldout)
+                                              round_to, probes, heldout, dense)
             layers[i].to(home)
             records.append(rec)
             log.info(
@@ -203,17 +206,29 @@ def _ratio(err: torch.Tensor) -> float:
 
 
 def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probes=None,
-               heldout=(0, 0)):
+               heldout=(0, 0), dense=None):
     """Prune one layer; returns its record and the next layer's calibration and probe inputs
     (probes stay None when none were given). Probes run only after the cut, so calibration
     results are bit-identical with or without them. `heldout` = (number of trailing batches
-    that are held-out windows, their token count)."""
+    that are held-out windows, their token count). `dense`, when given, holds the dense
+    model's inputs of this layer (same batches) and is advanced in place to the next layer's;
+    the dense MLP's outputs on it are then the solver's targets."""
     ins = adapter.in_linears(layer)
     first_in = next(iter(ins.values()))
     down = adapter.out_linear(layer)
     n = down.in_features
     k = n_keep_for(n, sparsity, round_to)
     t0 = time.perf_counter()
+    dense_targets = None
+    if dense is not None:  # the dense layer on the dense model's inputs, before any cut
+        dense_targets = []
+        hook = adapter.out_linear(layer).register_forward_hook(
+            lambda _m, _a, out: dense_targets.append(out.detach().reshape(-1, out.shape[-1])
+                                                     .clone()))
+        try:
+            dense[:] = _propagate(layer, dense)
+        finally:
+            hook.remove()
     if k == n:  # nothing to prune: the layer must stay bit-identical
         new = _propagate(layer, batches)
         secs = {"collect": 0.0, "solve": 0.0, "replay": time.perf_counter() - t0}
@@ -245,7 +260,9 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
         # the MLP inputs and the dense layer's output on them, the recovery's data and target
         hooks.append(first_in.register_forward_pre_hook(
             lambda _m, a: inputs.append(flat(a[0]))))
-        hooks.append(down.register_forward_hook(lambda _m, _a, out: targets.append(flat(out))))
+        # (cloned: some families, e.g. falcon, add into the down projection's output in place)
+        hooks.append(down.register_forward_hook(
+            lambda _m, _a, out: targets.append(flat(out).clone())))
     try:
         for j, (hidden, args, kwargs) in enumerate(batches):
             state["batch"] = j
@@ -258,21 +275,21 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     # solve
     f64 = torch.float64
     w_in, b_in = adapter.channel_rows(ins)  # per role ("gate", "up"), fused or not
-    b_first = b_in.get(next(iter(w_in)))
     problem = LayerProblem(
         w_down=down.weight.to(f64),
         w_in={role: w.to(f64) for role, w in w_in.items()},
         stats=acc.result(),
         b_down=down.bias.to(f64) if down.bias is not None else None,
-        b_in=b_first.to(f64) if b_first is not None else None,
+        b_in={role: b.to(f64) for role, b in b_in.items()},
         linear_key=adapter.linear_key,
         act=adapter.activation(layer),
     )
     if solver.needs_inputs:
         problem.inputs = torch.cat(inputs)  # (p, d)
-        problem.targets = torch.cat(targets)  # (p, m)
+        # (p, m): the dense MLP on these inputs, or the dense model's own MLP output
+        problem.targets = torch.cat(dense_targets if dense_targets is not None else targets)
         problem.heldout_tokens = heldout[1] if n_held else 0
-        del inputs, targets
+        del inputs, targets, dense_targets
     decision = solver.solve(problem, k)
     del problem
     t2 = time.perf_counter()

@@ -22,10 +22,11 @@ from ..stats import ActStats
 class LayerProblem:
     """One MLP layer: out = W_down X + b_down, with X (n x tokens) its intermediate activations.
 
-    `w_in` holds the input projections as rows per channel, e.g. {"gate": (n, d), "up": (n, d)}
-    for gated MLPs or {"fc1": (n, d)} for OPT; `b_in` the input bias per channel (OPT's fc1);
-    `act` the nonlinearity, so that X = act(a gate^T) * (a up^T) (gated: `linear_key` names
-    the entry that enters linearly) or X = act(a fc1^T + b_in).
+    `w_in` holds the input projections as rows per channel, by role: {"gate": (n, d), "up":
+    (n, d)} for gated MLPs, {"up": (n, d)} for the others (OPT's fc1, ...); `b_in` their
+    per-channel biases, for the roles that have one; `act` the nonlinearity, so that
+    X = act(a gate^T + b_gate) * (a up^T + b_up) (gated: `linear_key` names the entry that
+    enters linearly) or X = act(a up^T + b_up).
     `inputs` and `targets` are only filled for solvers with `needs_inputs`: the MLP inputs a
     (tokens, d) and the dense layer's output on them (tokens, m), in the activations' dtype;
     their last `heldout_tokens` rows are the held-out calibration windows (the same windows as
@@ -36,7 +37,7 @@ class LayerProblem:
     w_in: dict[str, torch.Tensor]  # name -> (n, d)
     stats: ActStats
     b_down: torch.Tensor | None = None  # (m,)
-    b_in: torch.Tensor | None = None  # (n,)
+    b_in: dict[str, torch.Tensor] = field(default_factory=dict)  # role -> (n,)
     inputs: torch.Tensor | None = None  # (p, d)
     targets: torch.Tensor | None = None  # (p, m)
     linear_key: str | None = None  # the entry of w_in that enters X linearly, if any

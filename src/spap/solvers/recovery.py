@@ -49,22 +49,29 @@ class RecoveryResult:
 
 
 def mlp_forward(a: torch.Tensor, w_in: dict[str, torch.Tensor], w_down: torch.Tensor,
-                act: Callable, linear_key: str | None, b_in: torch.Tensor | None = None,
+                act: Callable, linear_key: str | None,
+                b_in: dict[str, torch.Tensor] | None = None,
                 b_down: torch.Tensor | None = None) -> torch.Tensor:
     """The MLP from plain tensors: (p, d) -> (p, m). Gated when `linear_key` names the entry
-    that enters linearly (the other entry is the gate); else the single entry is fc1."""
+    that enters linearly (the other entry is the gate); else the single entry is the input
+    projection (fc1). `b_in` holds per-channel biases of the entries that have one."""
     return down_input(a, w_in, act, linear_key, b_in) @ w_down.T + (
         b_down if b_down is not None else 0)
 
 
 def down_input(a, w_in, act, linear_key, b_in=None):
     """X^T, the down projection's input (p, k)."""
+    b_in = b_in or {}
+
+    def proj(key):
+        z = a @ w_in[key].T
+        return z + b_in[key] if key in b_in else z
+
     if linear_key is not None:
         gate_key = next(k for k in w_in if k != linear_key)
-        return act(a @ w_in[gate_key].T) * (a @ w_in[linear_key].T)
-    (w,) = w_in.values()
-    z = a @ w.T
-    return act(z + b_in if b_in is not None else z)
+        return act(proj(gate_key)) * proj(linear_key)
+    (key,) = w_in
+    return act(proj(key))
 
 
 def recover(
@@ -76,7 +83,7 @@ def recover(
     linear_key: str | None,
     n_val: int,
     *,
-    b_in: torch.Tensor | None = None,
+    b_in: dict[str, torch.Tensor] | None = None,
     b_down: torch.Tensor | None = None,
     w_down_dense: torch.Tensor | None = None,
     ridge: float | None = None,
@@ -102,7 +109,7 @@ def recover(
         raise ValueError(f"recovery needs fit and held-out tokens, got {n_fit} and {n_val}")
     params = {k: v.detach().to(device, f32).clone() for k, v in w_in.items()}
     params["__down"] = w_down.detach().to(device, f32).clone()
-    b_in_ = b_in.to(device, f32) if b_in is not None else None
+    b_in_ = {k: v.to(device, f32) for k, v in (b_in or {}).items()}
     b_down_ = b_down.to(device, f32) if b_down is not None else None
     w_dense = w_down_dense.to(device, f32) if w_down_dense is not None else None
 

@@ -87,6 +87,10 @@ class SpapSolver(RefitOptions):
     recovery_epochs: int = 3  # at most this many epochs; the count is chosen on held-out windows
     recovery_lr: float = 0.02  # Adam's rate relative to each weight's RMS
     recovery_batch: int = 1024  # tokens per Adam step
+    # what the recovered MLP reproduces: "layer", the dense MLP on the pruned model's inputs;
+    # "model", the dense model's own MLP output at this layer (so the layer also corrects the
+    # drift of its inputs; the pipeline then carries the dense model's hidden states too)
+    recovery_target: str = "layer"
     # dtype of the decision and the refit: float32 halves the time on a CPU and is the native
     # speed on a GPU; on real Qwen and SmolLM2 layers it chose the same masks as float64
     solve_dtype: str = "float32"
@@ -95,8 +99,15 @@ class SpapSolver(RefitOptions):
     def needs_inputs(self) -> bool:
         return self.recovery != "none" and self.recovery_epochs > 0
 
+    @property
+    def needs_dense_stream(self) -> bool:
+        return self.needs_inputs and self.recovery_target == "model"
+
     def solve(self, problem: LayerProblem, n_keep: int) -> Decision:
         self.check_refit()
+        if self.recovery_target not in ("layer", "model"):
+            raise ValueError(f"unknown recovery_target '{self.recovery_target}'; use layer or "
+                             "model")
         if self.recovery not in (*MODES, "none"):
             raise ValueError(f"unknown recovery '{self.recovery}'; use "
                              f"{', '.join(MODES)} or none")
@@ -141,7 +152,7 @@ class SpapSolver(RefitOptions):
             problem.inputs, problem.targets,
             {k: v[keep] for k, v in problem.w_in.items()}, w_start, problem.act,
             problem.linear_key, n_val,
-            b_in=problem.b_in[keep] if problem.b_in is not None else None,
+            b_in={k: v[keep] for k, v in problem.b_in.items()},
             b_down=problem.b_down, w_down_dense=w0[:, keep], ridge=lam,
             epochs=self.recovery_epochs, lr=self.recovery_lr, batch=self.recovery_batch,
             mode=self.recovery, device=dev,

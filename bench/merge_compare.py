@@ -1,0 +1,35 @@
+"""Merge the records of a second `spap compare` JSON into the first, refusing files whose
+protocols differ (other calibration or evaluation tokens, other model): a table may only put
+side by side runs that saw the same tokens.
+    usage: bench/merge_compare.py MAIN.json EXTRA.json  (MAIN is rewritten; EXTRA removed)"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def same_protocol(a: dict, b: dict) -> bool:
+    pa, pb = a["protocol"], b["protocol"]
+    keys = [("calibration", "token_hash"), ("eval", "token_hash"), ("probe", "token_hash")]
+    return a["model"] == b["model"] and a["dense_ppl"] == b["dense_ppl"] and all(
+        (pa.get(x) or {}).get(y) == (pb.get(x) or {}).get(y) for x, y in keys)
+
+
+def main(main_path: str, extra_path: str) -> int:
+    a, b = json.loads(Path(main_path).read_text()), json.loads(Path(extra_path).read_text())
+    if not same_protocol(a, b):
+        print(f"{extra_path}: another protocol than {main_path}; not merged", file=sys.stderr)
+        return 2
+    have = {(r["method"], r["sparsity"]) for r in a["records"]}
+    a["records"] += [r for r in b["records"] if (r["method"], r["sparsity"]) not in have]
+    a["variants"] += [v for v in b["variants"] if v["name"] not in {x["name"] for x in a["variants"]}]
+    a["sparsities"] = sorted(set(a["sparsities"]) | set(b["sparsities"]))
+    Path(main_path).write_text(json.dumps(a, indent=2, allow_nan=False))
+    Path(extra_path).unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:3]))

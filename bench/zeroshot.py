@@ -1,11 +1,20 @@
-"""Zero-shot accuracy of the dense model and of SPAP and the two strongest baselines, pruned at
-the given sparsities with identical calibration tokens; writes bench/results/zeroshot-<model>.json.
+"""Zero-shot accuracy of the dense model and of pruned models, with lm-eval's standard errors;
+writes bench/results/zeroshot-<model>.json.
 
-    .venv/bin/python bench/zeroshot.py smollm2-135m --limit 50 --sparsities 0.3,0.5 \
-        --methods spap,obs,fasp --nsamples 16 --seqlen 512
+Either score the very models `spap compare --save-models DIR` saved (same calibration tokens
+as the compare table; the default of bench/compare.sh is SAVE_MODELS=DIR):
 
-Models are pruned in memory (as in spap compare) and each is scored with spap's lm-eval bridge
-(spap.eval.harness.zero_shot) on the offline task data.
+    .venv/bin/python bench/zeroshot.py smollm2-135m --saved /tmp/models/smollm2-135m \
+        --models spap-0.3,obs-ridge-0.3 --tasks piqa,arc_easy,hellaswag,winogrande,boolq \
+        --limit 500
+
+or prune in memory here (as spap compare does), with identical calibration tokens:
+
+    .venv/bin/python bench/zeroshot.py smollm2-135m --limit 500 --sparsities 0.3 \
+        --methods spap,obs --nsamples 64 --seqlen 512
+
+Each is scored with spap's lm-eval bridge (spap.eval.harness.zero_shot) on the offline task
+data.
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--option", action="append", default=[], help="method:key=value")
+    ap.add_argument("--saved", default=None,
+                    help="folder of models saved by spap compare --save-models")
+    ap.add_argument("--models", default=None,
+                    help="with --saved: comma-separated subfolder names (e.g. spap-0.3)")
     args = ap.parse_args()
 
     out = Path(__file__).parent / "results" / f"zeroshot-{args.model}.json"
@@ -64,6 +77,21 @@ def main() -> None:
               flush=True)
 
     record("dense", dense, {})
+    if args.saved:
+        for name in args.models.split(","):
+            folder = Path(args.saved) / name
+            model, _, _ = spap.load_model(str(folder))
+            rep = json.loads((folder / "spap.json").read_text())
+            if rep["calibration"].get("token_hash") != result.get("calibration_saved",
+                                                                  rep["calibration"]
+                                                                  .get("token_hash")):
+                raise SystemExit(f"{folder}: other calibration tokens than the models before")
+            result["calibration_saved"] = rep["calibration"].get("token_hash")
+            record(name, model, {"method": rep["method"], "options": rep["options"],
+                                 "sparsity": rep["sparsity_requested"],
+                                 "params_removed_frac": rep["params_removed_frac"],
+                                 "folder": str(folder)})
+        return
     for s in [float(x) for x in args.sparsities.split(",")]:
         for m in args.methods.split(","):
             model = copy.deepcopy(dense)

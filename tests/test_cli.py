@@ -82,10 +82,18 @@ def test_bad_sparsity(tiny_dir, tmp_path, capsys, s):
 
 def test_too_little_text(tiny_dir, tmp_path, capsys):
     short = tmp_path / "short.txt"
+    short.write_text("\n".join(f"line {i}" for i in range(10)))  # splits: 9 lines to calib
+    out = tmp_path / "o"
+    _bad(["prune", tiny_dir, "--sparsity", "0.3", "--out", out, "--calib", short,
+          "--nsamples", "8", "--seqlen", "64"], capsys, out, "calibration text has 62 tokens")
+
+
+def test_text_too_short_to_split(tiny_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
     short.write_text("only a few words here")
     out = tmp_path / "o"
     _bad(["prune", tiny_dir, "--sparsity", "0.3", "--out", out, "--calib", short,
-          "--nsamples", "8", "--seqlen", "64"], capsys, out, "calibration text has 21 tokens")
+          "--nsamples", "8", "--seqlen", "64"], capsys, out, "at least 10 are needed")
 
 
 def test_non_empty_out_without_overwrite(tiny_dir, tmp_path, capsys):

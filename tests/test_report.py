@@ -44,8 +44,34 @@ def test_old_record_without_heldout_fields_renders(report):
     text = "\n".join(report.compare_section("no-such-model", d))
     assert "held-out layer error" in text
     assert "| spap | 0.3 | 0.180 | 0.1000 | n/a |" in text
-    goal = [line for line in text.splitlines() if line.startswith("| 0.3 | yes")]
-    assert goal == ["| 0.3 | yes | 2.00 | obs (4.00) | 50.0% | 20/20 (100%, met) | n/a | n/a |"]
+    goal = [line for line in text.splitlines() if line.startswith("| 0.3 | 2.00")]
+    assert goal == ["| 0.3 | 2.00 | obs (4.00) | 0.500 | met | 20/20 (100%, met) | n/a | n/a |"]
+
+
+def test_margin_is_against_the_strongest_baseline_variant(report):
+    """A baseline variant (obs with the ridge refit) counts as a baseline through its
+    base_method, and the margin is stated against whichever variant is strongest."""
+    ridge = _record("obs-ridge", [0.1] * 20)
+    ridge.update(base_method="obs", ppl=20.5, gap=2.5)
+    wanda = _record("wanda-sp", [0.3] * 20)
+    wanda.update(seconds=5.0)
+    d = _result([_record("spap", [0.1] * 20), _record("obs", [0.2] * 20), ridge, wanda])
+    text = "\n".join(report.compare_section("no-such-model", d))
+    row = next(line for line in text.splitlines() if line.startswith("| 0.3 | 2.00"))
+    assert "| obs-ridge (2.50) | 0.800 | not met |" in row and row.endswith("| 2.00x |")
+
+
+def test_zeroshot_section_shows_errors_and_calls_ties(report):
+    def task(acc, se):
+        return {"acc": acc, "acc_stderr": se, "split": "validation"}
+
+    d = {"lm_eval_version": "x", "limit": 500, "models": {
+        "dense": {"tasks": {"piqa": task(0.70, 0.02), "boolq": task(0.60, 0.02)}},
+        "spap-0.3": {"tasks": {"piqa": task(0.66, 0.02), "boolq": task(0.58, 0.02)}},
+        "obs-ridge-0.3": {"tasks": {"piqa": task(0.65, 0.02), "boolq": task(0.58, 0.02)}}}}
+    text = "\n".join(report.zeroshot_section("m", d))
+    assert "0.660 ± 0.020" in text
+    assert "spap-0.3 against obs-ridge-0.3: mean difference +0.005" in text and "a tie" in text
 
 
 def test_heldout_goal_is_evaluated_separately(report):

@@ -24,7 +24,8 @@ def main(main_path: str, extra_path: str) -> int:
         return 2
     have = {(r["method"], r["sparsity"]) for r in a["records"]}
     a["records"] += [r for r in b["records"] if (r["method"], r["sparsity"]) not in have]
-    a["variants"] += [v for v in b["variants"] if v["name"] not in {x["name"] for x in a["variants"]}]
+    names = {x["name"] for x in a["variants"]}
+    a["variants"] += [v for v in b["variants"] if v["name"] not in names]
     a["sparsities"] = sorted(set(a["sparsities"]) | set(b["sparsities"]))
     Path(main_path).write_text(json.dumps(a, indent=2, allow_nan=False))
     Path(extra_path).unlink()

@@ -4,6 +4,8 @@ refitting method shares one refit."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -75,7 +77,7 @@ def test_heldout_share_does_not_depend_on_batch_size():
 
         orig = solver_cls.solve
 
-        def spy(self, problem, k, seen=seen):
+        def spy(self, problem, k, seen=seen, orig=orig):
             seen.append(problem.stats.gram_heldout.clone())
             return orig(self, problem, k)
 
@@ -101,7 +103,7 @@ def test_local_file_splits_like_wikipedia(tmp_path):
     assert sorted(cal_p + test_p) == sorted(paras)
     assert len(test_p) == 3 and "index % 10 == 9" in test.split
     j = tmp_path / "t.jsonl"
-    j.write_text("\n".join('{"text": "%s"}' % p for p in paras))
+    j.write_text("\n".join(json.dumps({"text": p}) for p in paras))
     assert load_text(str(j), "test").text.split("\n\n") == test_p
 
 

@@ -258,3 +258,17 @@ def test_ridge_walk_finds_grid_minimum():
             assert abs(e - full[lam]) < 1e-12
         assert min(walk, key=walk.get) == min(full, key=full.get)
         assert len(walk) <= len(full)
+
+
+def test_default_decision_is_the_greedy_obs_mask():
+    """What the docs say: by default the decision is greedy OBS (blocks of 16) and nothing
+    more; the penalty iterations are opt-in."""
+    from spap.solvers.obs import greedy_obs
+
+    x, w0 = random_layer(64, m=16, p=2000, seed=31)
+    solver = get_solver("spap", recovery="none", solve_dtype="float64")
+    assert solver.iters == 0
+    dec = solver.solve(problem_of(x, w0), 40)
+    h = damp(x.T @ x, solver.damp)
+    _, keep, _ = greedy_obs(w0, spd_inverse(h), 24, block=solver.greedy_block)
+    assert torch.equal(dec.keep, keep)

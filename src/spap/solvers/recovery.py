@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .refit import spd_solve
+from .refit import solve_toward
 
 MODES = ("alternating", "joint")
 
@@ -145,15 +145,11 @@ def recover(
             t = yy - b_down_ if b_down_ is not None else yy
             gram += (x.T @ x).double()
             cross += (x.T @ t).double()
-        mean_diag = float(torch.diagonal(gram).mean())
-        eye = torch.eye(k, dtype=gram.dtype, device=device)
-        if ridge is None or w_dense is None:
-            mu = 0.01 * mean_diag
-            rhs = cross
+        if ridge is None or w_dense is None:  # the exact refit, damped (anchored at zero)
+            anchor, lam = torch.zeros_like(cross.T), 0.01
         else:
-            mu = ridge * mean_diag
-            rhs = cross + mu * w_dense.double().T
-        ps["__down"] = spd_solve(gram + mu * eye, rhs).T.to(f32)  # (m, k)
+            anchor, lam = w_dense.double(), ridge
+        ps["__down"] = solve_toward(gram, cross, anchor, lam).to(f32)  # (m, k)
 
     trainable = [k for k in params if k != "__down" or mode == "joint"]
     scale = {k: float(params[k].pow(2).mean().sqrt()) or 1.0 for k in trainable}

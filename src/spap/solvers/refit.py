@@ -95,6 +95,17 @@ def relative_error(w0: torch.Tensor, w_full: torch.Tensor, h: torch.Tensor) -> f
     return weight_error(w0, w_full, h) / denom if denom > 0 else 0.0
 
 
+def solve_toward(gram_kk: torch.Tensor, cross: torch.Tensor, anchor: torch.Tensor,
+                 lam: float) -> torch.Tensor:
+    """argmin_W 1/2 sum_t ||W x_t - y_t||^2 + mu/2 ||W - anchor||^2, mu = lam * mean(diag G):
+    W = (C^T + mu anchor) (G + mu I)^-1 with G = sum x x^T (k, k), C = sum x y^T (k, m),
+    anchor (m, k). The one ridge solve of the refit toward the dense weights, from the Gram
+    (`refit_toward_dense`) or from explicit activations (the recovery's down step)."""
+    mu = lam * float(torch.diagonal(gram_kk).mean())
+    eye = torch.eye(gram_kk.shape[0], dtype=gram_kk.dtype, device=gram_kk.device)
+    return spd_solve(gram_kk + mu * eye, cross + mu * anchor.T).T  # (m, k)
+
+
 def refit_toward_dense(
     w0: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, lam: float
 ) -> torch.Tensor:
@@ -109,11 +120,7 @@ def refit_toward_dense(
     """
     if keep.numel() == 0:
         return w0.new_zeros(w0.shape[0], 0)
-    h_kk = h[keep][:, keep]  # (k, k)
-    mu = lam * float(torch.diagonal(h_kk).mean())
-    eye = torch.eye(keep.numel(), dtype=h.dtype, device=h.device)
-    rhs = h[keep] @ w0.T + mu * w0[:, keep].T  # (k, m)
-    return spd_solve(h_kk + mu * eye, rhs).T  # (m, k)
+    return solve_toward(h[keep][:, keep], h[keep] @ w0.T, w0[:, keep], lam)  # (m, k)
 
 
 def heldout_errors_toward_dense(w0, h_fit, h_val, keep, grid, search="walk"):

@@ -16,6 +16,14 @@ run at replay, after the cut: they never enter the statistics or the solver, so 
 measured on them is a held-out estimate of each layer's error (the calibration one is
 in-sample, and the solver minimised it).
 Only the current layer sits on the compute device; the rest of the model stays where it is.
+
+Memory: the calibration and probe inputs of the current layer live in an `ActivationStore`, on
+the device or (when they would not fit, or when asked) in host memory, streamed to the device
+a batch at a time; each layer's outputs overwrite its inputs batch by batch, so one copy
+exists at a time. Where each layer's weights come from and go to is a `LayerIO`: by default
+they stay in the model; `spap.lazy` loads them from the checkpoint when their turn comes and
+drops them after, and `spap.checkpoint` writes every finished layer to disk so a killed run
+resumes (the finished layers are then run again, unchanged, to rebuild the next inputs).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .activations import ActivationStore, choose_offload, tensor_bytes
 from .models.base import MLPAdapter
 from .solvers.base import LayerProblem, Solver
 from .stats import StatsAccumulator
@@ -90,10 +99,8 @@ def _tensor_to(obj, device):
     return obj
 
 
-@torch.no_grad()
-def capture_layer0_inputs(model, layer0: nn.Module, calib: torch.Tensor, device, batch_size: int):
-    """Run the model on each calibration batch up to layer 0; return a list of
-    (hidden_states, other positional args, kwargs) per batch."""
+def _capture(model, layer0: nn.Module, ids: torch.Tensor, device, batch_size: int):
+    """Yield (hidden_states, other positional args, kwargs) of layer 0, one batch at a time."""
     captured: list[tuple[torch.Tensor, tuple, dict]] = []
 
     def hook(_mod, args, kwargs):
@@ -104,19 +111,70 @@ def capture_layer0_inputs(model, layer0: nn.Module, calib: torch.Tensor, device,
 
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in calib.split(batch_size):
+        for batch in ids.split(batch_size):
             try:
                 model(batch.to(device), use_cache=False)
             except _Stop:
                 pass
+            yield captured.pop()
     finally:
         handle.remove()
-    return captured
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model, layer0: nn.Module, calib: torch.Tensor, device, batch_size: int):
+    """Run the model on each calibration batch up to layer 0; return a list of
+    (hidden_states, other positional args, kwargs) per batch."""
+    return list(_capture(model, layer0, calib, device, batch_size))
+
+
+@torch.no_grad()
+def capture_stores(model, layer0: nn.Module, calib: torch.Tensor, probe: torch.Tensor | None,
+                   device: torch.device, batch_size: int, offload: str = "auto",
+                   ) -> tuple[ActivationStore, ActivationStore | None]:
+    """Layer 0's inputs for the calibration and probe windows, each in an ActivationStore.
+    Where they live is decided from the first batch's size times the number of tokens
+    (`activations.choose_offload`), before the rest is captured."""
+    batches = _capture(model, layer0, calib, device, batch_size)
+    first = next(batches)
+    tokens = calib.numel() + (probe.numel() if probe is not None else 0)
+    per_token = tensor_bytes(first) / first[0].shape[:-1].numel()
+    offload_now = choose_offload(offload, device, int(per_token * tokens))
+    store = ActivationStore(device, offload_now)
+    store.append(*first)
+    del first
+    for b in batches:
+        store.append(*b)
+    probes = None
+    if probe is not None:
+        probes = ActivationStore(device, offload_now)
+        for b in _capture(model, layer0, probe, device, batch_size):
+            probes.append(*b)
+    return store, probes
 
 
 def _layer_out(out):
     # transformers 5 decoder layers return a tensor; older ones a tuple (hidden, ...).
     return out[0] if isinstance(out, tuple) else out
+
+
+class LayerIO:
+    """Where decoder layer i's weights come from before it is pruned and go to after.
+
+    The default does nothing: the weights are in the model. `load` is called before layer i is
+    moved to the compute device (`finished`: it was pruned by an earlier, interrupted run of
+    the same settings, and must come back pruned); `save` after a layer is pruned and moved
+    back home; `release` last, when the run no longer needs the layer's weights.
+    """
+
+    def load(self, index: int, layer: nn.Module, finished: bool) -> None:
+        pass
+
+    def save(self, index: int, layer: nn.Module, record: LayerRecord) -> None:
+        pass
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        pass
 
 
 @torch.no_grad()
@@ -133,23 +191,42 @@ def prune_layers(
     progress: bool = False,
     layer_limit: int | None = None,
     probe: torch.Tensor | None = None,
+    offload: str = "auto",
+    io: LayerIO | None = None,
+    finished: list[LayerRecord] | None = None,
+    monitor=None,
+    info: dict[str, Any] | None = None,
 ) -> list[LayerRecord]:
     """Prune every decoder layer's MLP in place; returns one record per layer.
 
     `layer_limit` prunes only the first N layers (quick smoke runs); the rest are kept dense.
     `probe` (n_probe, seqlen_probe) token windows are propagated through the pruned layers like
     the calibration batches, but used for nothing except each record's `rel_error_heldout`.
+    `offload` ("auto", "cpu", "device") says where the activations live (see activations.py).
+    `io` loads, saves and releases each layer's weights (default: they stay in the model).
+    `finished` are the records of layers 0..k-1 pruned by an interrupted run: `io` loads them
+    pruned and they are only run, to rebuild layer k's inputs. `monitor` (a
+    memory.MemoryMonitor) is sampled at every layer; `info`, when given, receives where the
+    activations lived and their size.
     """
     device = torch.device(device)
+    io = io if io is not None else LayerIO()
+    finished = finished or []
     layers = adapter.layers(model)
     home = next(model.parameters()).device
     _move_outside_layers(model, layers, device)
-    layers[0].to(device)
     try:
-        batches = capture_layer0_inputs(model, layers[0], calib, device, batch_size)
-        probes = (capture_layer0_inputs(model, layers[0], probe, device, batch_size)
-                  if probe is not None else None)
-        layers[0].to(home)
+        # Layer 0's weights are not needed to capture its inputs: the hook stops before it runs.
+        batches, probes = capture_stores(model, layers[0], calib, probe, device, batch_size,
+                                         offload)
+        if info is not None:
+            info["activations"] = {
+                "where": batches.where, "mode": offload,
+                "calibration_bytes": batches.nbytes,
+                "probe_bytes": probes.nbytes if probes is not None else 0,
+            }
+        if monitor is not None:
+            monitor.sample()
         records = []
         todo = len(layers) if layer_limit is None else min(layer_limit, len(layers))
         bar = range(todo)
@@ -158,15 +235,29 @@ def prune_layers(
 
             bar = tqdm(bar, desc=f"pruning ({solver.name})", unit="layer")
         for i in bar:
+            done_before = i < len(finished)
+            io.load(i, layers[i], done_before)
             layer = layers[i].to(device)
-            rec, batches, probes = _prune_one(adapter, layer, i, batches, solver, sparsity,
-                                              round_to, probes)
+            if done_before:  # pruned by the interrupted run: only rebuild the next inputs
+                rec = finished[i]
+                _propagate(layer, batches)
+                if probes is not None:
+                    _propagate(layer, probes)
+            else:
+                rec, batches, probes = _prune_one(adapter, layer, i, batches, solver, sparsity,
+                                                  round_to, probes)
             layers[i].to(home)
+            if not done_before:
+                io.save(i, layers[i], rec)
+            io.release(i, layers[i])
             records.append(rec)
+            if monitor is not None:
+                monitor.sample()
             log.info(
-                "layer %d: kept %d/%d, relative error %.4g%s", i, rec.kept, rec.width_before,
+                "layer %d: kept %d/%d, relative error %.4g%s%s", i, rec.kept, rec.width_before,
                 rec.rel_error,
                 "" if rec.rel_error_heldout is None else f", held-out {rec.rel_error_heldout:.4g}",
+                " (resumed)" if done_before else "",
             )
             if progress:
                 bar.set_postfix(err=f"{rec.rel_error:.3g}")
@@ -179,10 +270,12 @@ def _run(layer, batches):
     return [_layer_out(layer(hidden, *args, **kwargs)) for hidden, args, kwargs in batches]
 
 
-def _propagate(layer, batches):
-    """The next layer's inputs: this layer's outputs with the same extra arguments."""
-    outs = _run(layer, batches)
-    return [(o, a, kw) for o, (_, a, kw) in zip(outs, batches)]
+def _propagate(layer, batches: ActivationStore) -> ActivationStore:
+    """The next layer's inputs: this layer's outputs with the same extra arguments, written in
+    place of this layer's inputs batch by batch (so only one full copy exists)."""
+    for j, (hidden, args, kwargs) in enumerate(batches):
+        batches.put(j, _layer_out(layer(hidden, *args, **kwargs)))
+    return batches
 
 
 def _ratio(err: torch.Tensor) -> float:

@@ -1,0 +1,72 @@
+"""Peak memory of one pruning run: device (CUDA allocator) and host (resident set size).
+
+The device figure is `torch.cuda.max_memory_allocated`, reset when the run starts: exact for
+tensors, blind to the allocator's cache and to other processes. The host figure is the largest
+RSS that psutil saw, sampled by a background thread (every `interval` seconds) and at the
+points the pipeline calls `sample()` (after layer 0 is captured, after every layer): the
+kernel's own high-water mark (VmHWM / ru_maxrss) is process-wide and never goes down, so it
+would report an earlier, larger peak of the same process; it is recorded beside, labelled so.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+from typing import Any
+
+import psutil
+import torch
+
+
+def process_max_rss_bytes() -> int:
+    """The process's RSS high-water mark since it started (ru_maxrss)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # KiB on Linux, bytes on macOS
+
+
+class MemoryMonitor:
+    """Use as a context manager around a run; `report()` afterwards."""
+
+    def __init__(self, device: str | torch.device, interval: float = 0.05):
+        self.device = torch.device(device)
+        self.interval = interval
+        self._proc = psutil.Process()
+        self.host_peak = 0
+        self.host_start = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> int:
+        rss = self._proc.memory_info().rss
+        self.host_peak = max(self.host_peak, rss)
+        return rss
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> MemoryMonitor:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.host_start = self.sample()
+        self._thread = threading.Thread(target=self._loop, name="spap-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+
+    def report(self) -> dict[str, Any]:
+        cuda = self.device.type == "cuda"
+        return {
+            "device_peak_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else None,
+            "device_peak_reserved_bytes": (torch.cuda.max_memory_reserved(self.device)
+                                           if cuda else None),
+            "host_rss_peak_bytes": self.host_peak,
+            "host_rss_start_bytes": self.host_start,
+            "host_rss_process_max_bytes": process_max_rss_bytes(),
+        }

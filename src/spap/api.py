@@ -187,12 +187,21 @@ def prune(
             log.info("resuming from layer %d (%d finished in %s)", len(finished), len(finished),
                      run.path)
     run_info: dict[str, Any] = {}
-    with MemoryMonitor(device) as monitor:
-        records = prune_layers(
-            model, adapter, calib_ids, solver, sparsity, round_to=round_to, device=device,
-            batch_size=batch_size, progress=progress, layer_limit=layer_limit, probe=probe_ids,
-            offload=offload, io=io, finished=finished, monitor=monitor, info=run_info,
-        )
+    try:
+        with MemoryMonitor(device) as monitor:
+            records = prune_layers(
+                model, adapter, calib_ids, solver, sparsity, round_to=round_to, device=device,
+                batch_size=batch_size, progress=progress, layer_limit=layer_limit,
+                probe=probe_ids, offload=offload, io=io, finished=finished, monitor=monitor,
+                info=run_info,
+            )
+    except SpapError:
+        # A problem of these settings (e.g. non-finite activations) recurs on every resume:
+        # their run folder is of no use. Anything else (Ctrl-C, out of memory, a crash) keeps
+        # it for a resume.
+        if checkpoint_dir is not None:
+            run.remove()
+        raise
     if not unsaveable:  # in memory, nn.Linear uses a bias without any config flag
         add_missing_biases(model, adapter)
     widths = {r.kept for r in records}

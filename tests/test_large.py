@@ -283,3 +283,44 @@ def test_streaming_bounds_device_memory():
     assert peaks["device"]["device_peak_bytes"] >= acts
     assert peaks["cpu"]["device_peak_bytes"] < acts
     assert peaks["cpu"]["activations"]["where"] == "cpu (pinned)"
+
+
+def test_low_memory_adds_zero_biases_as_save_pretrained_would(tmp_path, calib_file):
+    """flap gives the down projection a bias; LLaMA then needs mlp_bias and zero gate/up
+    biases, which the sharded writer adds to the layer shards."""
+    from transformers import AutoModelForCausalLM
+
+    src = saved(tmp_path, "llama", layers=2)
+    kw = dict(SETTINGS, calib=str(calib_file), method="flap")
+    mem = prune_to_disk(str(src), tmp_path / "mem", 0.5, **kw)
+    low = prune_to_disk(str(src), tmp_path / "low", 0.5, low_memory=True, **kw)
+    a = AutoModelForCausalLM.from_pretrained(mem.out)
+    b = AutoModelForCausalLM.from_pretrained(low.out)
+    assert b.config.mlp_bias and same_state(a, b)
+
+
+def test_compare_reload_equals_copy(tiny_dir, text_file, tmp_path, capsys):
+    got = {}
+    for mode in ("copy", "reload"):
+        js = tmp_path / f"{mode}.json"
+        code, _, err = run_cli(["compare", tiny_dir, "--methods", "obs,wanda-sp",
+                                "--sparsities", "0.25", "--calib", text_file, "--nsamples", "4",
+                                "--seqlen", "32", "--eval-data", text_file, "--eval-seqlen",
+                                "32", "--eval-windows", "2", "--device", "cpu", "--json", js,
+                                "--dense-copy", mode], capsys)
+        assert code == 0, err
+        got[mode] = json.loads(js.read_text())
+    assert "reloaded" in got["reload"]["protocol"]["copy"]
+    for a, b in zip(got["copy"]["records"], got["reload"]["records"], strict=True):
+        assert (a["ppl"], a["layer_errors"]) == (b["ppl"], b["layer_errors"])
+
+
+def test_dense_copy_choice():
+    from spap.compare import choose_dense_copy
+
+    assert choose_dense_copy("auto", 100, True, available=120) == "reload"
+    assert choose_dense_copy("auto", 100, True, available=1000) == "copy"
+    assert choose_dense_copy("auto", 100, False, available=1) == "copy"
+    assert choose_dense_copy("copy", 100, True, available=1) == "copy"
+    with pytest.raises(SpapError, match="--dense-copy must be one of"):
+        choose_dense_copy("disk", 1, True)

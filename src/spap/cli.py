@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "disjoint from the perplexity windows, on which each layer's error is "
                         "also measured held-out (no statistics see them); default "
                         "max(1, nsamples // 4), 0 disables")
+    p.add_argument("--dense-copy", default="auto", choices=("auto", "copy", "reload"),
+                   help="each run's fresh dense model: a deep copy kept in memory (copy), the "
+                        "checkpoint loaded again (reload: one model in memory, not two), or "
+                        "reload only when host memory is short (auto)")
     p.add_argument("--json", required=True, help="results file, rewritten after every run")
     p.add_argument("--plot", default=None, help="perplexity-vs-sparsity image (e.g. cmp.png)")
 

@@ -71,7 +71,7 @@ def test_streamed_equals_in_memory(family, method):
     assert [r.rel_error_heldout for r in dr.layers] == [r.rel_error_heldout for r in cr.layers]
     assert same_state(dm, cm)  # float32 on the CPU: bit for bit
     assert dr.report["memory"]["activations"]["where"] == "cpu"
-    assert cr.report["memory"]["activations"]["where"] == "cpu"
+    assert cr.report["memory"]["activations"]["where"] == "host"
     assert cr.report["memory"]["activations"]["calibration_bytes"] >= 8 * 32 * 64 * 4
 
 
@@ -282,7 +282,7 @@ def test_streaming_bounds_device_memory():
     acts = peaks["device"]["activations"]["calibration_bytes"]
     assert peaks["device"]["device_peak_bytes"] >= acts
     assert peaks["cpu"]["device_peak_bytes"] < acts
-    assert peaks["cpu"]["activations"]["where"] == "cpu (pinned)"
+    assert peaks["cpu"]["activations"]["where"] == "host (pinned)"
 
 
 def test_low_memory_adds_zero_biases_as_save_pretrained_would(tmp_path, calib_file):

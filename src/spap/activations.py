@@ -150,4 +150,4 @@ class ActivationStore:
     def where(self) -> str:
         if not self.offload:
             return str(self.device)
-        return "cpu (pinned)" if self.pinned else "cpu"
+        return "host (pinned)" if self.pinned else "host"

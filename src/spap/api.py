@@ -233,14 +233,15 @@ def prune(
             "dtype": dtype,
         },
         "device": str(device),
-        "memory": {**monitor.report(), **run_info},
+        "memory": {**monitor.report(), "activations": run_info.get("activations")},
         "resumed_from_layer": len(finished) if checkpoint_dir is not None else None,
         "calibration": calib_desc,
         "layer_error_mean": sum(r.rel_error for r in records) / max(len(records), 1),
         "layer_error_heldout_mean": _heldout_mean(records) if probe_ids is not None else None,
         "probe": probe_desc,
         "layers": [r.to_json() for r in records],
-        "timings": {"calibration_data_s": t1 - t0, "prune_s": t2 - t1},
+        "timings": {"calibration_data_s": t1 - t0, "prune_s": t2 - t1,
+                    "capture_s": run_info.get("capture_s")},
         "versions": versions(),
     }
     return PruneResult(model, report, records, calib_ids)

@@ -207,7 +207,7 @@ def prune_layers(
     `finished` are the records of layers 0..k-1 pruned by an interrupted run: `io` loads them
     pruned and they are only run, to rebuild layer k's inputs. `monitor` (a
     memory.MemoryMonitor) is sampled at every layer; `info`, when given, receives where the
-    activations lived and their size.
+    activations lived, their size, and the seconds the layer-0 capture took.
     """
     device = torch.device(device)
     io = io if io is not None else LayerIO()
@@ -217,9 +217,11 @@ def prune_layers(
     _move_outside_layers(model, layers, device)
     try:
         # Layer 0's weights are not needed to capture its inputs: the hook stops before it runs.
+        t0 = time.perf_counter()
         batches, probes = capture_stores(model, layers[0], calib, probe, device, batch_size,
                                          offload)
         if info is not None:
+            info["capture_s"] = time.perf_counter() - t0
             info["activations"] = {
                 "where": batches.where, "mode": offload,
                 "calibration_bytes": batches.nbytes,

@@ -324,3 +324,23 @@ def test_dense_copy_choice():
     assert choose_dense_copy("copy", 100, True, available=1) == "copy"
     with pytest.raises(SpapError, match="--dense-copy must be one of"):
         choose_dense_copy("disk", 1, True)
+
+
+def test_api_resume_with_probes(tmp_path, monkeypatch):
+    """spap.prune(checkpoint_dir=...) resumes in memory: probes and records as uninterrupted."""
+    calib, probe = random_ids(6, 32, seed=1), random_ids(3, 24, seed=7)
+    kw = dict(calib_ids=calib, sparsity=0.4, method="obs", batch_size=2, probe_ids=probe)
+    whole = deep_model("qwen2")
+    ref = spap.prune(whole, **kw)
+    model = deep_model("qwen2")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            spap.prune(model, checkpoint_dir=tmp_path / "run", **kw)
+    model = deep_model("qwen2")  # a fresh process would load the dense model again
+    res = spap.prune(model, checkpoint_dir=tmp_path / "run", resume=True, **kw)
+    assert res.report["resumed_from_layer"] == 3
+    for a, b in zip(ref.layers, res.layers, strict=True):
+        assert (a.keep, a.rel_error, a.rel_error_heldout) == (b.keep, b.rel_error,
+                                                               b.rel_error_heldout)
+    assert same_state(whole, model)

@@ -43,9 +43,18 @@ def partial_dir(out: str | os.PathLike) -> Path:
 
 
 def _fsync_replace(tmp: Path, target: Path) -> None:
+    """Rename `tmp` to `target` once its bytes are on disk, and make the rename durable."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, target)
+    try:
+        fd = os.open(target.parent, os.O_RDONLY)
+    except OSError:  # no directory handles (Windows): the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_durable(path: Path, data: Any) -> None:

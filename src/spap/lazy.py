@@ -210,7 +210,10 @@ class LazyLayers(CheckpointIO):
             _load_into(self.model, layer, self.prefix(index), self.reader)
 
     def release(self, index: int, layer: nn.Module) -> None:
+        from .memory import trim_host_heap
+
         layer.to("meta")  # frees the weights; the shapes (pruned) stay
+        trim_host_heap()
 
 
 def model_identity(source: str, config, reader: CheckpointReader, model: nn.Module,

@@ -10,6 +10,8 @@ would report an earlier, larger peak of the same process; it is recorded beside,
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 import threading
@@ -23,6 +25,25 @@ def process_max_rss_bytes() -> int:
     """The process's RSS high-water mark since it started (ru_maxrss)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # KiB on Linux, bytes on macOS
+
+
+def trim_host_heap() -> bool:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim); False where unavailable.
+
+    Tensors of a few MB come from glibc's heap, which keeps what is freed for reuse: a run
+    that loads and frees one layer after another then grows its RSS by roughly a layer per
+    layer (measured: 0.58 -> 0.99 GiB over 12 layers of a 248M-parameter model) although
+    only one is alive. Trimming after each layer keeps it flat (0.41 GiB).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return False
+    return bool(trim is not None and trim(0))
 
 
 class MemoryMonitor:

@@ -17,7 +17,8 @@ runs):
 1. build    the dense model, initialised on the device (fast) and moved to host memory, as
             `spap prune` holds it: every run moves one layer at a time to the device, so the
             peak device memory measured is the one a user's run has.
-2. prune    for each variant (wanda-sp, fast SPAP = spap:iters=0, default SPAP): a deep copy
+2. prune    for each variant (wanda-sp, fast SPAP = spap:iters=0, default SPAP; see
+            `default_variants`): a deep copy
             of the dense model pruned at --sparsity with --round-to 128 on the device: wall
             seconds, layer-0 capture, summed per-layer collect / solve / replay, peak device
             memory (torch.cuda.max_memory_allocated over the prune call) and peak host RSS,
@@ -60,7 +61,20 @@ if str(ROOT / "src") not in sys.path:  # works with or without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
 
 CONFIG = ROOT / "bench" / "configs" / "llama-3.1-8b.json"
-VARIANTS = "wanda-sp,spap-fast=spap:iters=0,spap"
+
+
+def default_variants() -> str:
+    """wanda-sp, fast SPAP (no penalty iterations, iters=0; and no recovery where the solver
+    has one, so that "fast" stays fast whatever the defaults) and default SPAP."""
+    import dataclasses
+
+    from spap.solvers import solver_class
+
+    fields = {f.name: f.default for f in dataclasses.fields(solver_class("spap"))}
+    fast = "iters=0" + (";recovery=none" if "recovery" in fields else "")
+    return f"wanda-sp,spap-fast=spap:{fast},spap"
+
+
 TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=256, vocab_size=512,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1,
             eos_token_id=2)
@@ -347,8 +361,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--tiny", action="store_true",
                    help="tiny shape and sizes (a CPU test of this script)")
-    p.add_argument("--methods", default=VARIANTS,
-                   help=f"variants as in spap compare (default {VARIANTS})")
+    p.add_argument("--methods", default=None,
+                   help="variants as in spap compare (default: wanda-sp, "
+                        "spap-fast=spap:iters=0 (and recovery=none where that option exists), "
+                        "spap)")
     p.add_argument("--sparsity", type=float, default=0.3)
     p.add_argument("--round-to", type=int, default=128)
     p.add_argument("--nsamples", type=int, default=None, help="default 128 (tiny: 4)")
@@ -370,6 +386,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", default="", help="comma-separated steps to skip: prune,speed")
     args = p.parse_args(argv)
     big = not args.tiny
+    args.methods = args.methods or default_variants()
     args.nsamples = args.nsamples or (128 if big else 4)
     args.seqlen = args.seqlen or (2048 if big else 32)
     args.prompt_len = args.prompt_len or (1024 if big else 16)

@@ -86,6 +86,9 @@ def test_store_writes_in_place_and_streams_copies():
     store.put(0, h + 1)
     assert store._batches[0][0] is buf and torch.equal(buf, h + 1)  # same buffer, new values
     assert store.nbytes == h.numel() * 4 + 6 * 4
+    twin = store.clone()  # a second stream (e.g. dense) must not share the written buffers
+    twin.put(0, h)
+    assert torch.equal(store[0][0], h + 1) and torch.equal(twin[0][0], h)
 
 
 def test_offload_choice():

@@ -141,6 +141,17 @@ class ActivationStore:
         else:
             slot[0].copy_(hidden)  # blocking: the buffer is whole before anyone reads it
 
+    def clone(self) -> ActivationStore:
+        """A second store of the same batches (e.g. a dense stream advanced apart from the
+        pruned one): offloaded buffers are copied, since `put` writes into them; device
+        tensors are shared, since `put` replaces them."""
+        other = ActivationStore(self.device, self.offload)
+        other.pinned = self.pinned
+        copy = other._store if self.offload else (lambda t: t)
+        other._batches = [[copy(h), _map_tensors(a, copy), _map_tensors(k, copy)]
+                          for h, a, k in self._batches]
+        return other
+
     # -- accounting ------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:

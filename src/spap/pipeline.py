@@ -129,22 +129,27 @@ def capture_layer0_inputs(model, layer0: nn.Module, calib: torch.Tensor, device,
 
 
 @torch.no_grad()
-def capture_stores(model, layer0: nn.Module, calib: torch.Tensor, probe: torch.Tensor | None,
-                   device: torch.device, batch_size: int, offload: str = "auto",
-                   ) -> tuple[ActivationStore, ActivationStore | None]:
+def capture_stores(model, layer0: nn.Module, calib: torch.Tensor | list[torch.Tensor],
+                   probe: torch.Tensor | None, device: torch.device, batch_size: int,
+                   offload: str = "auto") -> tuple[ActivationStore, ActivationStore | None]:
     """Layer 0's inputs for the calibration and probe windows, each in an ActivationStore.
-    Where they live is decided from the first batch's size times the number of tokens
-    (`activations.choose_offload`), before the rest is captured."""
-    batches = _capture(model, layer0, calib, device, batch_size)
-    first = next(batches)
-    tokens = calib.numel() + (probe.numel() if probe is not None else 0)
-    per_token = tensor_bytes(first) / first[0].shape[:-1].numel()
-    offload_now = choose_offload(offload, device, int(per_token * tokens))
-    store = ActivationStore(device, offload_now)
-    store.append(*first)
-    del first
-    for b in batches:
-        store.append(*b)
+    `calib` may be a list of window tensors (e.g. fit and held-out windows), each batched on
+    its own and stored in order. Where the activations live is decided from the first batch's
+    size times the number of tokens (`activations.choose_offload`), before the rest is
+    captured."""
+    parts = [p for p in (calib if isinstance(calib, (list, tuple)) else [calib]) if p.numel()]
+    tokens = sum(p.numel() for p in parts) + (probe.numel() if probe is not None else 0)
+    store: ActivationStore | None = None
+    for part in parts:
+        for b in _capture(model, layer0, part, device, batch_size):
+            if store is None:  # the first batch tells the size of them all
+                per_token = tensor_bytes(b) / b[0].shape[:-1].numel()
+                store = ActivationStore(device, choose_offload(offload, device,
+                                                               int(per_token * tokens)))
+            store.append(*b)
+            del b
+    assert store is not None, "no calibration windows"
+    offload_now = store.offload
     probes = None
     if probe is not None:
         probes = ActivationStore(device, offload_now)
@@ -272,11 +277,16 @@ def _run(layer, batches):
     return [_layer_out(layer(hidden, *args, **kwargs)) for hidden, args, kwargs in batches]
 
 
-def _propagate(layer, batches: ActivationStore) -> ActivationStore:
+def _propagate(layer, batches):
     """The next layer's inputs: this layer's outputs with the same extra arguments, written in
-    place of this layer's inputs batch by batch (so only one full copy exists)."""
+    place of this layer's inputs batch by batch (so only one full copy exists). `batches` is an
+    ActivationStore or a plain list of (hidden, args, kwargs); it is returned."""
     for j, (hidden, args, kwargs) in enumerate(batches):
-        batches.put(j, _layer_out(layer(hidden, *args, **kwargs)))
+        out = _layer_out(layer(hidden, *args, **kwargs))
+        if isinstance(batches, ActivationStore):
+            batches.put(j, out)
+        else:
+            batches[j] = (out, args, kwargs)
     return batches
 
 

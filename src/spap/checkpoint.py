@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -201,11 +202,19 @@ def layer_tensors(layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
 
 
 class CheckpointIO(LayerIO):
-    """Writes every finished layer to the run folder; a resumed layer is loaded from it."""
+    """Writes every finished layer to the run folder; a resumed layer is loaded from it.
+
+    The write (serialise, fsync, rename, then the state) runs on a background thread while
+    the next layer is pruned; at most one write is in flight, so at most one finished layer's
+    tensors are held for it. `close` waits for it: a run stopped by Ctrl-C still records the
+    layer it was writing.
+    """
 
     def __init__(self, run: RunFolder, model: nn.Module, layers: nn.ModuleList):
         self.run = run
         self._prefix = relative_name(model, layers) + "."
+        self._writing: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def prefix(self, index: int) -> str:
         return f"{self._prefix}{index}."
@@ -220,4 +229,27 @@ class CheckpointIO(LayerIO):
         assign_tensors(layer, {k[len(p):]: v for k, v in tensors.items()})
 
     def save(self, index: int, layer: nn.Module, record: LayerRecord) -> None:
-        self.run.save_layer(index, layer_tensors(layer, self.prefix(index)), record)
+        self._wait()
+        # CPU tensors that share the layer's storage: a later release of the layer (to meta)
+        # leaves them alive until written
+        tensors = layer_tensors(layer, self.prefix(index))
+
+        def write() -> None:
+            try:
+                self.run.save_layer(index, tensors, record)
+            except BaseException as exc:  # reported by the next save or close
+                self._error = exc
+
+        self._writing = threading.Thread(target=write, name="spap-checkpoint")
+        self._writing.start()
+
+    def _wait(self) -> None:
+        if self._writing is not None:
+            self._writing.join()
+            self._writing = None
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise exc
+
+    def close(self) -> None:
+        self._wait()

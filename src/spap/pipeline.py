@@ -169,7 +169,8 @@ class LayerIO:
     The default does nothing: the weights are in the model. `load` is called before layer i is
     moved to the compute device (`finished`: it was pruned by an earlier, interrupted run of
     the same settings, and must come back pruned); `save` after a layer is pruned and moved
-    back home; `release` last, when the run no longer needs the layer's weights.
+    back home; `release` last, when the run no longer needs the layer's weights; `close` once
+    at the end of the run.
     """
 
     def load(self, index: int, layer: nn.Module, finished: bool) -> None:
@@ -180,6 +181,9 @@ class LayerIO:
 
     def release(self, index: int, layer: nn.Module) -> None:
         pass
+
+    def close(self) -> None:
+        """Called once when the run ends, also when it fails: finish pending work."""
 
 
 @torch.no_grad()
@@ -268,7 +272,14 @@ def prune_layers(
             )
             if progress:
                 bar.set_postfix(err=f"{rec.rel_error:.3g}")
+        io.close()
         return records
+    except BaseException:
+        try:
+            io.close()  # the layer being written is kept for a resume
+        except Exception as exc:
+            log.warning("could not finish writing the last layer: %s", exc)
+        raise
     finally:
         _move_outside_layers(model, layers, home)
 

@@ -3,12 +3,17 @@
     import spap
     result = spap.prune(model, tokenizer, sparsity=0.3)
     spap.save_pruned(result.model, tokenizer, "out", result.report)
+
+    # or from a checkpoint to a folder, resumable, one layer in memory with low_memory=True
+    spap.prune_to_disk("path/to/model", "out", sparsity=0.3, low_memory=True)
 """
 
 from .api import PruneResult, prune
 from .errors import SpapError
 from .export import save_pruned
+from .job import prune_to_disk
 from .loading import load_model
 
 __version__ = "0.1.0"
-__all__ = ["PruneResult", "SpapError", "load_model", "prune", "save_pruned", "__version__"]
+__all__ = ["PruneResult", "SpapError", "load_model", "prune", "prune_to_disk", "save_pruned",
+           "__version__"]

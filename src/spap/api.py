@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -10,11 +11,13 @@ from typing import Any
 
 import torch
 
+from .activations import OFFLOAD_MODES
 from .config import CalibConfig, PruneConfig
 from .data import calibration_windows, load_text, token_hash, tokenize
 from .errors import SpapError
+from .memory import MemoryMonitor
 from .models import get_adapter
-from .pipeline import LayerRecord, prune_layers
+from .pipeline import LayerIO, LayerRecord, prune_layers
 from .solvers import get_solver, solver_options
 from .surgery import add_missing_biases
 
@@ -85,6 +88,11 @@ def prune(
     progress: bool = False,
     allow_unsaveable: bool = False,
     probe_ids: torch.Tensor | None = None,
+    offload: str = "auto",
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool | None = None,
+    model_id: dict[str, Any] | None = None,
+    source=None,
 ) -> PruneResult:
     """Prune the MLP channels of every decoder layer of `model` in place.
 
@@ -101,7 +109,27 @@ def prune(
     out-of-sample counterpart of the in-sample calibration error. They must not overlap the
     calibration windows for that to mean anything; `spap compare` takes them from the tail of
     the evaluation text.
+
+    `offload` says where the calibration (and probe) activations live: "device", "cpu"
+    (host memory, pinned on CUDA, streamed to the device a batch at a time), or "auto" (off the
+    device only when they would take more than half its free memory); the results are the
+    same. The report's "memory" entry has the run's peak device and host memory.
+
+    `checkpoint_dir` writes every finished layer there (see spap.checkpoint), so a killed run
+    called again with the same arguments continues from its last finished layer, with a
+    bit-identical result; `resume` None continues a matching run if one is there, True
+    requires one, False discards it. A run of other settings is refused (SpapError).
+    `model_id` identifies the dense model in that check (default: its config and a fingerprint
+    of two of its weight tensors). The caller removes the folder once the result is saved.
+
+    `source` (a `lazy.CheckpointReader`) prunes a model built with `lazy.empty_model`: each
+    layer is read from the checkpoint when its turn comes and dropped once written to
+    `checkpoint_dir` (required then); `spap.job.prune_to_disk` assembles the output from it.
     """
+    if offload not in OFFLOAD_MODES:
+        raise SpapError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got '{offload}'")
+    if source is not None and checkpoint_dir is None:
+        raise SpapError("pruning from a checkpoint source needs a checkpoint_dir to write to")
     cfg = PruneConfig(sparsity, method, dict(method_options or {}), round_to, batch_size,
                       layer_limit)
     cfg.validate()
@@ -131,10 +159,49 @@ def prune(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     params_before = count_params(model)
     width_before = adapter.width(model.config)
-    records = prune_layers(
-        model, adapter, calib_ids, solver, sparsity, round_to=round_to, device=device,
-        batch_size=batch_size, progress=progress, layer_limit=layer_limit, probe=probe_ids,
-    )
+    dtype = str(model.dtype).replace("torch.", "")
+    io: LayerIO | None = None
+    finished: list[LayerRecord] = []
+    if checkpoint_dir is not None:
+        from .checkpoint import CheckpointIO, RunFolder, model_identity, run_identity
+
+        settings = {
+            "layout": "shards" if source is not None else "memory",
+            "calibration": {k: calib_desc.get(k) for k in ("token_hash", "nsamples", "seqlen")},
+            "probe": probe_desc and probe_desc["token_hash"],
+            "method": method, "options": solver_options(solver), "sparsity": sparsity,
+            "round_to": round_to, "batch_size": batch_size, "layer_limit": layer_limit,
+            "dtype": dtype, "device": str(device),
+        }
+        identity = run_identity(model_id or model_identity(model, adapter), settings)
+        run = RunFolder(checkpoint_dir)
+        finished = run.open(identity, resume)
+        layers = adapter.layers(model)
+        if source is not None:
+            from .lazy import LazyLayers
+
+            io = LazyLayers(run, model, layers, source)
+        else:
+            io = CheckpointIO(run, model, layers)
+        if finished:
+            log.info("resuming from layer %d (%d finished in %s)", len(finished), len(finished),
+                     run.path)
+    run_info: dict[str, Any] = {}
+    try:
+        with MemoryMonitor(device) as monitor:
+            records = prune_layers(
+                model, adapter, calib_ids, solver, sparsity, round_to=round_to, device=device,
+                batch_size=batch_size, progress=progress, layer_limit=layer_limit,
+                probe=probe_ids, offload=offload, io=io, finished=finished, monitor=monitor,
+                info=run_info,
+            )
+    except SpapError:
+        # A problem of these settings (e.g. non-finite activations) recurs on every resume:
+        # their run folder is of no use. Anything else (Ctrl-C, out of memory, a crash) keeps
+        # it for a resume.
+        if checkpoint_dir is not None:
+            run.remove()
+        raise
     if not unsaveable:  # in memory, nn.Linear uses a bias without any config flag
         add_missing_biases(model, adapter)
     widths = {r.kept for r in records}
@@ -163,15 +230,18 @@ def prune(
             "width_after": adapter.width(model.config),
             "layers": len(adapter.layers(model)),
             "layers_pruned": len(records),
-            "dtype": str(model.dtype).replace("torch.", ""),
+            "dtype": dtype,
         },
         "device": str(device),
+        "memory": {**monitor.report(), "activations": run_info.get("activations")},
+        "resumed_from_layer": len(finished) if checkpoint_dir is not None else None,
         "calibration": calib_desc,
         "layer_error_mean": sum(r.rel_error for r in records) / max(len(records), 1),
         "layer_error_heldout_mean": _heldout_mean(records) if probe_ids is not None else None,
         "probe": probe_desc,
         "layers": [r.to_json() for r in records],
-        "timings": {"calibration_data_s": t1 - t0, "prune_s": t2 - t1},
+        "timings": {"calibration_data_s": t1 - t0, "prune_s": t2 - t1,
+                    "capture_s": run_info.get("capture_s")},
         "versions": versions(),
     }
     return PruneResult(model, report, records, calib_ids)

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from .errors import SpapError
@@ -31,6 +30,13 @@ def _add_calib_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window draw (0)")
+
+
+def _add_offload_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload", default="auto", choices=("auto", "cpu", "device"),
+                   help="where calibration activations live: auto (off the device only when "
+                        "they would take over half its free memory), cpu (host memory, "
+                        "streamed a batch at a time), device")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (2048)")
     p.add_argument("--eval-windows", type=int, default=None,
                    help="only the first N perplexity windows (quick CPU runs)")
+    _add_offload_flag(p)
+    p.add_argument("--low-memory", action="store_true",
+                   help="hold one decoder layer in host memory at a time: read each from the "
+                        "checkpoint's safetensors when its turn comes, write it to a shard "
+                        "when pruned (for models larger than CPU memory; no --eval)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run of these settings for --out (a run "
+                        "folder of the same settings is resumed even without this flag)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard an interrupted run for --out and start again")
 
     p = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model")
     p.add_argument("model", help="folder written by spap prune, or any model spec")
@@ -114,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "disjoint from the perplexity windows, on which each layer's error is "
                         "also measured held-out (no statistics see them); default "
                         "max(1, nsamples // 4), 0 disables")
+    p.add_argument("--dense-copy", default="auto", choices=("auto", "copy", "reload"),
+                   help="each run's fresh dense model: a deep copy kept in memory (copy), the "
+                        "checkpoint loaded again (reload: one model in memory, not two), or "
+                        "reload only when host memory is short (auto)")
     p.add_argument("--json", required=True, help="results file, rewritten after every run")
     p.add_argument("--plot", default=None, help="perplexity-vs-sparsity image (e.g. cmp.png)")
     p.add_argument("--save-models", default=None, metavar="DIR",
@@ -145,68 +165,46 @@ def _print_table(rows: list[tuple], header: tuple) -> None:
 
 
 def cmd_prune(args) -> int:
-    from .api import count_params, prune
-    from .config import CalibConfig, PruneConfig, parse_options
-    from .data import load_text, tokenize
-    from .eval.ppl import perplexity
-    from .export import check_output_dir, save_pruned
-    from .loading import load_model, resolve_device
+    from .config import parse_options
+    from .job import prune_to_disk
 
-    t_start = time.perf_counter()
-    # Everything that can be checked without the model is checked first.
-    options = parse_options(args.option)
-    PruneConfig(args.sparsity, args.method, options, args.round_to, args.batch_size).validate()
-    CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed).validate()
-    from .solvers import get_solver
-
-    get_solver(args.method, **options)
-    out = check_output_dir(args.out, args.overwrite)
-    device = resolve_device(args.device)
-
-    model, tok, src = load_model(args.model, args.dtype, device)
-    t_loaded = time.perf_counter()
-    ev = {}
-    if args.eval:
-        stream = tokenize(tok, load_text("wiki-offline", "test"))
-        model.to(device)
-        ev["dense"] = perplexity(model, tok, seqlen=args.eval_seqlen, windows=args.eval_windows,
-                                 batch_size=args.batch_size, stream=stream, progress=True)
-        model.to("cpu")
-    params_dense = count_params(model)
-    result = prune(
-        model, tok, args.sparsity, method=args.method, method_options=options,
-        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        device=device, round_to=args.round_to, batch_size=args.batch_size,
-        progress=True,
+    if args.resume and args.restart:
+        raise SpapError("--resume and --restart contradict each other; pass one")
+    job = prune_to_disk(
+        args.model, args.out, args.sparsity, method=args.method,
+        method_options=parse_options(args.option), calib=args.calib, nsamples=args.nsamples,
+        seqlen=args.seqlen, seed=args.seed, device=args.device, dtype=args.dtype,
+        round_to=args.round_to, batch_size=args.batch_size, offload=args.offload,
+        low_memory=args.low_memory, resume=True if args.resume else (False if args.restart
+                                                                       else None),
+        overwrite=args.overwrite, evaluate=args.eval, eval_seqlen=args.eval_seqlen,
+        eval_windows=args.eval_windows, progress=True,
     )
-    report = result.report
-    report["model"]["source"] = src.spec
-    report["timings"]["load_s"] = t_loaded - t_start
-    t_saved0 = time.perf_counter()
-    check = result.calib_ids[:1, : min(64, result.calib_ids.shape[1])]
-    if args.eval:
-        model.to(device)
-        ev["pruned"] = perplexity(model, tok, seqlen=args.eval_seqlen, windows=args.eval_windows,
-                                  batch_size=args.batch_size, stream=stream, progress=True)
-        model.to("cpu")
-        report["eval"] = ev
-    report["timings"]["total_s"] = time.perf_counter() - t_start
-    save_pruned(model, tok, out, report, overwrite=args.overwrite, check_ids=check)
-    save_s = time.perf_counter() - t_saved0
+    report, out, t = job.report, job.out, job.timings
+    resumed = report.get("resumed_from_layer")
+    if resumed:
+        print(f"\nresumed an interrupted run: layers 0-{resumed - 1} were already pruned")
     print(f"\nsaved {out} ({report['model']['width_key']} {report['model']['width_before']} -> "
           f"{report['model']['width_after']}); report in {out / 'spap.json'}")
-    rows = [("parameters", f"{params_dense:,}", f"{report['params_after']:,}",
-             f"{report['params_after'] / params_dense:.3f}x")]
+    rows = [("parameters", f"{job.params_dense:,}", f"{report['params_after']:,}",
+             f"{report['params_after'] / job.params_dense:.3f}x")]
     if args.eval:
+        ev = report["eval"]
         d, p = ev["dense"]["ppl"], ev["pruned"]["ppl"]
         proto = ev["dense"]["protocol"]
         rows.append((f"perplexity ({proto['windows']}x{proto['seqlen']} held-out tokens)",
                      f"{d:.2f}", f"{p:.2f}", f"{p / d:.3f}x"))
-        rows.append(("perplexity eval time (s)", f"{ev['dense']['seconds']:.1f}",
-                     f"{ev['pruned']['seconds']:.1f}", ""))
+        rows.append(("perplexity eval time (s)", f"{t['dense_eval_s']:.1f}",
+                     f"{t['pruned_eval_s']:.1f}", ""))
     rows.append(("mean layer rel. error", "0", f"{report['layer_error_mean']:.4f}", ""))
-    rows.append(("time (s): load / prune / save", "", f"{report['timings']['load_s']:.0f} / "
-                 f"{report['timings']['prune_s']:.0f} / {save_s:.0f}", ""))
+    mem = report.get("memory", {})
+    if mem.get("device_peak_bytes") is not None:
+        rows.append(("peak device memory (GiB)", "", f"{mem['device_peak_bytes'] / 2**30:.2f}",
+                     ""))
+    rows.append(("peak host RSS while pruning (GiB)", "",
+                 f"{mem.get('host_rss_peak_bytes', 0) / 2**30:.2f}", ""))
+    rows.append(("time (s): load / prune / save", "",
+                 f"{t['load_s']:.0f} / {t['prune_s']:.0f} / {t['save_s']:.0f}", ""))
     _print_table(rows, ("", "dense", f"{args.method} {args.sparsity:.0%}", "ratio"))
     return 0
 

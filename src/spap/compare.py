@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,33 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+DENSE_COPY_MODES = ("auto", "copy", "reload")
+# "auto" reloads unless the available host memory holds this many more model copies: the
+# pruned copy, plus room for the calibration activations and the solver
+COPY_HEADROOM = 1.5
+
+
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def choose_dense_copy(mode: str, weight_bytes: int, can_reload: bool,
+                      available: int | None = None) -> str:
+    """"copy" or "reload" for `compare`'s `dense_copy` (see there); `available` host bytes
+    default to psutil's figure."""
+    if mode not in DENSE_COPY_MODES:
+        raise SpapError(f"--dense-copy must be one of {', '.join(DENSE_COPY_MODES)}, got '{mode}'")
+    if mode == "reload" and not can_reload:
+        raise SpapError("dense_copy='reload' needs a reload function")
+    if mode != "auto":
+        return mode
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    return "reload" if can_reload and available < COPY_HEADROOM * weight_bytes else "copy"
+
+
 def compare(
     model,
     tokenizer,
@@ -157,9 +185,17 @@ def compare(
     probe_ids: torch.Tensor | None = None,
     probe_desc: dict[str, Any] | None = None,
     save_dir: str | os.PathLike | None = None,
+    reload: Callable[[], Any] | None = None,
+    dense_copy: str = "auto",
 ) -> dict[str, Any]:
     """Prune a copy of the dense `model` (left untouched, on the CPU) with every variant at
     every sparsity and score it on the same evaluation windows.
+
+    `dense_copy` says where each run's fresh dense model comes from: "copy" (a deep copy of
+    `model`, kept in host memory all along), "reload" (`reload()`, e.g. loading the checkpoint
+    again; `model` is dropped after the dense score, so host memory holds one model, not
+    two), or "auto" (reload when a reload is given and host memory could not hold a second
+    copy, see `choose_dense_copy`).
 
     `probe_ids` (n_probe, seqlen) give every record a held-out layer error; they must be
     disjoint from the calibration and evaluation windows (`run_cli` takes them from the tail
@@ -185,10 +221,16 @@ def compare(
             r["protocol"]["split"] = eval_split
         return r
 
+    mode = choose_dense_copy(dense_copy, _weight_bytes(dense), reload is not None)
     d = score(dense)
     dense.to("cpu")
+    dtype = str(dense.dtype).replace("torch.", "")
+    dense_params = sum(p.numel() for p in dense.parameters())
+    name = model_name or getattr(dense.config, "_name_or_path", "")
+    if mode == "reload":
+        del model, dense  # the caller passed its only reference: one model in memory, not two
     result: dict[str, Any] = {
-        "model": model_name or getattr(dense.config, "_name_or_path", ""),
+        "model": name,
         "dense_ppl": _finite(d["ppl"]),
         "protocol": {
             "eval": d["protocol"],
@@ -196,13 +238,14 @@ def compare(
                                           "seqlen": int(calib_ids.shape[1])},
             "probe": _probe_protocol(probe_ids, probe_desc),
             "device": str(device),
-            "dtype": str(dense.dtype).replace("torch.", ""),
+            "dtype": dtype,
             "batch_size": batch_size,
             "round_to": round_to,
-            "copy": "each run prunes a deep copy of the dense model",
+            "copy": ("each run prunes a deep copy of the dense model" if mode == "copy" else
+                     "each run prunes the dense model reloaded from its checkpoint"),
             "versions": versions(),
         },
-        "dense": {"params": sum(p.numel() for p in dense.parameters()),
+        "dense": {"params": dense_params,
                   "seconds_eval": d["seconds"]},
         "variants": [{"name": v.name, "method": v.method, "options": v.options}
                      for v in variants],
@@ -224,7 +267,7 @@ def compare(
         for v, s in runs:
             if bar is not None:
                 bar.set_description(f"compare {v.name} @ {s:g}")
-            m = copy.deepcopy(dense)
+            m = copy.deepcopy(dense) if mode == "copy" else reload().to("cpu")
             t0 = time.perf_counter()
             pr = prune(m, tokenizer, s, method=v.method, method_options=v.options,
                        calib_ids=calib_ids, device=device, batch_size=batch_size,
@@ -418,7 +461,8 @@ def run_cli(args) -> int:
         _check_plot_path(args.plot)
     device = resolve_device(args.device)
 
-    model, tok, src = load_model(args.model, args.dtype, device)
+    loaded = list(load_model(args.model, args.dtype, device))
+    tok, src = loaded[1], loaded[2]
     calib_ids, calib_desc = calibration_ids(tok, ccfg)
     eval_text = load_text(args.eval_data, "test")
     stream = tokenize(tok, eval_text)
@@ -427,12 +471,17 @@ def run_cli(args) -> int:
     )
     if probe_desc is not None:
         probe_desc = {"source": args.eval_data, "split": eval_text.split, **probe_desc}
+    def reload():
+        return load_model(args.model, args.dtype, device)[0]
+
+    # the list hands compare() the only reference to the model, so "reload" can free it
     result = compare(
-        model, tok, variants, sparsities, calib_ids=calib_ids, eval_stream=eval_stream,
+        loaded.pop(0), tok, variants, sparsities, calib_ids=calib_ids, eval_stream=eval_stream,
         eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows, eval_data=args.eval_data,
         eval_split=eval_text.split, calib_desc=calib_desc, model_name=src.spec, device=device,
         batch_size=args.batch_size, round_to=args.round_to, json_path=args.json, progress=True,
         probe_ids=probe_ids, probe_desc=probe_desc, save_dir=args.save_models,
+        reload=reload, dense_copy=args.dense_copy,
     )
     print()
     print(format_table(result))

@@ -22,12 +22,21 @@ batched apart from the others, so every batch is either fit or held out; their s
 (`ActStats.gram_heldout`) and their rows of the recovery inputs (`LayerProblem.heldout_tokens`)
 let a solver choose a setting out of sample. Windows never overlap (`data.calibration_windows`),
 so held-out and fit tokens are disjoint.
+
+Memory: the calibration and probe inputs of the current layer live in an `ActivationStore`, on
+the device or (when they would not fit, or when asked) in host memory, streamed to the device
+a batch at a time; each layer's outputs overwrite its inputs batch by batch, so one copy
+exists at a time. Where each layer's weights come from and go to is a `LayerIO`: by default
+they stay in the model; `spap.lazy` loads them from the checkpoint when their turn comes and
+drops them after, and `spap.checkpoint` writes every finished layer to disk so a killed run
+resumes (the finished layers are then run again, unchanged, to rebuild the next inputs).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,7 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .activations import ActivationStore, choose_offload, tensor_bytes
 from .data import heldout_windows
+from .errors import SpapError
 from .models.base import MLPAdapter
 from .solvers.base import LayerProblem, Solver
 from .stats import StatsAccumulator
@@ -96,10 +107,8 @@ def _tensor_to(obj, device):
     return obj
 
 
-@torch.no_grad()
-def capture_layer0_inputs(model, layer0: nn.Module, calib: torch.Tensor, device, batch_size: int):
-    """Run the model on each calibration batch up to layer 0; return a list of
-    (hidden_states, other positional args, kwargs) per batch."""
+def _capture(model, layer0: nn.Module, ids: torch.Tensor, device, batch_size: int):
+    """Yield (hidden_states, other positional args, kwargs) of layer 0, one batch at a time."""
     captured: list[tuple[torch.Tensor, tuple, dict]] = []
 
     def hook(_mod, args, kwargs):
@@ -110,19 +119,79 @@ def capture_layer0_inputs(model, layer0: nn.Module, calib: torch.Tensor, device,
 
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in calib.split(batch_size):
+        for batch in ids.split(batch_size):
             try:
                 model(batch.to(device), use_cache=False)
             except _Stop:
                 pass
+            yield captured.pop()
     finally:
         handle.remove()
-    return captured
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model, layer0: nn.Module, calib: torch.Tensor, device, batch_size: int):
+    """Run the model on each calibration batch up to layer 0; return a list of
+    (hidden_states, other positional args, kwargs) per batch."""
+    return list(_capture(model, layer0, calib, device, batch_size))
+
+
+@torch.no_grad()
+def capture_stores(model, layer0: nn.Module, calib: torch.Tensor | list[torch.Tensor],
+                   probe: torch.Tensor | None, device: torch.device, batch_size: int,
+                   offload: str = "auto") -> tuple[ActivationStore, ActivationStore | None]:
+    """Layer 0's inputs for the calibration and probe windows, each in an ActivationStore.
+    `calib` may be a list of window tensors (e.g. fit and held-out windows), each batched on
+    its own and stored in order. Where the activations live is decided from the first batch's
+    size times the number of tokens (`activations.choose_offload`), before the rest is
+    captured."""
+    parts = [p for p in (calib if isinstance(calib, (list, tuple)) else [calib]) if p.numel()]
+    tokens = sum(p.numel() for p in parts) + (probe.numel() if probe is not None else 0)
+    store: ActivationStore | None = None
+    for part in parts:
+        for b in _capture(model, layer0, part, device, batch_size):
+            if store is None:  # the first batch tells the size of them all
+                per_token = tensor_bytes(b) / b[0].shape[:-1].numel()
+                store = ActivationStore(device, choose_offload(offload, device,
+                                                               int(per_token * tokens)))
+            store.append(*b)
+            del b
+    assert store is not None, "no calibration windows"
+    offload_now = store.offload
+    probes = None
+    if probe is not None:
+        probes = ActivationStore(device, offload_now)
+        for b in _capture(model, layer0, probe, device, batch_size):
+            probes.append(*b)
+    return store, probes
 
 
 def _layer_out(out):
     # transformers 5 decoder layers return a tensor; older ones a tuple (hidden, ...).
     return out[0] if isinstance(out, tuple) else out
+
+
+class LayerIO:
+    """Where decoder layer i's weights come from before it is pruned and go to after.
+
+    The default does nothing: the weights are in the model. `load` is called before layer i is
+    moved to the compute device (`finished`: it was pruned by an earlier, interrupted run of
+    the same settings, and must come back pruned); `save` after a layer is pruned and moved
+    back home; `release` last, when the run no longer needs the layer's weights; `close` once
+    at the end of the run.
+    """
+
+    def load(self, index: int, layer: nn.Module, finished: bool) -> None:
+        pass
+
+    def save(self, index: int, layer: nn.Module, record: LayerRecord) -> None:
+        pass
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        pass
+
+    def close(self) -> None:
+        """Called once when the run ends, also when it fails: finish pending work."""
 
 
 @torch.no_grad()
@@ -139,33 +208,54 @@ def prune_layers(
     progress: bool = False,
     layer_limit: int | None = None,
     probe: torch.Tensor | None = None,
+    offload: str = "auto",
+    io: LayerIO | None = None,
+    finished: list[LayerRecord] | None = None,
+    monitor=None,
+    info: dict[str, Any] | None = None,
 ) -> list[LayerRecord]:
     """Prune every decoder layer's MLP in place; returns one record per layer.
 
     `layer_limit` prunes only the first N layers (quick smoke runs); the rest are kept dense.
     `probe` (n_probe, seqlen_probe) token windows are propagated through the pruned layers like
     the calibration batches, but used for nothing except each record's `rel_error_heldout`.
+    `offload` ("auto", "cpu", "device") says where the activations live (see activations.py).
+    `io` loads, saves and releases each layer's weights (default: they stay in the model).
+    `finished` are the records of layers 0..k-1 pruned by an interrupted run: `io` loads them
+    pruned and they are only run, to rebuild layer k's inputs. `monitor` (a
+    memory.MemoryMonitor) is sampled at every layer; `info`, when given, receives where the
+    activations lived, their size, and the seconds the layer-0 capture took.
     """
     device = torch.device(device)
+    io = io if io is not None else LayerIO()
+    finished = finished or []
     layers = adapter.layers(model)
     home = next(model.parameters()).device
     _move_outside_layers(model, layers, device)
-    layers[0].to(device)
-    n_held = heldout_windows(calib.shape[0])
-    n_fit = calib.shape[0] - n_held
     try:
-        # fit windows and held-out windows in separate batches, held-out last
-        batches = capture_layer0_inputs(model, layers[0], calib[:n_fit], device, batch_size)
-        held_batches = (capture_layer0_inputs(model, layers[0], calib[n_fit:], device,
-                                              batch_size) if n_held else [])
-        heldout = (len(held_batches), n_held * calib.shape[1])
-        batches += held_batches
-        probes = (capture_layer0_inputs(model, layers[0], probe, device, batch_size)
-                  if probe is not None else None)
-        layers[0].to(home)
+        # Layer 0's weights are not needed to capture its inputs: the hook stops before it runs.
+        t0 = time.perf_counter()
+        # fit windows and held-out windows batched apart, held-out last
+        n_held = heldout_windows(calib.shape[0])
+        n_fit = calib.shape[0] - n_held
+        batches, probes = capture_stores(model, layers[0], [calib[:n_fit], calib[n_fit:]],
+                                         probe, device, batch_size, offload)
+        heldout = (math.ceil(n_held / batch_size), n_held * calib.shape[1])
+        if info is not None:
+            info["capture_s"] = time.perf_counter() - t0
+            info["activations"] = {
+                "where": batches.where, "mode": offload,
+                "calibration_bytes": batches.nbytes,
+                "probe_bytes": probes.nbytes if probes is not None else 0,
+            }
+        if monitor is not None:
+            monitor.sample()
         # the dense model's own hidden states, for solvers whose target is the dense model's
         # MLP output (rather than the dense MLP on the pruned model's inputs)
-        dense = list(batches) if getattr(solver, "needs_dense_stream", False) else None
+        dense = batches.clone() if getattr(solver, "needs_dense_stream", False) else None
+        if dense is not None and finished:
+            raise SpapError("resuming a run whose recovery targets the dense model's outputs "
+                            "(recovery_target=model) is not supported; rerun with --restart")
         records = []
         todo = len(layers) if layer_limit is None else min(layer_limit, len(layers))
         bar = range(todo)
@@ -174,19 +264,40 @@ def prune_layers(
 
             bar = tqdm(bar, desc=f"pruning ({solver.name})", unit="layer")
         for i in bar:
+            done_before = i < len(finished)
+            io.load(i, layers[i], done_before)
             layer = layers[i].to(device)
-            rec, batches, probes = _prune_one(adapter, layer, i, batches, solver, sparsity,
-                                              round_to, probes, heldout, dense)
+            if done_before:  # pruned by the interrupted run: only rebuild the next inputs
+                rec = finished[i]
+                _propagate(layer, batches)
+                if probes is not None:
+                    _propagate(layer, probes)
+            else:
+                rec, batches, probes = _prune_one(adapter, layer, i, batches, solver, sparsity,
+                                                  round_to, probes, heldout, dense)
             layers[i].to(home)
+            if not done_before:
+                io.save(i, layers[i], rec)
+            io.release(i, layers[i])
             records.append(rec)
+            if monitor is not None:
+                monitor.sample()
             log.info(
-                "layer %d: kept %d/%d, relative error %.4g%s", i, rec.kept, rec.width_before,
+                "layer %d: kept %d/%d, relative error %.4g%s%s", i, rec.kept, rec.width_before,
                 rec.rel_error,
                 "" if rec.rel_error_heldout is None else f", held-out {rec.rel_error_heldout:.4g}",
+                " (resumed)" if done_before else "",
             )
             if progress:
                 bar.set_postfix(err=f"{rec.rel_error:.3g}")
+        io.close()
         return records
+    except BaseException:
+        try:
+            io.close()  # the layer being written is kept for a resume
+        except Exception as exc:
+            log.warning("could not finish writing the last layer: %s", exc)
+        raise
     finally:
         _move_outside_layers(model, layers, home)
 
@@ -196,9 +307,16 @@ def _run(layer, batches):
 
 
 def _propagate(layer, batches):
-    """The next layer's inputs: this layer's outputs with the same extra arguments."""
-    outs = _run(layer, batches)
-    return [(o, a, kw) for o, (_, a, kw) in zip(outs, batches)]
+    """The next layer's inputs: this layer's outputs with the same extra arguments, written in
+    place of this layer's inputs batch by batch (so only one full copy exists). `batches` is an
+    ActivationStore or a plain list of (hidden, args, kwargs); it is returned."""
+    for j, (hidden, args, kwargs) in enumerate(batches):
+        out = _layer_out(layer(hidden, *args, **kwargs))
+        if isinstance(batches, ActivationStore):
+            batches.put(j, out)
+        else:
+            batches[j] = (out, args, kwargs)
+    return batches
 
 
 def _ratio(err: torch.Tensor) -> float:
@@ -226,7 +344,7 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
             lambda _m, _a, out: dense_targets.append(out.detach().reshape(-1, out.shape[-1])
                                                      .clone()))
         try:
-            dense[:] = _propagate(layer, dense)
+            _propagate(layer, dense)
         finally:
             hook.remove()
     if k == n:  # nothing to prune: the layer must stay bit-identical

@@ -1,0 +1,229 @@
+"""A model larger than host memory: built without weights, loaded one decoder layer at a time.
+
+`empty_model` builds the architecture from its config with every parameter on the meta device
+(accelerate's `init_empty_weights`; buffers such as rotary tables stay real, they are computed
+from the config, not loaded). `CheckpointReader` reads tensors by name from the checkpoint's
+safetensors files, a single `model.safetensors` or the shards a `model.safetensors.index.json`
+names, through safetensors' `safe_open`, which maps the file and copies out only the tensors
+asked for. `load_outside_layers` fills the embeddings, final norm and head; `LazyLayers` (a
+`pipeline.LayerIO`) fills decoder layer i when its turn comes and, once the pruned layer is
+written to the run folder, turns it back into meta tensors (keeping its new shapes, so the
+model still describes the pruned architecture). At most one layer's weights are resident.
+
+Tensor names are the model's `state_dict` names, which for the supported families are the
+names `save_pretrained` writes; `saved_names` drops tied duplicates (the LM head of a model
+with tied embeddings) exactly as `save_pretrained` does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointIO, RunFolder, layer_prefix
+from .errors import SpapError
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointReader:
+    """Tensors of a safetensors checkpoint folder, read by name on demand."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        single = self.folder / SINGLE_FILE
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.folder / f for name, f in weight_map.items()}
+        elif single.exists():
+            with safe_open(single, framework="pt") as f:
+                self.files = {name: single for name in f.keys()}  # noqa: SIM118
+        else:
+            raise SpapError(
+                f"'{self.folder}' has neither {SINGLE_FILE} nor {INDEX_FILE}; --low-memory "
+                "reads safetensors checkpoints (re-save the model with save_pretrained, or "
+                "drop --low-memory)"
+            )
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def resolve(self, name: str, base_prefix: str | None) -> str | None:
+        """The checkpoint's name for model tensor `name`: itself, or without the base model
+        prefix (checkpoints saved from the bare base model, e.g. facebook/opt-*)."""
+        if name in self.files:
+            return name
+        if base_prefix and name.startswith(base_prefix + "."):
+            short = name[len(base_prefix) + 1:]
+            if short in self.files:
+                return short
+        return None
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """{name: tensor on the CPU} for checkpoint names `names`, one file opened at a time."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for path, group in by_file.items():
+            with safe_open(path, framework="pt") as f:
+                for n in group:
+                    out[n] = f.get_tensor(n)
+        return out
+
+    def fingerprint(self, names: list[str]) -> str:
+        """A hash of the bytes of a few tensors: tells two checkpoints with the same config
+        apart without reading all of them."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.load(names).items()):
+            h.update(name.encode())
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def empty_model(config, dtype: torch.dtype):
+    """The causal-LM architecture of `config` with its parameters on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():  # buffers (rotary tables) are built for real, from the config
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def assign_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Set `module`'s parameters and buffers named (relative to it) in `tensors`, of any shape,
+    replacing meta or dense ones; a Linear whose weight changes shape gets its new sizes."""
+    for name, t in tensors.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
+        elif attr in owner._buffers:
+            owner._buffers[attr] = t
+        else:
+            raise KeyError(f"{type(owner).__name__} has no parameter or buffer '{attr}' ({name})")
+        if isinstance(owner, nn.Linear) and attr == "weight":
+            owner.out_features, owner.in_features = t.shape
+
+
+def _load_into(model: nn.Module, module: nn.Module, prefix: str, reader: CheckpointReader,
+               ) -> None:
+    """Fill `module` (whose state_dict names start with `prefix` in the model) from `reader`,
+    converting to each tensor's dtype in the model, as from_pretrained does."""
+    base = getattr(model, "base_model_prefix", None)
+    targets = module.state_dict()
+    names = {rel: reader.resolve(prefix + rel, base) for rel in targets}
+    missing = [prefix + rel for rel, src in names.items() if src is None]
+    if missing:
+        raise _missing(missing, reader)
+    loaded = reader.load(list(names.values()))
+    assign_tensors(module, {rel: loaded[src].to(targets[rel].dtype) for rel, src in names.items()})
+
+
+def _missing(missing: list[str], reader: CheckpointReader) -> SpapError:
+    return SpapError(
+        f"the checkpoint in '{reader.folder}' lacks {len(missing)} tensor(s) the model needs, "
+        f"e.g. '{missing[0]}'; is it a complete save_pretrained folder?"
+    )
+
+
+def _tied_targets(model) -> dict[str, str]:
+    """{tied name: source name} of the weights this model ties (none if untied)."""
+    return dict(getattr(model, "all_tied_weights_keys", None) or {})
+
+
+def layers_name(model: nn.Module, layers: nn.ModuleList) -> str:
+    """The qualified name of the decoder-layer list in the model (e.g. "model.layers")."""
+    for name, m in model.named_modules():
+        if m is layers:
+            return name
+    raise ValueError("the decoder layers are not a submodule of the model")
+
+
+@torch.no_grad()
+def load_outside_layers(model: nn.Module, layers: nn.ModuleList, reader: CheckpointReader,
+                        ) -> None:
+    """Load every tensor that is not inside a decoder layer, then tie weights as
+    from_pretrained does (a tied head is then the embedding itself, not read)."""
+    inside = layers_name(model, layers) + "."
+    tied = _tied_targets(model)
+    base = getattr(model, "base_model_prefix", None)
+    wanted = {n: t for n, t in model.state_dict().items() if not n.startswith(inside)}
+    names, missing = {}, []
+    for n in wanted:
+        found = reader.resolve(n, base)
+        if found is not None:
+            names[n] = found
+        elif n not in tied:
+            missing.append(n)
+    if missing:
+        raise _missing(missing, reader)
+    loaded = reader.load(list(names.values()))
+    assign_tensors(model, {n: loaded[src].to(wanted[n].dtype) for n, src in names.items()})
+    if tied:
+        model.tie_weights()
+
+
+def saved_names(model: nn.Module) -> list[str]:
+    """The tensor names `save_pretrained` writes for `model`: its state_dict without the tied
+    duplicates."""
+    tied = _tied_targets(model)
+    by_id: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(n)
+    drop = set()
+    for group in by_id.values():
+        if len(group) > 1:
+            drop.update(n for n in group if n in tied)
+    return [n for n in model.state_dict() if n not in drop]
+
+
+class LazyLayers(CheckpointIO):
+    """Layer weights from the checkpoint when their turn comes, released after the run folder
+    has the pruned layer (a finished layer comes back from the run folder, pruned)."""
+
+    def __init__(self, run: RunFolder, model: nn.Module, layers: nn.ModuleList,
+                 reader: CheckpointReader):
+        super().__init__(run, model, layers)
+        self.model = model
+        self.reader = reader
+
+    def load(self, index: int, layer: nn.Module, finished: bool) -> None:
+        if finished:
+            super().load(index, layer, finished)
+        else:
+            _load_into(self.model, layer, self.prefix(index), self.reader)
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        from .memory import trim_host_heap
+
+        layer.to("meta")  # frees the weights; the shapes (pruned) stay
+        trim_host_heap()
+
+
+def model_identity(source: str, config, reader: CheckpointReader, model: nn.Module,
+                   layers: nn.ModuleList, out_weight: str) -> dict[str, Any]:
+    """What identifies the dense model of a lazy run: its source, config and a fingerprint of
+    the first and last layers' down projections (as the in-memory `checkpoint` one does)."""
+    from .checkpoint import config_hash
+
+    base = getattr(model, "base_model_prefix", None)
+    names = [reader.resolve(layer_prefix(model, layers, i) + out_weight, base)
+             for i in (0, len(layers) - 1)]
+    return {"source": source, "config_sha": config_hash(config),
+            "fingerprint": reader.fingerprint([n for n in names if n is not None])}

@@ -1,0 +1,168 @@
+"""The output of a low-memory run: a standard sharded checkpoint assembled from the run folder.
+
+Every finished layer is already a safetensors file in the run folder (spap.checkpoint); here
+they become the shards of the output as `save_pretrained` would name them:
+`model-00001-of-000NN.safetensors` holds the tensors outside the decoder layers (embeddings,
+final norm, an untied head; a tied head is not written, as save_pretrained leaves it out) and
+shard i + 2 holds layer i. `model.safetensors.index.json` maps every name to its shard, with
+the same metadata save_pretrained writes (total_parameters, total_size), and config.json
+(carrying the new MLP width), generation_config.json, the tokenizer and spap.json complete the
+folder, so stock `AutoModelForCausalLM.from_pretrained(out)` loads it.
+
+Shards are hard links to the layer files (copies where the file system has none), so until
+the final rename the run folder still resumes; a layer that needs zero biases added (a method
+that gave the down projection a bias, in a family whose config flag then adds biases to every
+MLP linear) is written anew with them.
+
+The whole model is never in memory, so the reload check of `export.save_pruned` (logits of
+the reloaded model against the pruned one) is replaced by a structural one: the saved config
+is built on the meta device and its tensor names, shapes and dtypes must be exactly those the
+shards hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import STATE_FILE, RunFolder, relative_name
+from .export import REPORT_NAME, check_output_dir
+from .lazy import INDEX_FILE, empty_model, saved_names
+
+METADATA = {"format": "pt"}
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+          "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def shard_name(k: int, total: int) -> str:
+    return f"model-{k:05d}-of-{total:05d}.safetensors"
+
+
+def _header(path: Path) -> dict[str, tuple[list[int], str]]:
+    """{name: (shape, safetensors dtype)} of a file, without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {n: (f.get_slice(n).get_shape(), f.get_slice(n).get_dtype()) for n in f.keys()}  # noqa: SIM118
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _layer_shard(model: nn.Module, run: RunFolder, index: int, prefix: str,
+                 expected: list[str], target: Path) -> None:
+    """Layer `index`'s file as shard `target`, with zero biases added where the model has a
+    bias the file lacks (surgery.add_missing_biases added them to the meta model)."""
+    from safetensors.torch import load_file, save_file
+
+    src = run.layer_file(index)
+    have = set(_header(src))
+    missing = [n for n in expected if n not in have]
+    extra = sorted(have - set(expected))
+    if extra or any(not n.endswith(".bias") for n in missing):
+        raise RuntimeError(f"layer {index} file does not match the model (missing {missing}, "
+                           f"extra {extra}); this is a bug in spap, please report it")
+    if not missing:
+        _link_or_copy(src, target)
+        return
+    tensors = load_file(str(src))
+    for n in missing:
+        p = model.get_parameter(n)
+        tensors[n] = torch.zeros(p.shape, dtype=p.dtype)
+    tmp = target.with_name(f".{target.name}.tmp")
+    save_file(tensors, str(tmp), metadata=METADATA)
+    os.replace(tmp, target)
+
+
+def check_structure(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """The saved config, built on the meta device, expects exactly the tensors the shards hold
+    (names, shapes, dtypes); raises RuntimeError otherwise."""
+    from transformers import AutoConfig
+
+    ref = empty_model(AutoConfig.from_pretrained(folder), dtype)
+    if getattr(ref, "all_tied_weights_keys", None):
+        ref.tie_weights()
+    sd = ref.state_dict()
+    want = {n: list(sd[n].shape) for n in saved_names(ref)}
+    index = json.loads((folder / INDEX_FILE).read_text())
+    got: dict[str, list[int]] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        for n, (shape, _) in _header(folder / shard).items():
+            if index["weight_map"].get(n) != shard:
+                raise RuntimeError(f"{n} is in {shard} but the index says otherwise")
+            got[n] = shape
+    bad = sorted(n for n in set(want) | set(got) if want.get(n) != got.get(n))
+    if bad:
+        raise RuntimeError(f"saved tensors do not match the saved config at {bad[:3]} "
+                           f"({len(bad)} in all); this is a bug in spap, please report it")
+    return {"kind": "structure: names and shapes of the shards against the saved config "
+                    "built on the meta device (the model was never whole in memory)",
+            "tensors": len(got), "shards": len(set(index["weight_map"].values())), "ok": True}
+
+
+def write_sharded(model: nn.Module, layers: nn.ModuleList, run: RunFolder, tokenizer,
+                  generation_config, report: dict[str, Any], out: str | os.PathLike, *,
+                  overwrite: bool = False) -> Path:
+    """Assemble the run folder into the output folder `out` (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    out = check_output_dir(out, overwrite)
+    names = saved_names(model)
+    prefix = relative_name(model, layers) + "."
+    n_shards = len(layers) + 1
+    folder = run.path
+    weight_map: dict[str, str] = {}
+    sd = model.state_dict()
+    outside = sorted(n for n in names if not n.startswith(prefix))
+    if any(sd[n].is_meta for n in outside):
+        raise RuntimeError("tensors outside the decoder layers were never loaded; a bug in spap")
+    first = shard_name(1, n_shards)
+    tmp = folder / f".{first}.tmp"
+    save_file({n: sd[n].detach().cpu().contiguous() for n in outside}, str(tmp),
+              metadata=METADATA)
+    os.replace(tmp, folder / first)
+    weight_map.update(dict.fromkeys(outside, first))
+    for i in range(len(layers)):
+        lp = f"{prefix}{i}."
+        expected = [n for n in names if n.startswith(lp)]
+        target = shard_name(i + 2, n_shards)
+        _layer_shard(model, run, i, lp, expected, folder / target)
+        weight_map.update(dict.fromkeys(expected, target))
+    total_size = 0
+    for shard in set(weight_map.values()):
+        for shape, dt in _header(folder / shard).values():
+            total_size += _BYTES[dt] * (int(torch.Size(shape).numel()))
+    index = {"metadata": {"total_parameters": sum(p.numel() for p in model.parameters()),
+                          "total_size": total_size},
+             "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    # config and generation config as save_pretrained writes them
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    report["reload_check"] = check_structure(folder, model.dtype)
+    with open(folder / REPORT_NAME, "w") as f:
+        json.dump(report, f, indent=2)
+    # the run is complete: what only resuming needed goes, and the folder becomes the output
+    shutil.rmtree(run.layers_dir)
+    (folder / STATE_FILE).unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(folder, out)
+    return out

@@ -91,7 +91,8 @@ class TestAdapterContract:
         torch.testing.assert_close(logits(model, ids), logits(zeroed, ids), rtol=1e-5, atol=1e-5)
 
         model = copy.deepcopy(dense)
-        res = spap.prune(model, calib_ids=calib, sparsity=0.5,
+        # enough held-out tokens (one window of 32) for recovery to pay on every family
+        res = spap.prune(model, calib_ids=random_ids(8, 32, seed=1), sparsity=0.5,
                          method_options={"recovery_epochs": 2})
         # recovery rewrote input rows (fused halves included) in at least one layer
         assert any(r.info.get("recovery_epochs", 0) > 0 for r in res.layers)

@@ -39,7 +39,7 @@ def deep_model(family: str, layers: int = 4, seed: int = 0):
 @pytest.fixture
 def calib_file(tmp_path):
     p = tmp_path / "calib.txt"
-    p.write_text(TEXT * 40)
+    p.write_text("\n\n".join(f"{i}. {TEXT * 4}" for i in range(40)))  # splits 36 / 4
     return p
 
 

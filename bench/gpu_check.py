@@ -61,8 +61,8 @@ if str(ROOT / "src") not in sys.path:  # works with or without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
 
 CONFIG = ROOT / "bench" / "configs" / "qwen2.5-0.5b.json"
-DEFAULT_METHODS = ("wanda-sp,spap-fast=spap:starts=obs;iters=0,spap-greedy=spap:iters=0,spap,"
-                   "obs,fasp")
+DEFAULT_METHODS = ("wanda-sp,spap-fast=spap:starts=obs;recovery=none,"
+                   "spap-norec=spap:recovery=none,spap,obs,obs-ridge=obs:refit=ridge,fasp")
 TINY_TIMING = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=256, vocab_size=1000,
                    num_attention_heads=4, num_key_value_heads=2)
 CORRECTNESS_FAMILIES = ("llama", "qwen2", "opt")

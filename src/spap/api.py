@@ -13,7 +13,7 @@ import torch
 
 from .activations import OFFLOAD_MODES
 from .config import CalibConfig, PruneConfig
-from .data import calibration_windows, load_text, token_hash, tokenize
+from .data import calibration_windows, heldout_windows, load_text, token_hash, tokenize
 from .errors import SpapError
 from .memory import MemoryMonitor
 from .models import get_adapter
@@ -65,6 +65,10 @@ def calibration_ids(tokenizer, calib: CalibConfig) -> tuple[torch.Tensor, dict[s
         "seed": calib.seed,
         "tokens": int(ids.numel()),
         "token_hash": token_hash(ids),
+        "windows_overlap": False,
+        "heldout_windows": heldout_windows(calib.nsamples),
+        "heldout_rule": "the last windows (1/8), never fit; they choose the ridge and the "
+                        "recovery length",
     }
     return ids, desc
 

@@ -158,7 +158,8 @@ def prune(
     else:
         calib_desc = {"source": "given ids", "nsamples": int(calib_ids.shape[0]),
                       "seqlen": int(calib_ids.shape[1]), "tokens": int(calib_ids.numel()),
-                      "token_hash": token_hash(calib_ids)}
+                      "token_hash": token_hash(calib_ids),
+                      "heldout_windows": heldout_windows(int(calib_ids.shape[0]))}
     t1 = time.perf_counter()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     params_before = count_params(model)

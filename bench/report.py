@@ -222,7 +222,8 @@ def speed_section(model: str, d: dict) -> list[str]:
 def tradeoff_section(model: str, d: dict) -> list[str]:
     """Perplexity against pruning time for every run of one ablation file (same process, same
     sparsity, same machine load as far as sparsity-major order allows), with a scatter plot."""
-    recs = [r for r in d["records"] if r["ppl"] is not None]
+    top = max((r["sparsity"] for r in d["records"]), default=None)
+    recs = [r for r in d["records"] if r["ppl"] is not None and r["sparsity"] == top]
     wanda = next((r for r in recs if r["method"] == "wanda-sp"), None)
     spars = ", ".join(sorted({f"{r['sparsity']:g}" for r in recs}))
     lines = [f"### {model}: perplexity against pruning time at sparsity {spars}", "",
@@ -358,7 +359,7 @@ def main() -> None:
     for title, pattern, fn in [
         ("## Perplexity: SPAP against the baselines", "compare-*.json", compare_section),
         ("## Ablation: what each piece of SPAP contributes", "ablation-*.json", compare_section),
-        ("## Trade-off: perplexity against pruning time", "ablation-*.json", tradeoff_section),
+        ("## Trade-off: perplexity against pruning time", "compare-*.json", tradeoff_section),
         ("## GPU: correctness, pruning time at 128 x 2048, speed", "gpu-*.json",
          gpu_section),
         ("## Zero-shot accuracy", "zeroshot-*.json", zeroshot_section),
@@ -370,7 +371,7 @@ def main() -> None:
         parts += [title, ""]
         for model, d in found:
             parts += [*fn(model, d), ""]
-        if pattern == "compare-*.json":
+        if fn is compare_section and pattern == "compare-*.json":
             sweep = load("sweep-*.json") + [(m, d) for m, d in found if m == "smollm2-135m"]
             if len(sweep) > 1:
                 parts += ["## The margin as a function of calibration data", "",

@@ -310,6 +310,10 @@ def compare(
                                        for layer in layers),
                 "seconds_eval": ev["seconds"],
                 "options": rep["options"],
+                # what each layer chose out of sample (None where the method chooses nothing)
+                "layer_ridge": [layer["info"].get("ridge") for layer in layers],
+                "layer_recovery_epochs": [layer["info"].get("recovery_epochs")
+                                          for layer in layers],
                 "saved": saved,
             }
             result["records"].append(rec)

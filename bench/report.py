@@ -326,13 +326,33 @@ def gpu_section(name: str, d: dict) -> list[str]:
     return lines
 
 
+def _with_reference(model: str, d: dict) -> dict:
+    """An ablation file with the compare table's spap and strongest-baseline records of the
+    same sparsity added, when both saw the same calibration, evaluation and probe tokens."""
+    path = RES / f"compare-{model}.json"
+    if not path.exists():
+        return d
+    c = json.loads(path.read_text())
+    keys = [("calibration", "token_hash"), ("eval", "token_hash"), ("probe", "token_hash")]
+    if any((c["protocol"].get(a) or {}).get(b) != (d["protocol"].get(a) or {}).get(b)
+           for a, b in keys):
+        return d
+    spars = {r["sparsity"] for r in d["records"]}
+    have = {r["method"] for r in d["records"]}
+    extra = [r for r in c["records"] if r["sparsity"] in spars and r["method"] not in have
+             and r["method"] in ("spap", "obs-ridge", "wanda-sp")]
+    return {**d, "records": extra + d["records"]}
+
+
 def sweep_section(files: list[tuple[str, dict]]) -> list[str]:
     """The calibration-size sweep (bench/sweep.sh) plus the compare table's own size: SPAP's
     gap against the strongest baseline variant as a function of calibration tokens."""
     rows = []
+    swept = {r["sparsity"] for m, d in files if m.startswith("smollm2-135m-n")
+             for r in d["records"]}
     for _, d in files:
         by = {(r["method"], r["sparsity"]): r for r in d["records"]}
-        for s in sorted({r["sparsity"] for r in d["records"]}):
+        for s in sorted({r["sparsity"] for r in d["records"]} & swept):
             sp = by.get(("spap", s))
             base = [r for (m, ss), r in by.items() if ss == s and _is_baseline(r)
                     and r["ppl"] is not None]
@@ -368,6 +388,8 @@ def main() -> None:
         found = load(pattern)
         if not found:
             continue
+        if pattern == "ablation-*.json":
+            found = [(m, _with_reference(m, d)) for m, d in found]
         parts += [title, ""]
         for model, d in found:
             parts += [*fn(model, d), ""]

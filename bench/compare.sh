@@ -15,12 +15,15 @@
 # interrupted run on 2 cores still has the comparison that matters.
 #   usage: bench/compare.sh [smollm2-135m|qwen2.5-coder-0.5b ...]
 #   SAVE_MODELS=DIR also saves every pruned model (for bench/zeroshot.py)
+#   COMPARE_METHODS= (empty) skips the first pass, EXTRA_METHODS= the second
+#   MERGE=1 adds the records to an existing compare-<model>.json (other sparsities, say
+#   SPARSITIES=0.3) instead of replacing it; the protocols must match
 # Set OMP_NUM_THREADS=1 to run two models side by side on two cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPAP=${SPAP:-.venv/bin/spap}
 MODELS=${*:-smollm2-135m qwen2.5-coder-0.5b}
-METHODS=${COMPARE_METHODS:-spap,obs-ridge=obs:refit=ridge,obs,wanda-sp}
+METHODS=${COMPARE_METHODS-spap,obs-ridge=obs:refit=ridge,obs,wanda-sp}
 EXTRA=${EXTRA_METHODS-fasp-ridge=fasp:refit=ridge,flap}
 for m in $MODELS; do
   case $m in
@@ -31,12 +34,16 @@ for m in $MODELS; do
   out=bench/results/compare-$m
   for pass in main extra; do
     list=$METHODS; json=$out.json
-    if [ $pass = extra ]; then list=$EXTRA; json=$out-extra.json; fi
+    if [ $pass = extra ]; then list=$EXTRA; fi
     [ -n "$list" ] || continue
+    merge=
+    if [ $pass = extra ] || { [ -n "${MERGE-}" ] && [ -f "$out.json" ]; }; then
+      json=$out-$pass.json; merge=1
+    fi
     $SPAP compare "$m" --methods "$list" \
       --sparsities "${SPARSITIES:-0.5,0.3}" $SIZES --device cpu \
       ${SAVE_MODELS:+--save-models "$SAVE_MODELS/$m"} --json "$json"
-    if [ $pass = extra ]; then .venv/bin/python bench/merge_compare.py "$out.json" "$json"; fi
+    if [ -n "$merge" ]; then .venv/bin/python bench/merge_compare.py "$out.json" "$json"; fi
   done
   .venv/bin/python -c "import json, spap.compare as c; c.plot(json.load(open('$out.json')), '$out.png')"
 done

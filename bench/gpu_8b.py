@@ -50,7 +50,6 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +58,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # works with or without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
+if str(ROOT / "bench") not in sys.path:  # also when loaded from a file spec (the tests)
+    sys.path.insert(0, str(ROOT / "bench"))
+from gpu_results import T_START, Results, log  # noqa: E402
 
 CONFIG = ROOT / "bench" / "configs" / "llama-3.1-8b.json"
 
@@ -80,12 +82,7 @@ TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=256, vocab_si
             eos_token_id=2)
 GIB = 2**30
 
-T_START = time.perf_counter()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T_START:7.1f}s] {msg}", flush=True)
 
 
 def _gib(x: float | None) -> float | None:
@@ -94,36 +91,6 @@ def _gib(x: float | None) -> float | None:
 
 def _f(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
-
-
-class Results:
-    def __init__(self, out: Path, args: argparse.Namespace):
-        self.path = out / "gpu_8b.json"
-        self.data: dict[str, Any] = {"args": vars(args), "steps": {}}
-        out.mkdir(parents=True, exist_ok=True)
-        self.write()
-
-    def write(self) -> None:
-        self.data["elapsed_s"] = time.perf_counter() - T_START
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(tmp, self.path)
-
-    def step(self, name: str, fn: Callable[[dict[str, Any]], None]) -> None:
-        rec: dict[str, Any] = {}
-        self.data[name] = rec
-        status = self.data["steps"][name] = {"ok": None}
-        log(f"== step {name}")
-        t0 = time.perf_counter()
-        try:
-            fn(rec)
-            status["ok"] = True
-        except Exception as exc:  # recorded, never fatal
-            status.update(ok=False, error=f"{type(exc).__name__}: {exc}",
-                          traceback=traceback.format_exc())
-            log(f"step {name} FAILED: {type(exc).__name__}: {exc}")
-        status["seconds"] = time.perf_counter() - t0
-        self.write()
 
 
 def sync(device: torch.device) -> None:
@@ -412,7 +379,7 @@ def main(argv=None) -> int:
         hf_logging.disable_progress_bar()
     except Exception:
         pass
-    results = Results(Path(args.out), args)
+    results = Results(Path(args.out), "gpu_8b.json", args)
     results.data["device"] = str(device)
     if device.type == "cuda":
         results.data["gpu"] = torch.cuda.get_device_name(device)

@@ -59,6 +59,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # works with or without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
+if str(ROOT / "bench") not in sys.path:  # also when loaded from a file spec (the tests)
+    sys.path.insert(0, str(ROOT / "bench"))
+from gpu_results import T_START, Results, log  # noqa: E402
 
 CONFIG = ROOT / "bench" / "configs" / "qwen2.5-0.5b.json"
 DEFAULT_METHODS = ("wanda-sp,spap-fast=spap:starts=obs;recovery=none,"
@@ -69,54 +72,10 @@ CORRECTNESS_FAMILIES = ("llama", "qwen2", "opt")
 CORRECTNESS_METHODS = ("spap", "obs", "wanda-sp")
 HEAVY_OPTIONAL = ("datasets", "lm_eval", "matplotlib", "pandas", "scipy")
 
-T_START = time.perf_counter()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the GPU machine has no network: fail fast
 
 
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T_START:7.1f}s] {msg}", flush=True)
-
-
 # ---- results file ---------------------------------------------------------------------------
-class Results:
-    """The JSON document, rewritten atomically after every step and run."""
-
-    def __init__(self, out: Path, args: argparse.Namespace):
-        self.path = out / "gpu_check.json"
-        self.data: dict[str, Any] = {"args": vars(args), "steps": {}}
-        out.mkdir(parents=True, exist_ok=True)
-        self.write()
-
-    def write(self) -> None:
-        self.data["elapsed_s"] = time.perf_counter() - T_START
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=2, default=_json_default))
-        os.replace(tmp, self.path)
-
-    def step(self, name: str, fn: Callable[[dict[str, Any]], None]) -> None:
-        """Run fn(record) guarded; the record is stored as data[name]."""
-        record: dict[str, Any] = {}
-        self.data[name] = record
-        status = self.data["steps"][name] = {"ok": None}
-        log(f"== step {name}")
-        t0 = time.perf_counter()
-        try:
-            fn(record)
-            status["ok"] = True
-        except Exception as exc:  # recorded, never fatal
-            status.update(ok=False, error=f"{type(exc).__name__}: {exc}",
-                          traceback=traceback.format_exc())
-            log(f"step {name} FAILED: {type(exc).__name__}: {exc}")
-        status["seconds"] = time.perf_counter() - t0
-        self.write()
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (torch.dtype, torch.device, Path)):
-        return str(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    return repr(o)
 
 
 def guarded(record: dict[str, Any], key: str, fn: Callable[[], dict[str, Any]]) -> None:
@@ -637,7 +596,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    results = Results(Path(args.out), args)
+    results = Results(Path(args.out), "gpu_check.json", args)
     try:  # the save/reload bars would crowd the log
         from transformers.utils import logging as hf_logging
 

@@ -51,6 +51,9 @@ def main() -> None:
                     help="folder of models saved by spap compare --save-models")
     ap.add_argument("--models", default=None,
                     help="with --saved: comma-separated subfolder names (e.g. spap-0.3)")
+    ap.add_argument("--add", action="store_true",
+                    help="add these tasks to the existing results file (same limit and "
+                         "calibration tokens) instead of replacing it")
     args = ap.parse_args()
 
     out = Path(__file__).parent / "results" / f"zeroshot-{args.model}.json"
@@ -63,13 +66,19 @@ def main() -> None:
         k, v = kv.split("=", 1)
         opts.setdefault(m, {})[k] = spap.config._parse_value(v)
     result = {"model": args.model, "limit": args.limit, "calibration": calib, "models": {}}
+    if args.add and out.exists():
+        result = json.loads(out.read_text())
+        if (result["limit"], result["calibration"]["token_hash"]) != (args.limit,
+                                                                      calib["token_hash"]):
+            raise SystemExit(f"{out}: another limit or calibration; --add refused")
 
     def record(name, model, extra):
         t0 = time.perf_counter()
         zs = zero_shot(model, tok, tasks, limit=args.limit, batch_size=args.batch_size)
         result["lm_eval_version"] = zs["lm_eval_version"]
-        result["models"][name] = {**extra, "tasks": zs["tasks"],
-                                  "seconds": time.perf_counter() - t0}
+        old = result["models"].get(name, {})
+        result["models"][name] = {**old, **extra, "tasks": {**old.get("tasks", {}), **zs["tasks"]},
+                                  "seconds": old.get("seconds", 0) + time.perf_counter() - t0}
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=2))
         os.replace(tmp, out)

@@ -1,0 +1,64 @@
+"""What bench/gpu_check.py and bench/gpu_8b.py share: a timestamped log and the results
+document, a JSON file rewritten atomically after every step, where a failed step is recorded
+(error and traceback) and the next one runs. On the GPU machine a run may be cut off at its
+time limit; whatever finished is then already on disk."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+T_START = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T_START:7.1f}s] {msg}", flush=True)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (torch.dtype, torch.device, Path)):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return repr(o)
+
+
+class Results:
+    """The JSON document `<out>/<name>`, rewritten atomically after every step and run."""
+
+    def __init__(self, out: Path, name: str, args: argparse.Namespace):
+        self.path = out / name
+        self.data: dict[str, Any] = {"args": vars(args), "steps": {}}
+        out.mkdir(parents=True, exist_ok=True)
+        self.write()
+
+    def write(self) -> None:
+        self.data["elapsed_s"] = time.perf_counter() - T_START
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=2, default=_json_default))
+        os.replace(tmp, self.path)
+
+    def step(self, name: str, fn: Callable[[dict[str, Any]], None]) -> None:
+        """Run fn(record) guarded; the record is stored as data[name]."""
+        record: dict[str, Any] = {}
+        self.data[name] = record
+        status = self.data["steps"][name] = {"ok": None}
+        log(f"== step {name}")
+        t0 = time.perf_counter()
+        try:
+            fn(record)
+            status["ok"] = True
+        except Exception as exc:  # recorded, never fatal
+            status.update(ok=False, error=f"{type(exc).__name__}: {exc}",
+                          traceback=traceback.format_exc())
+            log(f"step {name} FAILED: {type(exc).__name__}: {exc}")
+        status["seconds"] = time.perf_counter() - t0
+        self.write()

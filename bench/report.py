@@ -373,6 +373,42 @@ def sweep_section(files: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def recovery_memory_section(name: str, d: dict) -> list[str]:
+    """bench/recovery_memory.py: the recovery's own memory on an 8B-shaped layer."""
+    runs = d.get("runs") or []
+    if not runs:
+        return []
+    r0 = runs[0]
+    where = d.get("gpu") or d["device"]
+    lines = [f"`{d['script']} {' '.join(d.get('argv', []))}` on {where} (torch "
+             f"{d.get('torch')}, {d.get('threads')} threads): one MLP layer of hidden "
+             f"{r0['hidden']}, width {r0['width']}, {r0['kept']} channels kept, bfloat16 "
+             "inputs and targets, default recovery (alternating, up to "
+             f"{r0['epochs_run']} epochs, 1/8 held out). Solve peak: memory during "
+             "`recover()` beyond what was allocated before it (device memory on a GPU, "
+             "resident set size on the CPU).", "",
+             "| tokens | inputs + targets (GiB) | solve peak (GiB) | seconds |",
+             "|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['tokens']:,} | {fmt(r['inputs_targets_gib'])} | "
+                     f"{fmt(r['solve_peak_gib'])} | {r['seconds']:.0f} |")
+    full = 128 * 2048
+    peak = max(r["solve_peak_gib"] for r in runs)
+    if any(r["tokens"] >= full for r in runs):
+        verdict = "met" if peak < 16 else "NOT met"
+        lines += ["", f"Goal (recovery at 128 x 2048 under 16 GB beyond the layer's inputs): "
+                      f"**{verdict}**, {fmt(peak)} GiB."]
+    else:
+        held = r0["inputs_targets_gib"] / r0["tokens"] * full
+        lines += ["", f"Not run at 128 x 2048 ({full:,} tokens) here; the solve is chunked "
+                      "over tokens, so compare the rows: a peak that does not grow with the "
+                      f"tokens stays near {fmt(peak)} GiB there, beside {fmt(held)} GiB of "
+                      "bfloat16 inputs and targets the pipeline holds anyway. The goal is "
+                      "measured only by the GPU run (first command in the script's "
+                      "docstring)."]
+    return lines
+
+
 def main() -> None:
     head = (ROOT / "bench" / "HEADER.md").read_text()
     parts = [head.rstrip(), ""]
@@ -382,6 +418,8 @@ def main() -> None:
         ("## Trade-off: perplexity against pruning time", "compare-*.json", tradeoff_section),
         ("## GPU: correctness, pruning time at 128 x 2048, speed", "gpu-*.json",
          gpu_section),
+        ("## Recovery memory on an 8B-shaped layer", "recovery-memory-*.json",
+         recovery_memory_section),
         ("## Zero-shot accuracy", "zeroshot-*.json", zeroshot_section),
         ("## Speed and memory", "speed-*.json", speed_section),
     ]:

@@ -103,3 +103,23 @@ def test_gpu_section_marks_options_the_run_predates(report):
          "timing": {"calibration": {"nsamples": 128, "seqlen": 2048}, "runs": [run]}}
     row = next(line for line in report.gpu_section("x", d) if line.startswith("| spap"))
     assert "greedy_block=(not yet an option)" in row and "| 4.00x |" in row
+
+
+def _memory_doc(tokens, peak):
+    runs = [{"tokens": n, "heldout_tokens": n // 8, "hidden": 64, "width": 256, "kept": 128,
+             "epochs_run": 2, "epochs_kept": 1, "heldout_loss": [1.0, 0.9], "seconds": 1.0,
+             "inputs_targets_gib": n * 64 * 4 / 2**30, "solve_peak_gib": p}
+            for n, p in zip(tokens, peak)]
+    return {"script": "bench/recovery_memory.py", "argv": [], "device": "cpu",
+            "torch": "x", "threads": 1, "runs": runs}
+
+
+def test_recovery_memory_goal_is_judged_only_at_the_goal_size(report):
+    small = "\n".join(report.recovery_memory_section("cpu", _memory_doc([4608, 9216],
+                                                                        [2.0, 2.1])))
+    assert "Not run at 128 x 2048" in small and "**met**" not in small
+    assert "| 9,216 |" in small
+    ok = "\n".join(report.recovery_memory_section("cuda", _memory_doc([262144], [5.0])))
+    assert "**met**, 5.00 GiB" in ok
+    bad = "\n".join(report.recovery_memory_section("cuda", _memory_doc([262144], [17.0])))
+    assert "**NOT met**" in bad

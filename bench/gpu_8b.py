@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import sys
@@ -60,7 +59,7 @@ if str(ROOT / "src") not in sys.path:  # works with or without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
 if str(ROOT / "bench") not in sys.path:  # also when loaded from a file spec (the tests)
     sys.path.insert(0, str(ROOT / "bench"))
-from gpu_results import T_START, Results, log  # noqa: E402
+from gpu_results import T_START, Results, fmt, free, log, sync  # noqa: E402
 
 CONFIG = ROOT / "bench" / "configs" / "llama-3.1-8b.json"
 
@@ -87,21 +86,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def _gib(x: float | None) -> float | None:
     return None if x is None else x / GIB
-
-
-def _f(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def model_config(tiny: bool):
@@ -205,7 +189,7 @@ def prune_runs(rec: dict[str, Any], state: dict[str, Any], args, device: torch.d
                 f"{parts.get('replay', 0):.1f}); all {n_layers} layers "
                 f"{run['seconds_all_layers']:.1f}s"
                 f"{' (EXTRAPOLATED)' if todo < n_layers else ''}; peak device "
-                f"{_f(run['peak_device_gib'], '.2f')} GiB, host RSS "
+                f"{fmt(run['peak_device_gib'], '.2f')} GiB, host RSS "
                 f"{run['peak_host_rss_gib']:.1f} GiB; activations on "
                 f"{mem['activations']['where']}")
             if todo == n_layers:
@@ -295,7 +279,7 @@ def summary(data: dict[str, Any]) -> str:
             lines.append(
                 f"{r['name']:<20} {r['seconds']:10.1f} {r['seconds_all_layers']:11.1f}"
                 f"{'*' if ext else ' '} {r['layer_seconds'].get('solve', 0):8.1f} "
-                f"{_f(r.get('ratio_to_wanda_sp'), '7.2f')} {_f(r['peak_device_gib'], '12.2f')} "
+                f"{fmt(r.get('ratio_to_wanda_sp'), '7.2f')} {fmt(r['peak_device_gib'], '12.2f')} "
                 f"{r['peak_host_rss_gib']:8.1f} {r['activations']['where']:>12}")
         for s in p.get("skipped", []):
             lines.append(f"{s['name']:<20} skipped: {s['reason']}")
@@ -311,10 +295,10 @@ def summary(data: dict[str, Any]) -> str:
         for s in sp["summary"]:
             tps = s["decode_tokens_per_s"]
             lines.append(
-                f"{s['batch']:>5} {s['prompt_len']:>6} | {_f(s['prefill_speedup'], '9.3f')} "
-                f"{s['prefill_ideal_flop_ratio']:6.3f} | {_f(s['decode_speedup'], '8.3f')} "
-                f"{s['decode_ideal_byte_ratio']:6.3f} | {_f(tps['pruned'], '19.1f')} "
-                f"{_f(tps['dense'], '8.1f')}")
+                f"{s['batch']:>5} {s['prompt_len']:>6} | {fmt(s['prefill_speedup'], '9.3f')} "
+                f"{s['prefill_ideal_flop_ratio']:6.3f} | {fmt(s['decode_speedup'], '8.3f')} "
+                f"{s['decode_ideal_byte_ratio']:6.3f} | {fmt(tps['pruned'], '19.1f')} "
+                f"{fmt(tps['dense'], '8.1f')}")
         lines.append("ideal: prefill = FLOP ratio, decode = weight-byte ratio "
                      "(spap.eval.speed.count_flops)")
     lines.append(f"\ntotal {data['elapsed_s']:.1f}s")

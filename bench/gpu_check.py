@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import importlib.metadata as md
 import json
 import os
@@ -61,7 +60,7 @@ if str(ROOT / "src") not in sys.path:  # works with or without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
 if str(ROOT / "bench") not in sys.path:  # also when loaded from a file spec (the tests)
     sys.path.insert(0, str(ROOT / "bench"))
-from gpu_results import T_START, Results, log  # noqa: E402
+from gpu_results import T_START, Results, fmt, free, log, sync  # noqa: E402
 
 CONFIG = ROOT / "bench" / "configs" / "qwen2.5-0.5b.json"
 DEFAULT_METHODS = ("wanda-sp,spap-fast=spap:starts=obs;recovery=none,"
@@ -89,17 +88,6 @@ def guarded(record: dict[str, Any], key: str, fn: Callable[[], dict[str, Any]]) 
 
 
 # ---- device helpers -------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -408,7 +396,7 @@ def step_timing(rec: dict[str, Any], state: dict[str, Any], args, device: torch.
             ls = run["layer_seconds"]
             log(f"  {v.name}: {secs:.2f}s (collect {ls.get('collect', 0):.2f}, solve "
                 f"{ls.get('solve', 0):.2f}, replay {ls.get('replay', 0):.2f}), layer err "
-                f"{_f(run['layer_error_mean'], '.4g')}, width {run['width_after']}")
+                f"{fmt(run['layer_error_mean'], '.4g')}, width {run['width_after']}")
             if v.name == args.speed_variant or "pruned" not in state:
                 state["pruned"], state["pruned_name"] = model, v.name
                 model = None
@@ -488,10 +476,6 @@ def step_speed(rec: dict[str, Any], state: dict[str, Any], args, device: torch.d
 
 
 # ---- summary --------------------------------------------------------------------------------
-def _f(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def summary(data: dict[str, Any]) -> str:
     lines = ["", "=" * 78, "gpu_check summary", "=" * 78]
     for name, st in data["steps"].items():
@@ -517,7 +501,7 @@ def summary(data: dict[str, Any]) -> str:
             diff = next((r[k] for k in ("max_abs_diff_vs_masked_dense", "max_abs_diff_reloaded",
                                         "max_abs_diff") if k in r), None)
             lines.append(f"{fam:<7} {key:<15} {'ok' if r.get('ok') else 'FAIL':<5} "
-                         f"{_f(diff, '.2e')}" + (f"  {r['error']}" if "error" in r else ""))
+                         f"{fmt(diff, '.2e')}" + (f"  {r['error']}" if "error" in r else ""))
     tim = data.get("timing", {})
     if tim.get("runs") or tim.get("skipped"):
         lines += ["", f"timing: {tim.get('params', 0) / 1e6:.0f}M params, "
@@ -531,11 +515,11 @@ def summary(data: dict[str, Any]) -> str:
                 lines.append(f"{r['name']:<10} FAILED {r.get('error', '')}")
                 continue
             ls = r["layer_seconds"]
-            lines.append(f"{r['name']:<10} {r['seconds']:8.2f} {_f(ls.get('collect'), '8.2f')} "
-                         f"{_f(ls.get('solve'), '8.2f')} {_f(ls.get('replay'), '8.2f')} "
-                         f"{_f(r.get('ratio_to_wanda_sp'), '8.2f')} "
-                         f"{_f(r['layer_error_mean'], '9.4f')} "
-                         f"{_f(r['peak_memory_gib'], '8.2f')}")
+            lines.append(f"{r['name']:<10} {r['seconds']:8.2f} {fmt(ls.get('collect'), '8.2f')} "
+                         f"{fmt(ls.get('solve'), '8.2f')} {fmt(ls.get('replay'), '8.2f')} "
+                         f"{fmt(r.get('ratio_to_wanda_sp'), '8.2f')} "
+                         f"{fmt(r['layer_error_mean'], '9.4f')} "
+                         f"{fmt(r['peak_memory_gib'], '8.2f')}")
         for s in tim.get("skipped", []):
             lines.append(f"{s['name']:<10} skipped: {s['reason']}")
     sp = data.get("speed", {}).get("summary")
@@ -543,11 +527,11 @@ def summary(data: dict[str, Any]) -> str:
         lines += ["", f"speed ({data['speed']['pruned_variant']} pruned vs dense, batch 1, "
                   f"prompt {sp['prompt_len']}, {sp['gen_tokens']} new tokens):",
                   f"  prefill ms   pruned {sp['prefill_ms']['pruned']:.2f}  base "
-                  f"{sp['prefill_ms']['base']:.2f}  speedup {_f(sp['prefill_speedup'], '.3f')} "
+                  f"{sp['prefill_ms']['base']:.2f}  speedup {fmt(sp['prefill_speedup'], '.3f')} "
                   f"(ideal {sp['prefill_ideal_speedup']:.3f})",
-                  f"  decode tok/s pruned {_f(sp['decode_tokens_per_s']['pruned'], '.1f')}  "
-                  f"base {_f(sp['decode_tokens_per_s']['base'], '.1f')}  speedup "
-                  f"{_f(sp['decode_speedup'], '.3f')} (ideal {sp['decode_ideal_speedup']:.3f})"]
+                  f"  decode tok/s pruned {fmt(sp['decode_tokens_per_s']['pruned'], '.1f')}  "
+                  f"base {fmt(sp['decode_tokens_per_s']['base'], '.1f')}  speedup "
+                  f"{fmt(sp['decode_speedup'], '.3f')} (ideal {sp['decode_ideal_speedup']:.3f})"]
         if sp["peak_memory_gib"]:
             lines.append("  peak GiB     " + "  ".join(
                 f"{k} {v:.2f}" for k, v in sp["peak_memory_gib"].items()))

@@ -6,6 +6,7 @@ time limit; whatever finished is then already on disk."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -21,6 +22,22 @@ T_START = time.perf_counter()
 
 def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T_START:7.1f}s] {msg}", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fmt(x, spec: str) -> str:
+    """A number for the summary tables; "-" when it was not measured."""
+    return "-" if x is None else format(x, spec)
 
 
 def _json_default(o: Any) -> Any:

@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 SPAP=${SPAP:-.venv/bin/spap}
 MODELS=${*:-smollm2-135m qwen2.5-coder-0.5b}
 METHODS=${COMPARE_METHODS-spap,obs-ridge=obs:refit=ridge,obs,wanda-sp}
-EXTRA=${EXTRA_METHODS-fasp-ridge=fasp:refit=ridge,flap}
+EXTRA=${EXTRA_METHODS-fasp-ridge=fasp:refit=ridge,fasp,flap}
 for m in $MODELS; do
   case $m in
     smollm2-135m) SIZES="--nsamples 64 --seqlen 512 --eval-seqlen 512 --eval-windows 32 --probe-windows 8" ;;

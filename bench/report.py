@@ -19,9 +19,16 @@ BASELINES = ("obs", "fasp", "flap", "wanda-sp", "magnitude")
 LAYER_GOAL = 0.95  # SPAP's layer error at or below OBS's on at least this fraction of layers
 
 
+# bench/compare.sh writes a pass to compare-<model>-main.json / -extra.json and merges it
+# into compare-<model>.json when the pass ends: a pass still running is not a table of its own
+PENDING = ("-main.json", "-extra.json")
+
+
 def load(pattern: str) -> list[tuple[str, dict]]:
     out = []
     for p in sorted(RES.glob(pattern)):
+        if p.name.startswith("compare-") and p.name.endswith(PENDING):
+            continue
         out.append((p.stem.split("-", 1)[1], json.loads(p.read_text())))
     return out
 

@@ -4,6 +4,7 @@ existed (no held-out fields) show "n/a", newer ones the held-out layer-error goa
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,10 @@ def test_recovery_memory_goal_is_judged_only_at_the_goal_size(report):
     assert "**met**, 5.00 GiB" in ok
     bad = "\n".join(report.recovery_memory_section("cuda", _memory_doc([262144], [17.0])))
     assert "**NOT met**" in bad
+
+
+def test_a_pass_still_running_is_not_a_table(report, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RES", tmp_path)
+    for name in ("compare-m.json", "compare-m-main.json", "compare-m-extra.json"):
+        (tmp_path / name).write_text(json.dumps({"model": name}))
+    assert [m for m, _ in report.load("compare-*.json")] == ["m"]

@@ -10,11 +10,15 @@ import sys
 from pathlib import Path
 
 
-def same_protocol(a: dict, b: dict) -> bool:
+def same_tokens(a: dict, b: dict) -> bool:
+    """Both runs saw the same calibration, evaluation and probe tokens."""
     pa, pb = a["protocol"], b["protocol"]
-    keys = [("calibration", "token_hash"), ("eval", "token_hash"), ("probe", "token_hash")]
-    return a["model"] == b["model"] and a["dense_ppl"] == b["dense_ppl"] and all(
-        (pa.get(x) or {}).get(y) == (pb.get(x) or {}).get(y) for x, y in keys)
+    return all((pa.get(x) or {}).get("token_hash") == (pb.get(x) or {}).get("token_hash")
+               for x in ("calibration", "eval", "probe"))
+
+
+def same_protocol(a: dict, b: dict) -> bool:
+    return a["model"] == b["model"] and a["dense_ppl"] == b["dense_ppl"] and same_tokens(a, b)
 
 
 def main(main_path: str, extra_path: str) -> int:

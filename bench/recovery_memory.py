@@ -24,8 +24,6 @@ Writes bench/results/recovery-memory-<device>.json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import threading
 import time
@@ -38,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+from spap.compare import write_json_atomic  # noqa: E402
 from spap.solvers.recovery import recover  # noqa: E402
 
 GIB = 2**30
@@ -138,9 +137,7 @@ def main(argv=None) -> int:
               f"{r['inputs_targets_gib']:.2f} GiB of inputs and targets, "
               f"{r['seconds']:.0f} s, held-out {[round(x, 4) for x in r['heldout_loss']]}",
               flush=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=2))
-        os.replace(tmp, path)
+        write_json_atomic(path, doc)
     return 0
 
 

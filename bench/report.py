@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "bench") not in sys.path:  # also when loaded from a file spec (the tests)
+    sys.path.insert(0, str(ROOT / "bench"))
+from merge_compare import same_tokens  # noqa: E402
+
 RES = ROOT / "bench" / "results"
 BASELINES = ("obs", "fasp", "flap", "wanda-sp", "magnitude")
 LAYER_GOAL = 0.95  # SPAP's layer error at or below OBS's on at least this fraction of layers
@@ -340,9 +345,7 @@ def _with_reference(model: str, d: dict) -> dict:
     if not path.exists():
         return d
     c = json.loads(path.read_text())
-    keys = [("calibration", "token_hash"), ("eval", "token_hash"), ("probe", "token_hash")]
-    if any((c["protocol"].get(a) or {}).get(b) != (d["protocol"].get(a) or {}).get(b)
-           for a, b in keys):
+    if not same_tokens(c, d):
         return d
     spars = {r["sparsity"] for r in d["records"]}
     have = {r["method"] for r in d["records"]}

@@ -115,7 +115,7 @@ def step_env(rec: dict[str, Any], device: torch.device) -> None:
     import spap.api  # noqa: F401
     import spap.compare  # noqa: F401
     import spap.eval.speed  # noqa: F401
-    import spap.export  # noqa: F401
+    import spap.modelio.export  # noqa: F401
 
     pulled = sorted({m for m in HEAVY_OPTIONAL if m in sys.modules} - before)
     vers = {"python": platform.python_version(), "torch": torch.__version__,
@@ -150,9 +150,9 @@ def step_env(rec: dict[str, Any], device: torch.device) -> None:
 
 
 def check_gram(device: torch.device) -> dict[str, Any]:
-    """spap.stats.gram_of on bfloat16 activations against a float64 reference: which path ran
+    """spap.solvers.stats.gram_of on bfloat16 activations against a float64 reference: which path ran
     (half-precision inputs with float32 output, or the float32 upcast) and its error."""
-    from spap.stats import gram_of
+    from spap.solvers.stats import gram_of
 
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(8192, 1024, generator=g).to(device, torch.bfloat16)
@@ -222,7 +222,7 @@ def check_family(family: str, device: torch.device, sparsity: float) -> dict[str
     """All correctness checks of one tiny model family, each guarded."""
     import spap
     from spap.models import get_adapter
-    from spap.surgery import masked_dense
+    from spap.driver.surgery import masked_dense
 
     fam: dict[str, Any] = {}
     dense = tiny_model(family, device)

@@ -14,7 +14,7 @@ from spap.solvers import get_solver
 from spap.solvers.base import LayerProblem
 from spap.solvers.obs import greedy_obs
 from spap.solvers.refit import damp, mask_error, refit_down, spd_inverse
-from spap.stats import stats_from_activations
+from spap.solvers.stats import stats_from_activations
 
 BASELINES = ["magnitude", "wanda-sp", "flap", "fasp", "obs"]
 F64 = torch.float64

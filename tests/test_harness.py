@@ -195,9 +195,9 @@ def test_offline_task_files_are_valid(tmp_path: Path) -> None:
 
 
 def _smollm2():
-    """SmolLM2-135M-Instruct from its offline package, through spap.loading when present."""
+    """SmolLM2-135M-Instruct from its offline package, through spap.modelio.loading when present."""
     try:
-        from spap.loading import load_model
+        from spap.modelio.loading import load_model
     except ImportError:
         load_model = None
     if load_model is not None:

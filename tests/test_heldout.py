@@ -18,7 +18,7 @@ from spap.data import (
 from spap.errors import SpapError
 from spap.solvers import get_solver
 from spap.solvers.base import LayerProblem
-from spap.stats import stats_from_activations
+from spap.solvers.stats import stats_from_activations
 
 F64 = torch.float64
 

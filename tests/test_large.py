@@ -12,8 +12,8 @@ import torch
 import spap
 from conftest import TEXT, byte_tokenizer, random_ids, run_cli, tiny_config, tiny_model
 from spap import pipeline
-from spap.activations import ActivationStore, choose_offload
-from spap.checkpoint import partial_dir
+from spap.driver.activations import ActivationStore, choose_offload
+from spap.modelio.runfolder import partial_dir
 from spap.errors import SpapError
 from spap.job import prune_to_disk
 

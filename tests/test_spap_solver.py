@@ -18,7 +18,7 @@ from spap.solvers.refit import (
     scatter_columns,
     spd_inverse,
 )
-from spap.stats import stats_from_activations
+from spap.solvers.stats import stats_from_activations
 
 f64 = torch.float64
 

@@ -10,9 +10,9 @@
 
 from .api import PruneResult, prune
 from .errors import SpapError
-from .export import save_pruned
+from .modelio.export import save_pruned
 from .job import prune_to_disk
-from .loading import load_model
+from .modelio.loading import load_model
 
 __version__ = "0.1.0"
 __all__ = ["PruneResult", "SpapError", "load_model", "prune", "prune_to_disk", "save_pruned",

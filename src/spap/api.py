@@ -11,15 +11,15 @@ from typing import Any
 
 import torch
 
-from .activations import OFFLOAD_MODES
+from .driver.activations import OFFLOAD_MODES
 from .config import CalibConfig, PruneConfig
 from .data import calibration_windows, heldout_windows, load_text, token_hash, tokenize
 from .errors import SpapError
 from .memory import MemoryMonitor
 from .models import get_adapter
-from .pipeline import LayerIO, LayerRecord, prune_layers
+from .driver.pipeline import LayerIO, LayerRecord, prune_layers
 from .solvers import get_solver, solver_options
-from .surgery import add_missing_biases
+from .driver.surgery import add_missing_biases
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def prune(
     io: LayerIO | None = None
     finished: list[LayerRecord] = []
     if checkpoint_dir is not None:
-        from .checkpoint import CheckpointIO, RunFolder, model_identity, run_identity
+        from .modelio.runfolder import CheckpointIO, RunFolder, model_identity, run_identity
 
         settings = {
             "layout": "shards" if source is not None else "memory",
@@ -183,7 +183,7 @@ def prune(
         finished = run.open(identity, resume)
         layers = adapter.layers(model)
         if source is not None:
-            from .lazy import LazyLayers
+            from .modelio.reader import LazyLayers
 
             io = LazyLayers(run, model, layers, source)
         else:

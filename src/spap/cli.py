@@ -211,7 +211,7 @@ def cmd_prune(args) -> int:
 
 def cmd_eval(args) -> int:
     from .eval.ppl import perplexity
-    from .loading import load_model, resolve_device
+    from .modelio.loading import load_model, resolve_device
 
     device = resolve_device(args.device)
     if args.tasks is None and args.no_ppl:
@@ -251,7 +251,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from .eval.speed import bench, format_table
-    from .loading import load_model, resolve_device
+    from .modelio.loading import load_model, resolve_device
 
     device = resolve_device(args.device)
     if args.threads:

@@ -277,7 +277,7 @@ def compare(
             ev = score(m)
             saved = None
             if save_dir is not None and pr.report.get("saveable", True):
-                from .export import save_pruned
+                from .modelio.export import save_pruned
 
                 saved = str(save_pruned(m.to("cpu"), tokenizer,
                                         Path(save_dir) / f"{v.name}-{s:g}", pr.report,
@@ -443,7 +443,7 @@ def run_cli(args) -> int:
     from .api import calibration_ids
     from .config import CalibConfig
     from .data import load_text, tokenize
-    from .loading import load_model, resolve_device
+    from .modelio.loading import load_model, resolve_device
 
     # Everything that can be checked without the model is checked first.
     variants = parse_variants(args.methods, args.option)

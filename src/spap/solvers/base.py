@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..stats import ActStats
+from .stats import ActStats
 
 
 @dataclass

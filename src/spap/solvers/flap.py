@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import torch
 
-from ..stats import ActStats
+from .stats import ActStats
 from .base import Decision, LayerProblem, top_k_keep
 from .refit import complement, scatter_columns
 

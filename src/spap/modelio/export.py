@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import SpapError
+from ..errors import SpapError
 
 REPORT_NAME = "spap.json"
 
@@ -34,7 +34,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 
 def _check_uniform_widths(model) -> None:
     """Stock configs hold one MLP width: refuse a model pruned in only some layers."""
-    from .models import get_adapter
+    from ..models import get_adapter
 
     adapter = get_adapter(model.config)
     widths = {adapter.out_linear(layer).in_features for layer in adapter.layers(model)}

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointIO, RunFolder, layer_prefix
-from .errors import SpapError
+from .runfolder import CheckpointIO, RunFolder, layer_prefix
+from ..errors import SpapError
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class LazyLayers(CheckpointIO):
             _load_into(self.model, layer, self.prefix(index), self.reader)
 
     def release(self, index: int, layer: nn.Module) -> None:
-        from .memory import trim_host_heap
+        from ..memory import trim_host_heap
 
         layer.to("meta")  # frees the weights; the shapes (pruned) stay
         trim_host_heap()
@@ -220,7 +220,7 @@ def model_identity(source: str, config, reader: CheckpointReader, model: nn.Modu
                    layers: nn.ModuleList, out_weight: str) -> dict[str, Any]:
     """What identifies the dense model of a lazy run: its source, config and a fingerprint of
     the first and last layers' down projections (as the in-memory `checkpoint` one does)."""
-    from .checkpoint import config_hash
+    from .runfolder import config_hash
 
     base = getattr(model, "base_model_prefix", None)
     names = [reader.resolve(layer_prefix(model, layers, i) + out_weight, base)

@@ -8,8 +8,8 @@ import copy
 import torch
 from torch import nn
 
-from .models.base import MLPAdapter, set_linear
-from .solvers.base import Decision
+from ..models.base import MLPAdapter, set_linear
+from ..solvers.base import Decision
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def masked_dense(dense: nn.Module, pruned: nn.Module, adapter: MLPAdapter,
     (`keeps[i]` for layer i) and the removed channels' down-projection columns zeroed: the
     dense-shaped model the physically cut one must compute exactly (the tests' and the GPU
     check's oracle)."""
-    from .solvers.refit import scatter_columns
+    from ..solvers.refit import scatter_columns
 
     ref = copy.deepcopy(dense)
     for keep_list, lref, lcut in zip(keeps, adapter.layers(ref), adapter.layers(pruned)):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SpapError
+from ..errors import SpapError
 
 
 @dataclass

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .assets import MODEL_ALIASES, GgufAlias, cache_dir, locate
-from .errors import SpapError
-from .models import get_adapter
+from ..assets import MODEL_ALIASES, GgufAlias, cache_dir, locate
+from ..errors import SpapError
+from ..models import get_adapter
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def choose_offload(mode: str, device: torch.device, nbytes: int,
     for "auto", only on CUDA and only when they exceed DEVICE_SHARE of the free device memory
     (`free_bytes`, read from the driver when None)."""
     if mode not in OFFLOAD_MODES:
-        from .errors import SpapError
+        from ..errors import SpapError
 
         raise SpapError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got '{mode}'")
     if mode != "auto":

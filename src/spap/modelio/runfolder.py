@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SpapError
-from .pipeline import LayerIO, LayerRecord
+from ..errors import SpapError
+from ..driver.pipeline import LayerIO, LayerRecord
 
 STATE_FILE = "state.json"
 PARTIAL_SUFFIX = ".spap-partial"
@@ -105,7 +105,7 @@ def model_identity(model: nn.Module, adapter, source: str | None = None) -> dict
 
 def run_identity(model_id: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """Everything a resumed run must share with the interrupted one."""
-    from .api import versions
+    from ..api import versions
 
     v = versions()
     return {"model": model_id, **settings,
@@ -222,7 +222,7 @@ class CheckpointIO(LayerIO):
     def load(self, index: int, layer: nn.Module, finished: bool) -> None:
         if not finished:
             return
-        from .lazy import assign_tensors
+        from .reader import assign_tensors
 
         p = self.prefix(index)
         tensors = self.run.load_layer(index)

@@ -150,7 +150,8 @@ def step_env(rec: dict[str, Any], device: torch.device) -> None:
 
 
 def check_gram(device: torch.device) -> dict[str, Any]:
-    """spap.solvers.stats.gram_of on bfloat16 activations against a float64 reference: which path ran
+    """spap.solvers.stats.gram_of on bfloat16 activations against a float64 reference: which
+    path ran
     (half-precision inputs with float32 output, or the float32 upcast) and its error."""
     from spap.solvers.stats import gram_of
 
@@ -221,8 +222,8 @@ def tol(scale: float) -> float:
 def check_family(family: str, device: torch.device, sparsity: float) -> dict[str, Any]:
     """All correctness checks of one tiny model family, each guarded."""
     import spap
-    from spap.models import get_adapter
     from spap.driver.surgery import masked_dense
+    from spap.models import get_adapter
 
     fam: dict[str, Any] = {}
     dense = tiny_model(family, device)

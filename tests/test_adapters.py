@@ -17,12 +17,12 @@ from torch import nn
 
 import spap
 from conftest import ALL_FAMILIES, byte_tokenizer, random_ids, run_cli, tiny_model
+from spap.driver.pipeline import n_keep_for
+from spap.driver.surgery import apply_decision, masked_dense, zero_channels
 from spap.errors import SpapError
 from spap.models import FAMILIES, get_adapter, markdown
 from spap.models.layout import FamilyAdapter
-from spap.driver.pipeline import n_keep_for
 from spap.solvers.base import Decision
-from spap.driver.surgery import apply_decision, masked_dense, zero_channels
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

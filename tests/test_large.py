@@ -13,9 +13,9 @@ import spap
 from conftest import TEXT, byte_tokenizer, random_ids, run_cli, tiny_config, tiny_model
 from spap import pipeline
 from spap.driver.activations import ActivationStore, choose_offload
-from spap.modelio.runfolder import partial_dir
 from spap.errors import SpapError
 from spap.job import prune_to_disk
+from spap.modelio.runfolder import partial_dir
 
 SETTINGS = dict(nsamples=6, seqlen=32, device="cpu", round_to=8, batch_size=2)
 

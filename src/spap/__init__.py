@@ -10,8 +10,8 @@
 
 from .api import PruneResult, prune
 from .errors import SpapError
-from .modelio.export import save_pruned
 from .job import prune_to_disk
+from .modelio.export import save_pruned
 from .modelio.loading import load_model
 
 __version__ = "0.1.0"

@@ -11,15 +11,15 @@ from typing import Any
 
 import torch
 
-from .driver.activations import OFFLOAD_MODES
 from .config import CalibConfig, PruneConfig
 from .data import calibration_windows, heldout_windows, load_text, token_hash, tokenize
+from .driver.activations import OFFLOAD_MODES
+from .driver.pipeline import LayerIO, LayerRecord, prune_layers
+from .driver.surgery import add_missing_biases
 from .errors import SpapError
 from .memory import MemoryMonitor
 from .models import get_adapter
-from .driver.pipeline import LayerIO, LayerRecord, prune_layers
 from .solvers import get_solver, solver_options
-from .driver.surgery import add_missing_biases
 
 log = logging.getLogger(__name__)
 

@@ -88,10 +88,10 @@ def prune_to_disk(
     needs the whole model and is refused with `low_memory`.
     """
     from .api import prune
-    from .modelio.runfolder import partial_dir
     from .config import CalibConfig, PruneConfig
     from .modelio.export import check_output_dir
     from .modelio.loading import resolve_device
+    from .modelio.runfolder import partial_dir
     from .solvers import get_solver
 
     t_start = time.perf_counter()
@@ -116,10 +116,10 @@ def prune_to_disk(
                            t_start)
 
     from .api import count_params
-    from .modelio.runfolder import model_identity
     from .eval.ppl import perplexity
     from .modelio.export import save_pruned
     from .modelio.loading import load_model
+    from .modelio.runfolder import model_identity
     from .models import get_adapter
 
     model_obj, tok, src = load_model(model, dtype, device)
@@ -170,11 +170,11 @@ def _low_memory(spec: str, out: Path, sparsity: float, dtype: str, device: str,
     from transformers import AutoTokenizer, GenerationConfig
 
     from .api import count_params, prune
-    from .modelio.runfolder import RunFolder
-    from .modelio.reader import CheckpointReader, empty_model, load_outside_layers, model_identity
     from .modelio.loading import load_config, resolve_dtype, resolve_model
-    from .models import get_adapter
+    from .modelio.reader import CheckpointReader, empty_model, load_outside_layers, model_identity
+    from .modelio.runfolder import RunFolder
     from .modelio.shards import write_sharded
+    from .models import get_adapter
 
     src = resolve_model(spec)
     folder = _local_folder(src)

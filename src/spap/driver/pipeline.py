@@ -44,12 +44,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activations import ActivationStore, choose_offload, tensor_bytes
 from ..data import heldout_windows
 from ..errors import SpapError
 from ..models.base import MLPAdapter
 from ..solvers.base import LayerProblem, Solver
 from ..solvers.stats import StatsAccumulator
+from .activations import ActivationStore, choose_offload, tensor_bytes
 from .surgery import apply_decision
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .runfolder import CheckpointIO, RunFolder, layer_prefix
 from ..errors import SpapError
+from .runfolder import CheckpointIO, RunFolder, layer_prefix
 
 log = logging.getLogger(__name__)
 

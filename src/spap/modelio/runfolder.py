@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SpapError
 from ..driver.pipeline import LayerIO, LayerRecord
+from ..errors import SpapError
 
 STATE_FILE = "state.json"
 PARTIAL_SUFFIX = ".spap-partial"

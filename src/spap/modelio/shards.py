@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .runfolder import STATE_FILE, RunFolder, relative_name
 from .export import REPORT_NAME, check_output_dir
 from .reader import INDEX_FILE, empty_model, saved_names
+from .runfolder import STATE_FILE, RunFolder, relative_name
 
 METADATA = {"format": "pt"}
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,

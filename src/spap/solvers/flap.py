@@ -30,9 +30,9 @@ from typing import ClassVar
 
 import torch
 
-from .stats import ActStats
 from .base import Decision, LayerProblem, top_k_keep
 from .refit import complement, scatter_columns
+from .stats import ActStats
 
 
 def flap_scores(w_down: torch.Tensor, act_var: torch.Tensor) -> torch.Tensor:

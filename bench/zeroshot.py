@@ -22,16 +22,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 import spap
-from spap.api import calibration_ids
 from spap.config import CalibConfig
+from spap.data import calibration_ids
 from spap.eval.harness import zero_shot
+from spap.files import write_json_atomic
 
 TASKS = "piqa,hellaswag,winogrande,arc_easy,arc_challenge,boolq,openbookqa,lambada"
 
@@ -79,9 +79,8 @@ def main() -> None:
         old = result["models"].get(name, {})
         result["models"][name] = {**old, **extra, "tasks": {**old.get("tasks", {}), **zs["tasks"]},
                                   "seconds": old.get("seconds", 0) + time.perf_counter() - t0}
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
+        # at a small --limit lm-eval's standard error can be NaN (one item): written as null
+        write_json_atomic(out, result, nan="null")
         print(name, {t: round(v.get("acc_norm") or v["acc"], 3) for t, v in zs["tasks"].items()},
               flush=True)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 import spap
 from conftest import ALL_FAMILIES, byte_tokenizer, random_ids, run_cli, tiny_model
-from spap.driver.pipeline import n_keep_for
+from spap.driver.records import n_keep_for
 from spap.driver.surgery import apply_decision, masked_dense, zero_channels
 from spap.errors import SpapError
 from spap.models import FAMILIES, get_adapter, markdown

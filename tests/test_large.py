@@ -11,10 +11,10 @@ import torch
 
 import spap
 from conftest import TEXT, byte_tokenizer, random_ids, run_cli, tiny_config, tiny_model
-from spap import pipeline
+from spap.api import prune_to_disk
+from spap.driver import pipeline
 from spap.driver.activations import ActivationStore, choose_offload
 from spap.errors import SpapError
-from spap.job import prune_to_disk
 from spap.modelio.runfolder import partial_dir
 
 SETTINGS = dict(nsamples=6, seqlen=32, device="cpu", round_to=8, batch_size=2)

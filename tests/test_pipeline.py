@@ -13,7 +13,7 @@ import torch
 import spap
 from conftest import FAMILIES, random_ids, tiny_model
 from spap.data import eval_windows, probe_windows, token_hash
-from spap.driver.pipeline import n_keep_for
+from spap.driver.records import n_keep_for
 from spap.driver.surgery import masked_dense
 from spap.errors import SpapError
 from spap.models import get_adapter

@@ -8,12 +8,12 @@
     spap.prune_to_disk("path/to/model", "out", sparsity=0.3, low_memory=True)
 """
 
-from .api import PruneResult, prune
+from .api import JobResult, PruneResult, prune, prune_to_disk
+from .config import PruneConfig
 from .errors import SpapError
-from .job import prune_to_disk
 from .modelio.export import save_pruned
 from .modelio.loading import load_model
 
 __version__ = "0.1.0"
-__all__ = ["PruneResult", "SpapError", "load_model", "prune", "prune_to_disk", "save_pruned",
-           "__version__"]
+__all__ = ["JobResult", "PruneConfig", "PruneResult", "SpapError", "load_model", "prune",
+           "prune_to_disk", "save_pruned", "__version__"]

@@ -32,6 +32,17 @@ def _add_calib_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the window draw (0)")
 
 
+def _add_shape_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--round-to", type=int, default=1,
+                   help="round the kept width to a multiple (8, 64, 128) for fast kernels")
+
+
+def _add_eval_window_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (2048)")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="only the first N perplexity windows (quick CPU runs)")
+
+
 def _add_offload_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", default="auto", choices=("auto", "cpu", "device"),
                    help="where calibration activations live: auto (off the device only when "
@@ -56,13 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method option, repeatable (e.g. --option recovery=none)")
     _add_calib_flags(p)
     _add_model_flags(p)
-    p.add_argument("--round-to", type=int, default=1,
-                   help="round the kept width to a multiple (8, 64, 128) for fast kernels")
+    _add_shape_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--eval", action="store_true", help="perplexity of dense and pruned")
-    p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (2048)")
-    p.add_argument("--eval-windows", type=int, default=None,
-                   help="only the first N perplexity windows (quick CPU runs)")
+    p.add_argument("--eval", dest="evaluate", action="store_true",
+                   help="perplexity of dense and pruned")
+    _add_eval_window_flags(p)
     _add_offload_flag(p)
     p.add_argument("--low-memory", action="store_true",
                    help="hold one decoder layer in host memory at a time: read each from the "
@@ -118,13 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method option, repeatable (e.g. --option spap:recovery=none)")
     _add_calib_flags(p)
     _add_model_flags(p)
-    p.add_argument("--round-to", type=int, default=1, help="round the kept width (1)")
+    _add_shape_flags(p)
     p.add_argument("--eval-data", default="wiki-offline",
                    help="held-out text: wiki-offline (default), wikitext2, c4, or a local "
                         ".txt/.jsonl file")
-    p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (2048)")
-    p.add_argument("--eval-windows", type=int, default=None,
-                   help="only the first N perplexity windows (quick CPU runs)")
+    _add_eval_window_flags(p)
     p.add_argument("--probe-windows", type=int, default=None,
                    help="windows of --seqlen tokens cut from the end of the evaluation text, "
                         "disjoint from the perplexity windows, on which each layer's error is "
@@ -164,22 +171,27 @@ def _print_table(rows: list[tuple], header: tuple) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def cmd_prune(args) -> int:
-    from .config import parse_options
-    from .job import prune_to_disk
+def prune_config(args):
+    """`spap prune`'s flags as the run's settings: every flag whose name is a PruneConfig
+    field sets that field."""
+    import dataclasses
+
+    from .config import PruneConfig, parse_options
 
     if args.resume and args.restart:
         raise SpapError("--resume and --restart contradict each other; pass one")
-    job = prune_to_disk(
-        args.model, args.out, args.sparsity, method=args.method,
-        method_options=parse_options(args.option), calib=args.calib, nsamples=args.nsamples,
-        seqlen=args.seqlen, seed=args.seed, device=args.device, dtype=args.dtype,
-        round_to=args.round_to, batch_size=args.batch_size, offload=args.offload,
-        low_memory=args.low_memory, resume=True if args.resume else (False if args.restart
-                                                                       else None),
-        overwrite=args.overwrite, evaluate=args.eval, eval_seqlen=args.eval_seqlen,
-        eval_windows=args.eval_windows, progress=True,
-    )
+    names = {f.name for f in dataclasses.fields(PruneConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    given["method_options"] = parse_options(args.option)
+    given["resume"] = True if args.resume else (False if args.restart else None)
+    return PruneConfig.build(**given, progress=True)
+
+
+def cmd_prune(args) -> int:
+    from .api import prune_to_disk
+
+    cfg = prune_config(args)
+    job = prune_to_disk(args.model, args.out, config=cfg)
     report, out, t = job.report, job.out, job.timings
     resumed = report.get("resumed_from_layer")
     if resumed:
@@ -188,7 +200,7 @@ def cmd_prune(args) -> int:
           f"{report['model']['width_after']}); report in {out / 'spap.json'}")
     rows = [("parameters", f"{job.params_dense:,}", f"{report['params_after']:,}",
              f"{report['params_after'] / job.params_dense:.3f}x")]
-    if args.eval:
+    if cfg.evaluate:
         ev = report["eval"]
         d, p = ev["dense"]["ppl"], ev["pruned"]["ppl"]
         proto = ev["dense"]["protocol"]
@@ -205,7 +217,7 @@ def cmd_prune(args) -> int:
                  f"{mem.get('host_rss_peak_bytes', 0) / 2**30:.2f}", ""))
     rows.append(("time (s): load / prune / save", "",
                  f"{t['load_s']:.0f} / {t['prune_s']:.0f} / {t['save_s']:.0f}", ""))
-    _print_table(rows, ("", "dense", f"{args.method} {args.sparsity:.0%}", "ratio"))
+    _print_table(rows, ("", "dense", f"{cfg.method} {cfg.sparsity:.0%}", "ratio"))
     return 0
 
 
@@ -236,8 +248,9 @@ def cmd_eval(args) -> int:
             extra = f"  acc_norm {t['acc_norm']:.4f}" if t.get("acc_norm") is not None else ""
             print(f"{name:14s} acc {t['acc']:.4f}{extra}  (n={t.get('n')}, {t.get('split')})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        from .files import write_json_atomic
+
+        write_json_atomic(args.json, result, nan="null")
     return 0
 
 

@@ -20,7 +20,6 @@ A method is named in `--methods` as `method`, or as a variant `name=method:key=v
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -33,10 +32,10 @@ from typing import Any
 import torch
 
 from .errors import SpapError
+from .eval.speed import weight_bytes
+from .files import write_json_atomic
 
 log = logging.getLogger(__name__)
-
-SPARSITIES_DEFAULT = "0.2,0.3,0.4,0.5"
 
 
 @dataclass(frozen=True)
@@ -123,14 +122,6 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None  # strict JSON has no Infinity / NaN
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write via a temporary file and rename, so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
-    os.replace(tmp, path)
-
-
 def _free(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -142,14 +133,10 @@ DENSE_COPY_MODES = ("auto", "copy", "reload")
 COPY_HEADROOM = 1.5
 
 
-def _weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def choose_dense_copy(mode: str, weight_bytes: int, can_reload: bool,
+def choose_dense_copy(mode: str, model_bytes: int, can_reload: bool,
                       available: int | None = None) -> str:
-    """"copy" or "reload" for `compare`'s `dense_copy` (see there); `available` host bytes
-    default to psutil's figure."""
+    """"copy" or "reload" for `compare`'s `dense_copy` (see there), for a model whose weights
+    take `model_bytes`; `available` host bytes default to psutil's figure."""
     if mode not in DENSE_COPY_MODES:
         raise SpapError(f"--dense-copy must be one of {', '.join(DENSE_COPY_MODES)}, got '{mode}'")
     if mode == "reload" and not can_reload:
@@ -160,7 +147,7 @@ def choose_dense_copy(mode: str, weight_bytes: int, can_reload: bool,
         import psutil
 
         available = psutil.virtual_memory().available
-    return "reload" if can_reload and available < COPY_HEADROOM * weight_bytes else "copy"
+    return "reload" if can_reload and available < COPY_HEADROOM * model_bytes else "copy"
 
 
 def compare(
@@ -206,8 +193,9 @@ def compare(
     saveable pruned model is also saved (reload-checked) as `save_dir/<method>-<sparsity>`,
     so zero-shot evaluation runs on exactly the models compared.
     """
-    from .api import prune, versions
+    from .api import prune
     from .eval.ppl import perplexity
+    from .versions import versions
 
     device = torch.device(device)
     dense = model.to("cpu")
@@ -221,7 +209,7 @@ def compare(
             r["protocol"]["split"] = eval_split
         return r
 
-    mode = choose_dense_copy(dense_copy, _weight_bytes(dense), reload is not None)
+    mode = choose_dense_copy(dense_copy, weight_bytes(dense), reload is not None)
     d = score(dense)
     dense.to("cpu")
     dtype = str(dense.dtype).replace("torch.", "")
@@ -333,7 +321,7 @@ def compare(
 def _probe_protocol(probe_ids: torch.Tensor | None,
                     desc: dict[str, Any] | None) -> dict[str, Any] | None:
     """What the held-out layer errors were measured on (None: no probes, no such errors)."""
-    from .api import probe_description
+    from .data import probe_description
 
     if probe_ids is None:
         return None
@@ -440,9 +428,8 @@ def split_probes(
 
 def run_cli(args) -> int:
     """`spap compare` (flags in cli.build_parser): validate everything, load once, compare."""
-    from .api import calibration_ids
     from .config import CalibConfig
-    from .data import load_text, tokenize
+    from .data import calibration_ids, load_text, tokenize
     from .modelio.loading import load_model, resolve_device
 
     # Everything that can be checked without the model is checked first.

@@ -1,12 +1,21 @@
-"""Settings of a pruning run, validated before any model is loaded."""
+"""The settings of a pruning run: one object from the command line to the library.
+
+`PruneConfig` holds everything that decides a run (what to prune and how, the calibration
+draw, where it computes, what it writes); `spap prune`'s flags are named after its fields,
+`spap.prune(...)` and `spap.prune_to_disk(...)` take its fields as keywords, and the driver
+reads it. It is validated before any model is loaded.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import SpapError
+
+OFFLOAD_MODES = ("auto", "cpu", "device")
 
 
 @dataclass
@@ -27,12 +36,47 @@ class CalibConfig:
 
 @dataclass
 class PruneConfig:
+    # what is pruned, and how
     sparsity: float = 0.3
     method: str = "spap"
     method_options: dict[str, Any] = field(default_factory=dict)
     round_to: int = 1
-    batch_size: int = 4
     layer_limit: int | None = None  # prune only the first N layers (smoke runs)
+    # calibration windows (see CalibConfig)
+    calib: str = "wiki-offline"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    # where it computes: None is the model's own device for spap.prune, "auto" otherwise
+    device: str | None = None
+    dtype: str = "auto"
+    batch_size: int = 4
+    offload: str = "auto"
+    # what spap.prune_to_disk does around the pruning
+    low_memory: bool = False
+    resume: bool | None = None
+    overwrite: bool = False
+    evaluate: bool = False
+    eval_seqlen: int = 2048
+    eval_windows: int | None = None
+    progress: bool = False
+
+    @classmethod
+    def build(cls, config: PruneConfig | None = None, **settings: Any) -> PruneConfig:
+        """`config` (or the defaults) with `settings` replaced; unknown names are refused."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise SpapError(f"unknown setting(s) {', '.join(unknown)}; the settings are "
+                            f"{', '.join(sorted(names))}")
+        base = config if config is not None else cls()
+        out = dataclasses.replace(base, **settings)
+        out.method_options = dict(out.method_options or {})
+        return out
+
+    @property
+    def calibration(self) -> CalibConfig:
+        return CalibConfig(self.calib, self.nsamples, self.seqlen, self.seed)
 
     def validate(self) -> None:
         s = self.sparsity
@@ -44,6 +88,18 @@ class PruneConfig:
             )
         if self.batch_size < 1:
             raise SpapError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.offload not in OFFLOAD_MODES:
+            raise SpapError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, "
+                            f"got '{self.offload}'")
+        if self.low_memory and self.evaluate:
+            raise SpapError("--eval needs the whole model in memory, which --low-memory "
+                            "avoids; run spap eval on the output afterwards, or drop "
+                            "--low-memory")
+        if self.eval_seqlen < 2:
+            raise SpapError(f"--eval-seqlen must be at least 2, got {self.eval_seqlen}")
+        if self.eval_windows is not None and self.eval_windows < 1:
+            raise SpapError(f"--eval-windows must be at least 1, got {self.eval_windows}")
+        self.calibration.validate()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -213,3 +213,45 @@ def probe_windows(stream: torch.Tensor, nsamples: int, seqlen: int, skip: int) -
 def token_hash(ids: torch.Tensor) -> str:
     """sha256 of the token ids (int64 little-endian), to tie a report to its exact data."""
     return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def calibration_ids(tokenizer, calib) -> tuple[torch.Tensor, dict]:
+    """The calibration windows of `calib` (a config.CalibConfig) and their description for
+    the report."""
+    text = load_text(calib.source, "calib")
+    stream = tokenize(tokenizer, text)
+    ids = calibration_windows(stream, calib.nsamples, calib.seqlen, calib.seed)
+    desc = {
+        "source": text.source,
+        "split": text.split,
+        "stream_tokens": int(stream.numel()),
+        "nsamples": calib.nsamples,
+        "seqlen": calib.seqlen,
+        "seed": calib.seed,
+        "tokens": int(ids.numel()),
+        "token_hash": token_hash(ids),
+        "windows_overlap": False,
+        "heldout_windows": heldout_windows(calib.nsamples),
+        "heldout_rule": "the last windows (1/8), never fit; they choose the ridge and the "
+                        "recovery length",
+    }
+    return ids, desc
+
+
+def given_ids_description(ids: torch.Tensor) -> dict:
+    """The report's description of calibration windows passed in as token ids."""
+    return {"source": "given ids", "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
+            "tokens": int(ids.numel()), "token_hash": token_hash(ids),
+            "heldout_windows": heldout_windows(int(ids.shape[0]))}
+
+
+def probe_description(probe_ids: torch.Tensor | None) -> dict | None:
+    """The probe windows' description for the report; refuses a shape the driver can't use."""
+    if probe_ids is None:
+        return None
+    if probe_ids.dim() != 2 or probe_ids.shape[0] < 1 or probe_ids.shape[1] < 1:
+        raise SpapError(
+            f"probe_ids must be (n_probe, seqlen) token ids, got shape {tuple(probe_ids.shape)}"
+        )
+    return {"windows": int(probe_ids.shape[0]), "seqlen": int(probe_ids.shape[1]),
+            "tokens": int(probe_ids.numel()), "token_hash": token_hash(probe_ids)}

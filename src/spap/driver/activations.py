@@ -24,9 +24,11 @@ from typing import Any
 
 import torch
 
+from ..config import OFFLOAD_MODES
+from ..errors import SpapError
+
 log = logging.getLogger(__name__)
 
-OFFLOAD_MODES = ("auto", "cpu", "device")
 # "auto" keeps the activations on the device while they take at most this share of the free
 # device memory: the rest is for the current layer, its statistics (an n x n Gram in float64),
 # the solver's work and the MLP inputs some solvers collect.
@@ -64,8 +66,6 @@ def choose_offload(mode: str, device: torch.device, nbytes: int,
     for "auto", only on CUDA and only when they exceed DEVICE_SHARE of the free device memory
     (`free_bytes`, read from the driver when None)."""
     if mode not in OFFLOAD_MODES:
-        from ..errors import SpapError
-
         raise SpapError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got '{mode}'")
     if mode != "auto":
         return mode == "cpu"

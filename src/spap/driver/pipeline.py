@@ -26,10 +26,11 @@ so held-out and fit tokens are disjoint.
 Memory: the calibration and probe inputs of the current layer live in an `ActivationStore`, on
 the device or (when they would not fit, or when asked) in host memory, streamed to the device
 a batch at a time; each layer's outputs overwrite its inputs batch by batch, so one copy
-exists at a time. Where each layer's weights come from and go to is a `LayerIO`: by default
-they stay in the model; `spap.lazy` loads them from the checkpoint when their turn comes and
-drops them after, and `spap.checkpoint` writes every finished layer to disk so a killed run
-resumes (the finished layers are then run again, unchanged, to rebuild the next inputs).
+exists at a time. Where each layer's weights come from is a `stores.LayerSource` and where
+finished layers go a `stores.LayerSink` (the model itself, a checkpoint read layer by layer,
+the resume folder): the driver calls both the same way whichever it has. A sink that holds
+finished layers of an interrupted run gives them back pruned; they are run again, unchanged,
+to rebuild the next inputs.
 """
 
 from __future__ import annotations
@@ -38,48 +39,24 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import PruneConfig
 from ..data import heldout_windows
 from ..errors import SpapError
 from ..models.base import MLPAdapter
 from ..solvers.base import LayerProblem, Solver
 from ..solvers.stats import StatsAccumulator
 from .activations import ActivationStore, choose_offload, tensor_bytes
+from .records import LayerRecord, n_keep_for
+from .stores import IN_MODEL, LayerSink, LayerSource
 from .surgery import apply_decision
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass
-class LayerRecord:
-    index: int
-    width_before: int
-    kept: int
-    rel_error: float  # ||mlp_pruned(a) - mlp_dense(a)||^2 / ||mlp_dense(a)||^2 on calibration
-    seconds: dict[str, float]
-    info: dict[str, Any] = field(default_factory=dict)
-    keep: list[int] = field(default_factory=list)
-    # the same ratio on the probe windows (never fitted on); None when no probes were given
-    rel_error_heldout: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def n_keep_for(n: int, sparsity: float, round_to: int = 1) -> int:
-    """Channels kept of n: n - round(sparsity * n), then rounded to the nearest multiple of
-    `round_to` (ties up), never below `round_to` nor above n."""
-    keep = n - round(sparsity * n)
-    if round_to > 1:
-        keep = int((keep + round_to / 2) // round_to) * round_to
-        keep = max(round_to, keep)
-    return max(1, min(n, keep))
 
 
 class _Stop(Exception):
@@ -97,14 +74,6 @@ def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device) -> Non
             p.data = p.data.to(device)
         for name, b in list(m.named_buffers(recurse=False)):
             m._buffers[name] = b.to(device)
-
-
-def _tensor_to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_tensor_to(o, device) for o in obj)
-    return obj
 
 
 def _capture(model, layer0: nn.Module, ids: torch.Tensor, device, batch_size: int):
@@ -127,13 +96,6 @@ def _capture(model, layer0: nn.Module, ids: torch.Tensor, device, batch_size: in
             yield captured.pop()
     finally:
         handle.remove()
-
-
-@torch.no_grad()
-def capture_layer0_inputs(model, layer0: nn.Module, calib: torch.Tensor, device, batch_size: int):
-    """Run the model on each calibration batch up to layer 0; return a list of
-    (hidden_states, other positional args, kwargs) per batch."""
-    return list(_capture(model, layer0, calib, device, batch_size))
 
 
 @torch.no_grad()
@@ -171,64 +133,37 @@ def _layer_out(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-class LayerIO:
-    """Where decoder layer i's weights come from before it is pruned and go to after.
-
-    The default does nothing: the weights are in the model. `load` is called before layer i is
-    moved to the compute device (`finished`: it was pruned by an earlier, interrupted run of
-    the same settings, and must come back pruned); `save` after a layer is pruned and moved
-    back home; `release` last, when the run no longer needs the layer's weights; `close` once
-    at the end of the run.
-    """
-
-    def load(self, index: int, layer: nn.Module, finished: bool) -> None:
-        pass
-
-    def save(self, index: int, layer: nn.Module, record: LayerRecord) -> None:
-        pass
-
-    def release(self, index: int, layer: nn.Module) -> None:
-        pass
-
-    def close(self) -> None:
-        """Called once when the run ends, also when it fails: finish pending work."""
-
-
 @torch.no_grad()
 def prune_layers(
     model: nn.Module,
     adapter: MLPAdapter,
     calib: torch.Tensor,
     solver: Solver,
-    sparsity: float,
+    settings: PruneConfig,
     *,
-    round_to: int = 1,
     device: str | torch.device = "cpu",
-    batch_size: int = 4,
-    progress: bool = False,
-    layer_limit: int | None = None,
     probe: torch.Tensor | None = None,
-    offload: str = "auto",
-    io: LayerIO | None = None,
-    finished: list[LayerRecord] | None = None,
+    source: LayerSource = IN_MODEL,
+    sink: LayerSink = IN_MODEL,
     monitor=None,
     info: dict[str, Any] | None = None,
 ) -> list[LayerRecord]:
     """Prune every decoder layer's MLP in place; returns one record per layer.
 
-    `layer_limit` prunes only the first N layers (quick smoke runs); the rest are kept dense.
-    `probe` (n_probe, seqlen_probe) token windows are propagated through the pruned layers like
-    the calibration batches, but used for nothing except each record's `rel_error_heldout`.
-    `offload` ("auto", "cpu", "device") says where the activations live (see activations.py).
-    `io` loads, saves and releases each layer's weights (default: they stay in the model).
-    `finished` are the records of layers 0..k-1 pruned by an interrupted run: `io` loads them
-    pruned and they are only run, to rebuild layer k's inputs. `monitor` (a
-    memory.MemoryMonitor) is sampled at every layer; `info`, when given, receives where the
-    activations lived, their size, and the seconds the layer-0 capture took.
+    From `settings`: the sparsity, round_to, batch size, where activations live (`offload`,
+    see activations.py), the progress bar, and `layer_limit` (prune only the first N layers,
+    for smoke runs; the rest stay dense). `probe` (n_probe, seqlen_probe) token windows are
+    propagated through the pruned layers like the calibration batches, but used for nothing
+    except each record's `rel_error_heldout`. `source` gives each layer its weights and
+    `sink` takes each finished one (see stores.py); the layers the sink already holds
+    (`sink.finished()`) come back pruned and are only run, to rebuild the next layer's
+    inputs. `monitor` (a memory.MemoryMonitor) is sampled at every layer; `info`, when given,
+    receives where the activations lived, their size, and the seconds the layer-0 capture
+    took.
     """
     device = torch.device(device)
-    io = io if io is not None else LayerIO()
-    finished = finished or []
+    batch_size = settings.batch_size
+    finished = sink.finished()
     layers = adapter.layers(model)
     home = next(model.parameters()).device
     _move_outside_layers(model, layers, device)
@@ -239,12 +174,12 @@ def prune_layers(
         n_held = heldout_windows(calib.shape[0])
         n_fit = calib.shape[0] - n_held
         batches, probes = capture_stores(model, layers[0], [calib[:n_fit], calib[n_fit:]],
-                                         probe, device, batch_size, offload)
+                                         probe, device, batch_size, settings.offload)
         heldout = (math.ceil(n_held / batch_size), n_held * calib.shape[1])
         if info is not None:
             info["capture_s"] = time.perf_counter() - t0
             info["activations"] = {
-                "where": batches.where, "mode": offload,
+                "where": batches.where, "mode": settings.offload,
                 "calibration_bytes": batches.nbytes,
                 "probe_bytes": probes.nbytes if probes is not None else 0,
             }
@@ -257,15 +192,19 @@ def prune_layers(
             raise SpapError("resuming a run whose recovery targets the dense model's outputs "
                             "(recovery_target=model) is not supported; rerun with --restart")
         records = []
-        todo = len(layers) if layer_limit is None else min(layer_limit, len(layers))
+        limit = settings.layer_limit
+        todo = len(layers) if limit is None else min(limit, len(layers))
         bar = range(todo)
-        if progress:
+        if settings.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(bar, desc=f"pruning ({solver.name})", unit="layer")
         for i in bar:
             done_before = i < len(finished)
-            io.load(i, layers[i], done_before)
+            if done_before:
+                sink.restore(i, layers[i])
+            else:
+                source.load(i, layers[i])
             layer = layers[i].to(device)
             if done_before:  # pruned by the interrupted run: only rebuild the next inputs
                 rec = finished[i]
@@ -273,12 +212,13 @@ def prune_layers(
                 if probes is not None:
                     _propagate(layer, probes)
             else:
-                rec, batches, probes = _prune_one(adapter, layer, i, batches, solver, sparsity,
-                                                  round_to, probes, heldout, dense)
+                rec, batches, probes = _prune_one(adapter, layer, i, batches, solver,
+                                                  settings.sparsity, settings.round_to, probes,
+                                                  heldout, dense)
             layers[i].to(home)
             if not done_before:
-                io.save(i, layers[i], rec)
-            io.release(i, layers[i])
+                sink.save(i, layers[i], rec)
+            source.release(i, layers[i])
             records.append(rec)
             if monitor is not None:
                 monitor.sample()
@@ -288,22 +228,18 @@ def prune_layers(
                 "" if rec.rel_error_heldout is None else f", held-out {rec.rel_error_heldout:.4g}",
                 " (resumed)" if done_before else "",
             )
-            if progress:
+            if settings.progress:
                 bar.set_postfix(err=f"{rec.rel_error:.3g}")
-        io.close()
+        sink.close()
         return records
     except BaseException:
         try:
-            io.close()  # the layer being written is kept for a resume
+            sink.close()  # the layer being written is kept for a resume
         except Exception as exc:
             log.warning("could not finish writing the last layer: %s", exc)
         raise
     finally:
         _move_outside_layers(model, layers, home)
-
-
-def _run(layer, batches):
-    return [_layer_out(layer(hidden, *args, **kwargs)) for hidden, args, kwargs in batches]
 
 
 def _propagate(layer, batches):

@@ -14,6 +14,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -150,6 +151,24 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def local_folder(src: ModelSource) -> Path:
+    """A local folder with the checkpoint's safetensors files (a Hub id is downloaded to the
+    HF cache); for reading a checkpoint tensor by tensor."""
+    if src.kind == "gguf":
+        raise SpapError("--low-memory reads safetensors checkpoints, not GGUF files; prune it "
+                        "without --low-memory, or convert it with save_pretrained first")
+    if src.kind != "hub":
+        return Path(src.path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(
+            src.path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:  # network, missing repo, auth: all a user can fix
+        raise SpapError(f"could not download '{src.spec}' from the Hugging Face Hub ({e}); "
+                        "pass a local folder") from None
+
+
 def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
     """Load (model on CPU in `dtype`, tokenizer, ModelSource). Checks the family first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -165,3 +184,42 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
         model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype)
     model.eval()
     return model, tok, src
+
+
+@dataclass
+class LazyModel:
+    """A model of `open_lazy`: its weights outside the decoder layers loaded, the layers on
+    the meta device, to be filled from `reader` one at a time."""
+
+    model: Any
+    tokenizer: Any
+    reader: Any  # a reader.CheckpointReader
+    generation_config: Any
+    spec: str
+    identity: dict[str, Any]
+
+
+def open_lazy(spec: str, dtype: str | torch.dtype, device: str) -> LazyModel:
+    """Model spec `spec` (a folder or Hub id of safetensors files) built on the meta device,
+    with everything but its decoder layers loaded, and its identity for a resume."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from .identity import fingerprint_names, model_identity
+    from .reader import CheckpointReader, empty_model, load_outside_layers
+
+    src = resolve_model(spec)
+    folder = local_folder(src)
+    config = load_config(src)
+    adapter = get_adapter(config)  # fail fast on an unsupported architecture
+    reader = CheckpointReader(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = empty_model(config, resolve_dtype(dtype, device))
+    layers = adapter.layers(model)
+    load_outside_layers(model, layers, reader)
+    gen = (GenerationConfig.from_pretrained(folder)
+           if (folder / "generation_config.json").exists() else model.generation_config)
+    base = getattr(model, "base_model_prefix", None)
+    found = {n: reader.resolve(n, base) for n in fingerprint_names(model, adapter)}
+    loaded = reader.load([c for c in found.values() if c is not None])
+    ends = {n: loaded[c] for n, c in found.items() if c is not None}
+    return LazyModel(model, tok, reader, gen, src.spec, model_identity(src.spec, config, ends))

@@ -1,14 +1,13 @@
-"""A model larger than host memory: built without weights, loaded one decoder layer at a time.
+"""Read a model from its checkpoint without holding it whole: built empty, filled by name.
 
 `empty_model` builds the architecture from its config with every parameter on the meta device
 (accelerate's `init_empty_weights`; buffers such as rotary tables stay real, they are computed
 from the config, not loaded). `CheckpointReader` reads tensors by name from the checkpoint's
 safetensors files, a single `model.safetensors` or the shards a `model.safetensors.index.json`
 names, through safetensors' `safe_open`, which maps the file and copies out only the tensors
-asked for. `load_outside_layers` fills the embeddings, final norm and head; `LazyLayers` (a
-`pipeline.LayerIO`) fills decoder layer i when its turn comes and, once the pruned layer is
-written to the run folder, turns it back into meta tensors (keeping its new shapes, so the
-model still describes the pruned architecture). At most one layer's weights are resident.
+asked for. `load_outside_layers` fills the embeddings, final norm and head; `load_module`
+fills one decoder layer when the driver's turn comes to it (`driver.stores.FromCheckpoint`).
+`loading.open_lazy` does all of it for a model spec.
 
 Tensor names are the model's `state_dict` names, which for the supported families are the
 names `save_pretrained` writes; `saved_names` drops tied duplicates (the LM head of a model
@@ -17,17 +16,14 @@ with tied embeddings) exactly as `save_pretrained` does.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import SpapError
-from .runfolder import CheckpointIO, RunFolder, layer_prefix
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +53,6 @@ class CheckpointReader:
                 "drop --low-memory)"
             )
 
-    def has(self, name: str) -> bool:
-        return name in self.files
-
     def resolve(self, name: str, base_prefix: str | None) -> str | None:
         """The checkpoint's name for model tensor `name`: itself, or without the base model
         prefix (checkpoints saved from the bare base model, e.g. facebook/opt-*)."""
@@ -84,15 +77,6 @@ class CheckpointReader:
                 for n in group:
                     out[n] = f.get_tensor(n)
         return out
-
-    def fingerprint(self, names: list[str]) -> str:
-        """A hash of the bytes of a few tensors: tells two checkpoints with the same config
-        apart without reading all of them."""
-        h = hashlib.sha256()
-        for name, t in sorted(self.load(names).items()):
-            h.update(name.encode())
-            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
 
 
 def empty_model(config, dtype: torch.dtype):
@@ -121,7 +105,7 @@ def assign_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             owner.out_features, owner.in_features = t.shape
 
 
-def _load_into(model: nn.Module, module: nn.Module, prefix: str, reader: CheckpointReader,
+def load_module(model: nn.Module, module: nn.Module, prefix: str, reader: CheckpointReader,
                ) -> None:
     """Fill `module` (whose state_dict names start with `prefix` in the model) from `reader`,
     converting to each tensor's dtype in the model, as from_pretrained does."""
@@ -147,12 +131,12 @@ def _tied_targets(model) -> dict[str, str]:
     return dict(getattr(model, "all_tied_weights_keys", None) or {})
 
 
-def layers_name(model: nn.Module, layers: nn.ModuleList) -> str:
-    """The qualified name of the decoder-layer list in the model (e.g. "model.layers")."""
-    for name, m in model.named_modules():
-        if m is layers:
+def module_name(root: nn.Module, target: nn.Module) -> str:
+    """The qualified name of submodule `target` in `root` (e.g. "model.layers")."""
+    for name, m in root.named_modules():
+        if m is target:
             return name
-    raise ValueError("the decoder layers are not a submodule of the model")
+    raise ValueError(f"{type(target).__name__} is not inside {type(root).__name__}")
 
 
 @torch.no_grad()
@@ -160,7 +144,7 @@ def load_outside_layers(model: nn.Module, layers: nn.ModuleList, reader: Checkpo
                         ) -> None:
     """Load every tensor that is not inside a decoder layer, then tie weights as
     from_pretrained does (a tied head is then the embedding itself, not read)."""
-    inside = layers_name(model, layers) + "."
+    inside = module_name(model, layers) + "."
     tied = _tied_targets(model)
     base = getattr(model, "base_model_prefix", None)
     wanted = {n: t for n, t in model.state_dict().items() if not n.startswith(inside)}
@@ -191,39 +175,3 @@ def saved_names(model: nn.Module) -> list[str]:
         if len(group) > 1:
             drop.update(n for n in group if n in tied)
     return [n for n in model.state_dict() if n not in drop]
-
-
-class LazyLayers(CheckpointIO):
-    """Layer weights from the checkpoint when their turn comes, released after the run folder
-    has the pruned layer (a finished layer comes back from the run folder, pruned)."""
-
-    def __init__(self, run: RunFolder, model: nn.Module, layers: nn.ModuleList,
-                 reader: CheckpointReader):
-        super().__init__(run, model, layers)
-        self.model = model
-        self.reader = reader
-
-    def load(self, index: int, layer: nn.Module, finished: bool) -> None:
-        if finished:
-            super().load(index, layer, finished)
-        else:
-            _load_into(self.model, layer, self.prefix(index), self.reader)
-
-    def release(self, index: int, layer: nn.Module) -> None:
-        from ..memory import trim_host_heap
-
-        layer.to("meta")  # frees the weights; the shapes (pruned) stay
-        trim_host_heap()
-
-
-def model_identity(source: str, config, reader: CheckpointReader, model: nn.Module,
-                   layers: nn.ModuleList, out_weight: str) -> dict[str, Any]:
-    """What identifies the dense model of a lazy run: its source, config and a fingerprint of
-    the first and last layers' down projections (as the in-memory `checkpoint` one does)."""
-    from .runfolder import config_hash
-
-    base = getattr(model, "base_model_prefix", None)
-    names = [reader.resolve(layer_prefix(model, layers, i) + out_weight, base)
-             for i in (0, len(layers) - 1)]
-    return {"source": source, "config_sha": config_hash(config),
-            "fingerprint": reader.fingerprint([n for n in names if n is not None])}

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from .export import REPORT_NAME, check_output_dir
-from .reader import INDEX_FILE, empty_model, saved_names
-from .runfolder import STATE_FILE, RunFolder, relative_name
+from .reader import INDEX_FILE, empty_model, module_name, saved_names
+from .runfolder import STATE_FILE, RunFolder
 
 METADATA = {"format": "pt"}
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -119,7 +119,7 @@ def write_sharded(model: nn.Module, layers: nn.ModuleList, run: RunFolder, token
 
     out = check_output_dir(out, overwrite)
     names = saved_names(model)
-    prefix = relative_name(model, layers) + "."
+    prefix = module_name(model, layers) + "."
     n_shards = len(layers) + 1
     folder = run.path
     weight_map: dict[str, str] = {}

@@ -1,0 +1,60 @@
+"""The record of a pruning run that `spap.json` holds: what was asked, what was done, how well
+each layer reproduces the dense one, where the time and memory went, and with which versions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import PruneConfig
+from .driver.records import LayerRecord
+from .versions import versions
+
+
+def count_params(model) -> int:
+    # Tied embeddings are one Parameter, counted once by parameters().
+    return sum(p.numel() for p in model.parameters())
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def prune_report(cfg: PruneConfig, options: dict[str, Any], model, adapter,
+                 records: list[LayerRecord], *, dense: dict[str, Any],
+                 run: dict[str, Any]) -> dict[str, Any]:
+    """The report of a finished run. `dense`: params, width and dtype before the cut; `run`:
+    saveable, device, memory, resumed_from_layer, calibration, probe and timings."""
+    params_after = count_params(model)
+    removed = sum(r.width_before - r.kept for r in records)
+    total = sum(r.width_before for r in records) or 1
+    heldout = [r.rel_error_heldout for r in records if r.rel_error_heldout is not None]
+    return {
+        "method": cfg.method,
+        "options": options,
+        "sparsity_requested": cfg.sparsity,
+        "sparsity_achieved": removed / total,
+        "saveable": run["saveable"],
+        "round_to": cfg.round_to,
+        "params_before": dense["params"],
+        "params_after": params_after,
+        "params_removed_frac": 1 - params_after / dense["params"],
+        "model": {
+            "model_type": model.config.model_type,
+            "width_key": adapter.width_key,
+            "width_before": dense["width"],
+            "width_after": adapter.width(model.config),
+            "layers": len(adapter.layers(model)),
+            "layers_pruned": len(records),
+            "dtype": dense["dtype"],
+        },
+        "device": run["device"],
+        "memory": run["memory"],
+        "resumed_from_layer": run["resumed_from_layer"],
+        "calibration": run["calibration"],
+        "layer_error_mean": _mean([r.rel_error for r in records]),
+        "layer_error_heldout_mean": _mean(heldout) if run["probe"] is not None else None,
+        "probe": run["probe"],
+        "layers": [r.to_json() for r in records],
+        "timings": run["timings"],
+        "versions": versions(),
+    }

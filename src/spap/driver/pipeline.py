@@ -49,7 +49,7 @@ from ..data import heldout_windows
 from ..errors import SpapError
 from ..models.base import MLPAdapter
 from ..solvers.base import LayerProblem, Solver
-from ..solvers.stats import StatsAccumulator
+from ..solvers.stats import DriftAccumulator, StatsAccumulator
 from .activations import ActivationStore, choose_offload, tensor_bytes
 from .records import LayerRecord, n_keep_for
 from .stores import IN_MODEL, LayerSink, LayerSource
@@ -187,10 +187,17 @@ def prune_layers(
             monitor.sample()
         # the dense model's own hidden states, for solvers whose target is the dense model's
         # MLP output (rather than the dense MLP on the pruned model's inputs)
-        dense = batches.clone() if getattr(solver, "needs_dense_stream", False) else None
+        # (also for the drift target, whose statistics compare the two streams)
+        model_targets = getattr(solver, "needs_dense_stream", False)
+        drift = getattr(solver, "needs_drift", False)
+        if model_targets and drift:
+            raise SpapError("recovery_target=model and refit_target=drift are two targets; "
+                            "choose one")
+        dense = batches.clone() if model_targets or drift else None
         if dense is not None and finished:
-            raise SpapError("resuming a run whose recovery targets the dense model's outputs "
-                            "(recovery_target=model) is not supported; rerun with --restart")
+            raise SpapError("resuming a run that carries the dense model's hidden states "
+                            "(recovery_target=model or refit_target=drift) is not supported; "
+                            "rerun with --restart")
         records = []
         limit = settings.layer_limit
         todo = len(layers) if limit is None else min(limit, len(layers))
@@ -214,7 +221,7 @@ def prune_layers(
             else:
                 rec, batches, probes = _prune_one(adapter, layer, i, batches, solver,
                                                   settings.sparsity, settings.round_to, probes,
-                                                  heldout, dense)
+                                                  heldout, dense, drift)
             layers[i].to(home)
             if not done_before:
                 sink.save(i, layers[i], rec)
@@ -259,14 +266,42 @@ def _ratio(err: torch.Tensor) -> float:
     return float(err[0] / err[1]) if err[1] > 0 else 0.0
 
 
+def _check_additive(layer, down: nn.Module, batch) -> None:
+    """The drift target assumes the layer's output is the residual plus the down projection's
+    output: adding delta to the latter must add exactly delta to the former. Checked on one
+    batch by doing it; a norm or a scale after the MLP (Gemma 2/3, Granite) is refused."""
+    hidden, args, kwargs = batch
+    base = _layer_out(layer(hidden, *args, **kwargs))
+    delta = {}
+
+    def nudge(_m, _a, out):
+        delta["d"] = torch.randn(out.shape, generator=torch.Generator().manual_seed(0),
+                                 dtype=torch.float32).to(out) * out.detach().float().std()
+        return out + delta["d"]
+
+    hook = down.register_forward_hook(nudge)
+    try:
+        moved = _layer_out(layer(hidden, *args, **kwargs))
+    finally:
+        hook.remove()
+    d = delta["d"].reshape(moved.shape).float()
+    gap = float(((moved.float() - base.float()) - d).abs().max())
+    scale = float(base.float().abs().max() + d.abs().max())
+    if not gap <= 1e-3 * max(scale, 1e-12):
+        raise SpapError("refit_target=drift needs a decoder layer whose output is the residual "
+                        "plus the MLP's down projection; this family normalizes or scales the "
+                        "MLP's output before adding it, so use refit_target=layer")
+
+
 def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probes=None,
-               heldout=(0, 0), dense=None):
+               heldout=(0, 0), dense=None, drift=False):
     """Prune one layer; returns its record and the next layer's calibration and probe inputs
     (probes stay None when none were given). Probes run only after the cut, so calibration
     results are bit-identical with or without them. `heldout` = (number of trailing batches
     that are held-out windows, their token count). `dense`, when given, holds the dense
     model's inputs of this layer (same batches) and is advanced in place to the next layer's;
-    the dense MLP's outputs on it are then the solver's targets."""
+    the dense MLP's outputs on it are then the solver's targets, or, with `drift`, the drift
+    statistics compare the layer's output on it with its output on the pruned inputs."""
     ins = adapter.in_linears(layer)
     first_in = next(iter(ins.values()))
     down = adapter.out_linear(layer)
@@ -274,7 +309,7 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     k = n_keep_for(n, sparsity, round_to)
     t0 = time.perf_counter()
     dense_targets = None
-    if dense is not None:  # the dense layer on the dense model's inputs, before any cut
+    if dense is not None and not drift:  # the dense layer on the dense inputs, before any cut
         dense_targets = []
         hook = adapter.out_linear(layer).register_forward_hook(
             lambda _m, _a, out: dense_targets.append(out.detach().reshape(-1, out.shape[-1])
@@ -284,6 +319,8 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
         finally:
             hook.remove()
     if k == n:  # nothing to prune: the layer must stay bit-identical
+        if drift:
+            _propagate(layer, dense)
         new = _propagate(layer, batches)
         secs = {"collect": 0.0, "solve": 0.0, "replay": time.perf_counter() - t0}
         held = None
@@ -298,29 +335,56 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     acc = StatsAccumulator(n, solver.needs_gram, down.weight.device)
     inputs: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
+    drifts: list[torch.Tensor] = []
     # The trailing held-out batches also count into a held-out Gram, for solvers that choose a
     # setting out of sample.
     n_held = heldout[0]
-    state = {"batch": 0}
+    state: dict[str, Any] = {"batch": 0, "dense": False}
+
+    def is_heldout() -> bool:
+        return state["batch"] >= len(batches) - n_held
 
     def collect(_m, a):
-        acc.add(a[0], heldout=state["batch"] >= len(batches) - n_held)
+        if state["dense"]:  # the dense stream's forward (drift): no statistics of it
+            return
+        acc.add(a[0], heldout=is_heldout())
+        state["x"] = a[0]
 
     def flat(t):
         return t.detach().reshape(-1, t.shape[-1])
 
+    def grab_input(_m, a):
+        if not state["dense"]:
+            inputs.append(flat(a[0]))
+
+    def grab_target(_m, _a, out):
+        if not state["dense"]:
+            # (cloned: some families, e.g. falcon, add into the down projection's output in
+            # place)
+            targets.append(flat(out).clone())
+
+    if drift:
+        _check_additive(layer, down, batches[0])
+        drift_acc = DriftAccumulator(down.out_features, n, down.weight.device)
     hooks = [down.register_forward_pre_hook(collect)]
     if solver.needs_inputs:
         # the MLP inputs and the dense layer's output on them, the recovery's data and target
-        hooks.append(first_in.register_forward_pre_hook(
-            lambda _m, a: inputs.append(flat(a[0]))))
-        # (cloned: some families, e.g. falcon, add into the down projection's output in place)
-        hooks.append(down.register_forward_hook(
-            lambda _m, _a, out: targets.append(flat(out).clone())))
+        hooks.append(first_in.register_forward_pre_hook(grab_input))
+        hooks.append(down.register_forward_hook(grab_target))
     try:
         for j, (hidden, args, kwargs) in enumerate(batches):
             state["batch"] = j
-            layer(hidden, *args, **kwargs)
+            out = _layer_out(layer(hidden, *args, **kwargs))
+            if drift:  # the dense model's hidden state after this layer, and the drift
+                state["dense"] = True
+                h_d, a_d, k_d = dense[j]
+                out_dense = _layer_out(layer(h_d, *a_d, **k_d))
+                state["dense"] = False
+                d = out_dense - out  # (batch, seq, m)
+                drift_acc.add(d, state.pop("x"), out_dense, heldout=is_heldout())
+                if solver.needs_inputs:
+                    drifts.append(flat(d))
+                dense.put(j, out_dense)
     finally:
         for h in hooks:
             h.remove()
@@ -332,7 +396,7 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     problem = LayerProblem(
         w_down=down.weight.to(f64),
         w_in={role: w.to(f64) for role, w in w_in.items()},
-        stats=acc.result(),
+        stats=acc.result(drift_acc.result() if drift else None),
         b_down=down.bias.to(f64) if down.bias is not None else None,
         b_in={role: b.to(f64) for role, b in b_in.items()},
         linear_key=adapter.linear_key,
@@ -343,7 +407,9 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
         # (p, m): the dense MLP on these inputs, or the dense model's own MLP output
         problem.targets = torch.cat(dense_targets if dense_targets is not None else targets)
         problem.heldout_tokens = heldout[1] if n_held else 0
-        del inputs, targets, dense_targets
+        if drift:
+            problem.drift = torch.cat(drifts)  # (p, m), the same rows as targets
+        del inputs, targets, dense_targets, drifts
     decision = solver.solve(problem, k)
     del problem
     t2 = time.perf_counter()

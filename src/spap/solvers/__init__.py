@@ -42,7 +42,14 @@ def get_solver(name: str, **options: Any) -> Solver:
         raise SpapError(
             f"unknown option(s) {sorted(unknown)} for method '{name}'; known: {sorted(known)}"
         )
-    return cls(**options)
+    solver = cls(**options)
+    check = getattr(solver, "check_refit", None)
+    if check is not None:  # a bad refit option is refused before any model is loaded
+        try:
+            check()
+        except ValueError as e:
+            raise SpapError(f"method '{name}': {e}") from None
+    return solver
 
 
 def solver_options(solver: Solver) -> dict[str, Any]:

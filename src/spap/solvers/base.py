@@ -43,6 +43,10 @@ class LayerProblem:
     linear_key: str | None = None  # the entry of w_in that enters X linearly, if any
     act: Callable[[torch.Tensor], torch.Tensor] | None = None
     heldout_tokens: int = 0  # trailing rows of inputs/targets from held-out windows
+    # the drift D per token (p, m), rows as `targets`, when the solver asked for the drift
+    # target (`needs_drift`): the dense model's hidden state after the layer minus the layer's
+    # output on these inputs with its dense weights
+    drift: torch.Tensor | None = None
 
     @property
     def n(self) -> int:

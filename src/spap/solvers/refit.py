@@ -15,6 +15,16 @@ which refits (obs, fasp, spap) shares, as the option `refit`:
   the other windows, scored on the held-out ones), then refit on all windows.
 So a comparison gives every method the same refit, and `obs:refit=ridge` is the baseline at
 full strength.
+
+Its target, the option `refit_target`, is shared the same way:
+- `layer` (default): the dense down projection's output on the same inputs, W0 x;
+- `drift`: W0 x + alpha D, where D is the drift the layer inherits (`stats.DriftStats`: the
+  dense model's hidden state after the layer minus the layer's output on the pruned inputs),
+  so the kept channels may also repair part of the residual stream's error. alpha is chosen
+  per layer from `drift_grid`, jointly with the ridge, on the held-out windows, by the error
+  of the layer's output hidden state against the dense model's
+  (`heldout_drift_errors`); alpha = 0 is the layer target, so the choice never ends with a
+  larger held-out output error than the layer target's at the same ridge.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import torch
 log = logging.getLogger(__name__)
 
 REFITS = ("exact", "ridge")
+REFIT_TARGETS = ("layer", "drift")
 
 
 def damp(h: torch.Tensor, delta: float) -> torch.Tensor:
@@ -160,6 +171,13 @@ def heldout_errors_toward_dense(w0, h_fit, h_val, keep, grid, search="walk"):
         num = float(((dk @ hv_kk) * dk).sum()) - 2 * float((dk * cross.T).sum()) + const
         return max(num, 0.0) / denom if denom > 0 else 0.0
 
+    return walk_grid(grid, error, search)
+
+
+def walk_grid(grid, error, search: str = "walk") -> dict:
+    """{lam: error(lam)} at the grid points `search` visits: "all" of them, or ("walk") from
+    the middle of the sorted grid downhill to a local minimum, which for the U-shaped held-out
+    error of a ridge (overfit at small lam, the dense weights at large lam) is the minimum."""
     grid = sorted(set(grid))
     if search == "all" or len(grid) < 3:
         return {lam: error(lam) for lam in grid}
@@ -182,6 +200,54 @@ def heldout_errors_toward_dense(w0, h_fit, h_val, keep, grid, search="walk"):
         i = i - 1 if left < right else i + 1
 
 
+def heldout_drift_errors(w0, h_fit, h_val, c_fit, c_val, dsq_val, keep, grid, alphas,
+                         search="walk"):
+    """Held-out output-state errors of the drift-target refit: {lam: (alpha, error)}, the
+    best alpha of `alphas` at each ridge lam evaluated (walked as in
+    `heldout_errors_toward_dense`), and {lam: {alpha: error}} for the record.
+
+    Fit on the fit windows: W(lam, alpha) = A + alpha B with
+        A = (W0 Hf[K, :]^T + mu W0_K)(Hf_KK + mu I)^-1,  B = Cf[:, K] (Hf_KK + mu I)^-1,
+    where Cf = sum D x^T over the fit windows (one solve with both right-hand sides). With
+    dW = [A - W0_K | -W0_P] and dB = [B | 0], the held-out error of the output state is
+        E(alpha) = tr(dW Hv dW^T) - 2 tr(dW Cv^T) + |D_v|^2
+                   + 2 alpha (tr(dB Hv dW^T) - tr(dB Cv^T)) + alpha^2 tr(dB Hv dB^T),
+    a quadratic in alpha, so every alpha costs nothing once lam is solved.
+    """
+    n = w0.shape[1]
+    m = w0.shape[0]
+    pruned = complement(keep, n)
+    w_k, w_p = w0[:, keep], w0[:, pruned]  # (m, k), (m, |P|)
+    hf_kk = h_fit[keep][:, keep]  # (k, k)
+    rhs0 = h_fit[keep] @ w0.T  # (k, m)
+    cf_k = c_fit[:, keep]  # (m, k)
+    hv_kk = h_val[keep][:, keep]  # (k, k)
+    cross = h_val[keep][:, pruned] @ w_p.T  # (k, m) = Hv_KP W0_P^T
+    const = float(((h_val[pruned][:, pruned] @ w_p.T) * w_p.T).sum())
+    cv_k, cv_p = c_val[:, keep], c_val[:, pruned]  # (m, k), (m, |P|)
+    wp_cv = float((w_p * cv_p).sum())
+    mean_diag = float(torch.diagonal(hf_kk).mean())
+    eye = torch.eye(keep.numel(), dtype=w0.dtype, device=w0.device)
+    table: dict[float, dict[float, float]] = {}
+
+    def error(lam):
+        mu = lam * mean_diag
+        sol = spd_solve(hf_kk + mu * eye, torch.cat([rhs0 + mu * w_k.T, cf_k.T], 1))  # (k, 2m)
+        a, b = sol[:, :m].T, sol[:, m:].T  # (m, k) each
+        dk = a - w_k
+        bh = b @ hv_kk  # (m, k)
+        e0 = (float(((dk @ hv_kk) * dk).sum()) - 2 * float((dk * cross.T).sum()) + const
+              - 2 * (float((dk * cv_k).sum()) - wp_cv) + dsq_val)
+        e1 = float((bh * dk).sum()) - float((b * cross.T).sum()) - float((b * cv_k).sum())
+        e2 = float((bh * b).sum())
+        table[lam] = {al: max(e0 + 2 * al * e1 + al * al * e2, 0.0) for al in alphas}
+        return min(table[lam].values())
+
+    walk_grid(grid, error, search)
+    best = {lam: min(errs.items(), key=lambda kv: (kv[1], kv[0])) for lam, errs in table.items()}
+    return best, table
+
+
 @dataclass
 class RefitOptions:
     """The shared refit, as dataclass fields every refitting solver inherits (so they are its
@@ -194,10 +260,30 @@ class RefitOptions:
     ridge_search: str = "walk"  # "walk": downhill from the grid's middle; "all": every point
     # used, with a warning, when the calibration has a single window (nothing to hold out)
     ridge_fallback: float = 0.1
+    # what the refit reproduces: "layer" (W0 x) or "drift" (W0 x + alpha D, see above)
+    refit_target: str = "layer"
+    drift_grid: str = "0,0.25,0.5,0.75,1"  # alphas tried on the held-out windows
+
+    @property
+    def needs_drift(self) -> bool:
+        """The driver collects the layer's drift statistics (`ActStats.drift`)."""
+        return self.refit_target == "drift"
 
     def check_refit(self) -> None:
         if self.refit not in REFITS:
             raise ValueError(f"unknown refit '{self.refit}'; use {' or '.join(REFITS)}")
+        if self.refit_target not in REFIT_TARGETS:
+            raise ValueError(f"unknown refit_target '{self.refit_target}'; use "
+                             f"{' or '.join(REFIT_TARGETS)}")
+        if self.refit_target == "drift":
+            if self.refit != "ridge":
+                raise ValueError("refit_target=drift needs refit=ridge: the held-out windows "
+                                 "that choose the ridge also choose alpha")
+            if not self.drift_alphas():
+                raise ValueError("refit_target=drift needs a non-empty drift_grid")
+
+    def drift_alphas(self) -> list[float]:
+        return [float(x) for x in str(self.drift_grid).split(",") if x.strip()]
 
     def refit_kept(self, w0: torch.Tensor, stats, keep: torch.Tensor,
                    h_damped: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -221,9 +307,37 @@ class RefitOptions:
             return refit_toward_dense(w0, h, keep, lam), {
                 "refit": "ridge", "ridge": lam, "ridge_chosen_on": "none (one window)"}
         h_val = stats.gram_heldout.to(w0.dtype)
+        if self.refit_target == "drift":
+            return self._refit_drift(w0, h, h_val, stats.drift, keep, grid)
         errs = heldout_errors_toward_dense(w0, h - h_val, h_val, keep, grid, self.ridge_search)
         lam = min(errs, key=errs.get)
         return refit_toward_dense(w0, h, keep, lam), {
             "refit": "ridge", "ridge": lam, "ridge_chosen_on": "held-out windows",
             "ridge_heldout_rel_error": {str(k): v for k, v in errs.items()},
+        }
+
+    def _refit_drift(self, w0, h, h_val, drift, keep, grid) -> tuple[torch.Tensor, dict]:
+        """The drift target's refit: (lam, alpha) chosen on the held-out windows, then the
+        refit on all windows toward W0 x + alpha D."""
+        if drift is None or drift.cross_heldout is None:
+            raise RuntimeError("refit_target=drift needs the drift statistics of fit and "
+                               "held-out windows; the driver did not collect them")
+        c = drift.cross.to(w0.dtype)  # (m, n)
+        c_val = drift.cross_heldout.to(w0.dtype)
+        best, table = heldout_drift_errors(w0, h - h_val, h_val, c - c_val, c_val,
+                                           drift.sq_heldout, keep, grid, self.drift_alphas(),
+                                           self.ridge_search)
+        lam = min(best, key=lambda k: best[k][1])
+        alpha, err = best[lam]
+        scale = drift.out_sq_heldout or 1.0
+        rhs = h[keep] @ w0.T + alpha * c[:, keep].T  # (k, m): sum x (W0 x + alpha D)^T
+        w = solve_toward(h[keep][:, keep], rhs, w0[:, keep], lam)
+        return w, {
+            "refit": "ridge", "refit_target": "drift", "ridge": lam, "drift_alpha": alpha,
+            "ridge_chosen_on": "held-out windows",
+            # relative error of the layer's output hidden state against the dense model's
+            "output_error_heldout": err / scale,
+            "output_error_heldout_alpha0": (table[lam][0.0] / scale if 0.0 in table[lam]
+                                            else None),
+            "drift_heldout": drift.sq_heldout / scale,
         }

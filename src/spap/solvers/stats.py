@@ -26,6 +26,8 @@ class ActStats:
     # the part of `gram` from the held-out calibration windows (the last ones), so a solver can
     # choose a setting out of sample; None when there are too few windows to hold some out
     gram_heldout: torch.Tensor | None = None
+    # the residual drift this layer inherits, for the drift target (None unless asked for)
+    drift: DriftStats | None = None
 
     @property
     def mean(self) -> torch.Tensor:
@@ -40,6 +42,50 @@ class ActStats:
     def norm(self) -> torch.Tensor:
         """||X_i||_2 over tokens, Wanda's activation norm."""
         return self.sqsum.sqrt()
+
+
+@dataclass
+class DriftStats:
+    """Sums over calibration tokens of the drift D = y_dense - y (m per token): the dense
+    model's hidden state after this layer minus the layer's output on the pruned model's
+    inputs with its dense weights. Since y = residual + W0 x (+ b), the layer's output state
+    error of any down projection W is ||(W - W0) x - D||^2, and the drift target of the refit
+    is W0 x + alpha D. Like `ActStats.gram`, each sum is over all windows, and its `_heldout`
+    part over the held-out windows alone (float64)."""
+
+    cross: torch.Tensor  # (m, n) sum_t D_t x_t^T
+    sq: float  # sum_t ||D_t||^2
+    out_sq: float  # sum_t ||y_dense_t||^2 (the scale of the relative output error)
+    cross_heldout: torch.Tensor | None = None
+    sq_heldout: float = 0.0
+    out_sq_heldout: float = 0.0
+
+
+class DriftAccumulator:
+    """Accumulates `DriftStats` from per-batch drift D (tokens, m), the down projection's input
+    x (tokens, n) of the same tokens and the dense hidden state y_dense (tokens, m)."""
+
+    def __init__(self, m: int, n: int, device: torch.device | str = "cpu"):
+        self.m, self.n = m, n
+        self.device = torch.device(device)
+        self.sums = [torch.zeros(m, n, dtype=torch.float64, device=self.device), 0.0, 0.0]
+        self.held: list | None = None
+
+    def add(self, d: torch.Tensor, x: torch.Tensor, y_dense: torch.Tensor,
+            heldout: bool = False) -> None:
+        d = d.detach().reshape(-1, self.m).double()  # (tokens, m)
+        x = x.detach().reshape(-1, self.n).double()  # (tokens, n)
+        y = y_dense.detach().reshape(-1, self.m).double()  # (tokens, m)
+        batch = [(d.T @ x).to(self.device), float(d.pow(2).sum()), float(y.pow(2).sum())]
+        self.sums = [a + b for a, b in zip(self.sums, batch)]
+        if heldout:
+            self.held = batch if self.held is None else [a + b for a, b in
+                                                         zip(self.held, batch)]
+
+    def result(self) -> DriftStats:
+        if self.held is None:
+            return DriftStats(*self.sums)
+        return DriftStats(*self.sums, *self.held)
 
 
 def gram_of(x: torch.Tensor, xf: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,8 +141,8 @@ class StatsAccumulator:
             if heldout:
                 self.gram_heldout = g if self.gram_heldout is None else self.gram_heldout + g
 
-    def result(self) -> ActStats:
-        return ActStats(self.count, self.sum, self.sqsum, self.gram, self.gram_heldout)
+    def result(self, drift: DriftStats | None = None) -> ActStats:
+        return ActStats(self.count, self.sum, self.sqsum, self.gram, self.gram_heldout, drift)
 
 
 def stats_from_activations(x: torch.Tensor, want_gram: bool = True) -> ActStats:

@@ -54,6 +54,7 @@ from .refit import (
     damp,
     mask_error,
     refit_toward_dense,
+    solve_toward,
     spd_inverse,
     spd_solve,
 )
@@ -89,7 +90,21 @@ class SpapSolver(RefitOptions):
     # error by a further 0.7%)
     recovery_epochs: int = 2
     recovery_lr: float = 0.02  # Adam's rate relative to each weight's RMS
-    recovery_batch: int = 1024  # tokens per Adam step
+    recovery_batch: int = 1024  # tokens per Adam step (at most, with recovery_steps)
+    # Adam steps per epoch whatever the token count: an epoch stays one pass over the fit
+    # tokens, in minibatches of fewer tokens when they are few. 0: one step per
+    # recovery_batch tokens (7 steps per epoch at 16 x 512)
+    recovery_steps: int = 0
+    # stop once the held-out loss has not improved for this many epochs (0: run all
+    # recovery_epochs), so recovery_epochs becomes an upper bound on the time spent
+    recovery_patience: int = 0
+    # shrinkage of the recovered gate and up toward their dense rows: fractions t of the
+    # update to try, e.g. "0.25,0.5,0.75" (t = 0 and 1 always compete), each with its own
+    # down step, t chosen on the held-out windows; "" (default): off
+    recovery_shrink: str = ""
+    # after every held-out choice, solve the down projection once more on all windows (fit
+    # and held-out), as the refit without recovery does
+    recovery_final_refit: bool = False
     # what the recovered MLP reproduces: "layer", the dense MLP on the pruned model's inputs;
     # "model", the dense model's own MLP output at this layer (so the layer also corrects the
     # drift of its inputs; the pipeline then carries the dense model's hidden states too)
@@ -150,17 +165,31 @@ class SpapSolver(RefitOptions):
         h_fit = (stats.gram - stats.gram_heldout).to(dt)
         w_start = (refit_toward_dense(w0, h_fit, keep, lam) if lam is not None
                    else refit_toward_dense(w0, damp(h_fit, self.damp), keep, 0.0))
+        targets = problem.targets
+        alpha = decision.info.get("drift_alpha") or 0.0
+        if alpha:  # the drift target (refit.py): W0 x + alpha D, for the start and the epochs
+            drift = stats.drift
+            c_fit = (drift.cross - drift.cross_heldout).to(dt)  # (m, n)
+            w_start = solve_toward(h_fit[keep][:, keep],
+                                   h_fit[keep] @ w0.T + alpha * c_fit[:, keep].T,
+                                   w0[:, keep], lam)
+            targets = targets + alpha * problem.drift.to(targets.dtype)
         dev = problem.w_down.device
         res = recover(
-            problem.inputs, problem.targets,
+            problem.inputs, targets,
             {k: v[keep] for k, v in problem.w_in.items()}, w_start, problem.act,
             problem.linear_key, n_val,
             b_in={k: v[keep] for k, v in problem.b_in.items()},
             b_down=problem.b_down, w_down_dense=w0[:, keep], ridge=lam,
             epochs=self.recovery_epochs, lr=self.recovery_lr, batch=self.recovery_batch,
-            mode=self.recovery, device=dev,
+            mode=self.recovery, device=dev, steps=self.recovery_steps,
+            patience=self.recovery_patience, shrink=_fractions(self.recovery_shrink),
+            final_refit=self.recovery_final_refit,
         )
         decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout)
+        if res.shrink:
+            decision.info.update(recovery_shrink=res.shrink["chosen"],
+                                 recovery_shrink_heldout_loss=res.shrink["heldout"])
         if res.epochs == 0:
             return
         f64 = problem.w_down.dtype
@@ -240,6 +269,17 @@ class SpapSolver(RefitOptions):
             if best is None or err < best[0]:
                 best = (err, pruned)
         return best[1]
+
+
+def _fractions(grid) -> tuple[float, ...]:
+    """recovery_shrink as numbers: "0.25,0.5" (or one number, as --option parses it)."""
+    if isinstance(grid, (int, float)):
+        return (float(grid),)
+    try:
+        return tuple(float(x) for x in str(grid).split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"recovery_shrink must be comma-separated fractions such as "
+                         f"'0.25,0.5,0.75', got {grid!r}") from None
 
 
 def _dtype(name: str) -> torch.dtype:

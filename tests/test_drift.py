@@ -129,3 +129,31 @@ def test_bad_drift_options_are_refused_before_any_model():
         get_solver("obs", refit="exact", refit_target="drift")
     with pytest.raises(spap.SpapError, match="unknown refit_target"):
         get_solver("fasp", refit_target="hidden")
+
+
+def test_spap_recovery_fits_the_drift_target(monkeypatch):
+    """SPAP's recovery starts from the drift refit and fits W0 x + alpha D, not W0 x."""
+    import spap.solvers.spap as spap_solver
+
+    seen = []
+    real = spap_solver.recover
+
+    def spy(inputs, targets, *args, **kwargs):
+        seen.append(targets)
+        return real(inputs, targets, *args, **kwargs)
+
+    problems = []
+    solve = SpapSolver.solve
+
+    def keep_problem(self, problem, k):
+        problems.append(problem)
+        return solve(self, problem, k)
+
+    monkeypatch.setattr(spap_solver, "recover", spy)
+    monkeypatch.setattr(SpapSolver, "solve", keep_problem)
+    res = spap.prune(tiny_model("llama"), calib_ids=random_ids(16, 32), sparsity=0.5,
+                     method_options={"refit_target": "drift"})
+    alpha = res.report["layers"][1]["info"]["drift_alpha"]
+    assert alpha > 0
+    p = problems[1]
+    torch.testing.assert_close(seen[1], p.targets + alpha * p.drift)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Produce bench/results/compare-*.json (+ .png) with `spap compare`, then BENCHMARKS.md.
-# Protocol at sizes users run on a CPU (issue 8): SmolLM2-135M 64 x 512 calibration tokens
+# Protocol at sizes users run on a CPU: SmolLM2-135M 64 x 512 calibration tokens
 # (32,768 tokens against a 1,536-wide Gram), Qwen2.5-Coder-0.5B 16 x 512 (8,192 against
 # 4,864); 1/8 of the windows are held out for the ridge and the recovery length, token-disjoint
 # from the rest. Perplexity on the first 32 (Qwen: 16) windows x 512 held-out Wikipedia

@@ -103,6 +103,8 @@ def model_config(tiny: bool):
 def build(rec: dict[str, Any], state: dict[str, Any], args, device: torch.device) -> None:
     from transformers import AutoModelForCausalLM
 
+    from spap.eval.speed import weight_bytes
+
     config = model_config(args.tiny)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
@@ -115,7 +117,7 @@ def build(rec: dict[str, Any], state: dict[str, Any], args, device: torch.device
     free(device)
     rec.update(config=config.to_dict(), dtype=args.dtype,
                params=sum(p.numel() for p in model.parameters()),
-               weight_gib=sum(p.numel() * p.element_size() for p in model.parameters()) / GIB,
+               weight_gib=weight_bytes(model) / GIB,
                init_seconds=t1 - t0, to_host_seconds=time.perf_counter() - t1)
     state["dense"], state["config"] = model, config
     log(f"  {rec['params'] / 1e9:.2f}B params, {config.num_hidden_layers} layers, width "

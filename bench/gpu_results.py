@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import time
 import traceback
 from collections.abc import Callable
@@ -16,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from spap.files import write_json_atomic
 
 T_START = time.perf_counter()
 
@@ -59,9 +59,8 @@ class Results:
 
     def write(self) -> None:
         self.data["elapsed_s"] = time.perf_counter() - T_START
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=2, default=_json_default))
-        os.replace(tmp, self.path)
+        # non-finite floats as null: a failed step's NaN must not cost the whole document
+        write_json_atomic(self.path, self.data, nan="null", default=_json_default)
 
     def step(self, name: str, fn: Callable[[dict[str, Any]], None]) -> None:
         """Run fn(record) guarded; the record is stored as data[name]."""

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from spap.files import write_json_atomic
+
 
 def same_tokens(a: dict, b: dict) -> bool:
     """Both runs saw the same calibration, evaluation and probe tokens."""
@@ -31,7 +33,7 @@ def main(main_path: str, extra_path: str) -> int:
     names = {x["name"] for x in a["variants"]}
     a["variants"] += [v for v in b["variants"] if v["name"] not in names]
     a["sparsities"] = sorted(set(a["sparsities"]) | set(b["sparsities"]))
-    Path(main_path).write_text(json.dumps(a, indent=2, allow_nan=False))
+    write_json_atomic(main_path, a)  # a reader (or a kill) never sees half of MAIN
     Path(extra_path).unlink()
     return 0
 

@@ -25,46 +25,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-from spap.compare import write_json_atomic  # noqa: E402
+from spap.files import write_json_atomic  # noqa: E402
+from spap.memory import MemoryMonitor  # noqa: E402
 from spap.solvers.recovery import recover  # noqa: E402
 
 GIB = 2**30
-
-
-class PeakRSS:
-    """Peak resident set size of this process while the block runs, sampled."""
-
-    def __init__(self, every: float = 0.005):
-        self.proc, self.every, self.peak = psutil.Process(), every, 0
-        self._stop = threading.Event()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.every)
-
-    def __enter__(self):
-        self.start = self.proc.memory_info().rss
-        self.peak = self.start
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
+RSS_EVERY = 0.005  # seconds between RSS samples during the solve
 
 
 def measure(tokens: int, d: int, width: int, keep: int, device: torch.device,
@@ -92,7 +67,7 @@ def measure(tokens: int, d: int, width: int, keep: int, device: torch.device,
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
-    with PeakRSS() as rss:
+    with MemoryMonitor(device, interval=RSS_EVERY) as rss:
         res = recover(a, y, w_in, w_down, act, "up", n_val, w_down_dense=w_down_dense,
                       ridge=0.1, epochs=epochs, device=device)
         if device.type == "cuda":
@@ -102,7 +77,7 @@ def measure(tokens: int, d: int, width: int, keep: int, device: torch.device,
            "kept": keep, "epochs_run": epochs, "epochs_kept": res.epochs,
            "heldout_loss": res.heldout, "seconds": seconds,
            "inputs_targets_gib": held / GIB,
-           "host_rss_peak_over_start_gib": (rss.peak - rss.start) / GIB}
+           "host_rss_peak_over_start_gib": (rss.host_peak - rss.host_start) / GIB}
     if device.type == "cuda":
         out["device_peak_over_start_gib"] = (torch.cuda.max_memory_allocated(device)
                                              - before) / GIB

@@ -192,6 +192,17 @@ def zeroshot_section(model: str, d: dict) -> list[str]:
                   f"{t}: {next(iter(rows.values()))['tasks'][t].get('split')}" for t in tasks)
               + "."]
     pruned = [n for n in rows if n != "dense"]
+    cal = d.get("calibration") or {}
+    made = [f"{n} (method `{rows[n]['method']}`, sparsity {rows[n]['sparsity']:g})"
+            for n in pruned if rows[n].get("method") and rows[n].get("sparsity") is not None]
+    if made:
+        saved = all(rows[n].get("folder") for n in pruned)
+        lines += ["", "Pruned models: " + ", ".join(made)
+                  + (", the folders `spap compare --save-models` wrote" if saved else
+                     ", pruned in memory by bench/zeroshot.py")
+                  + (f"; calibration {cal['nsamples']} x {cal['seqlen']} tokens of "
+                     f"{cal.get('source')} (hash {cal['token_hash'][:12]})"
+                     if cal.get("token_hash") else "") + "."]
     if len(pruned) >= 2:
         a, b = pruned[0], pruned[1]
         (ma, sa), (mb, sb) = means[a], means[b]
@@ -205,9 +216,13 @@ def zeroshot_section(model: str, d: dict) -> list[str]:
 
 
 def speed_section(model: str, d: dict) -> list[str]:
+    threads = f"{d['threads']} thread{'s' if d['threads'] != 1 else ''}"
+    models = d.get("models") or {}
+    how = (f"Timed by `spap bench {models['pruned']} --vs {models['base']}` "
+           "(`bench/speed.sh`). " if models.get("pruned") and models.get("base") else "")
     lines = [f"### {model}: speed on {d.get('device_name') or d['device']} "
-             f"({d['threads']} threads, {d['dtype']}, torch {d['torch_version']})", "",
-             f"Parameters {d['params']['base']:,} -> {d['params']['pruned']:,} "
+             f"({threads}, {d['dtype']}, torch {d['torch_version']})", "",
+             f"{how}Parameters {d['params']['base']:,} -> {d['params']['pruned']:,} "
              f"({d['params']['pruned'] / d['params']['base']:.3f}x); weight bytes "
              f"{d['weight_bytes']['base']:,} -> {d['weight_bytes']['pruned']:,} "
              f"({d['weight_bytes']['ratio']:.3f}x).", "",
@@ -265,76 +280,6 @@ def tradeoff_section(model: str, d: dict) -> list[str]:
     ax.grid(True, which="both", alpha=0.3)
     fig.savefig(png, dpi=150)
     lines += ["", f"![perplexity against time, {model}](bench/results/{png.name})"]
-    return lines
-
-
-def _non_default(run: dict) -> dict:
-    """The options of a recorded run that differ from the method's current defaults (a file
-    written before a default changed then shows the old value explicitly)."""
-    import dataclasses
-
-    from spap.solvers import solver_class
-
-    full = run.get("options_full") or run.get("options") or {}
-    defaults = {f.name: f.default for f in dataclasses.fields(solver_class(run["method"]))}
-    out = {k: v for k, v in full.items() if k in defaults and defaults[k] != v}
-    if full:  # options added after the run was recorded: it ran the behaviour before them
-        out.update({k: "(not yet an option)" for k in defaults if k not in full})
-    return out
-
-
-def gpu_section(name: str, d: dict) -> list[str]:
-    """bench/gpu_check.py results: correctness on the device, pruning time against wanda-sp at
-    the literature's calibration size, and the pruned model's speed."""
-    env, args = d.get("env", {}), d.get("args", {})
-    gpu = (env.get("gpu") or {}).get("name", env.get("device"))
-    vers = env.get("versions", {})
-    lines = [f"### {name}: {gpu}, torch {vers.get('torch')}, transformers "
-             f"{vers.get('transformers')}, round_to {args.get('round_to', 1)}", ""]
-    corr = d.get("correctness")
-    if corr:
-        checks = [(fam, c, v) for fam, cs in corr.items() if isinstance(cs, dict)
-                  for c, v in cs.items() if isinstance(v, dict) and "ok" in v]
-        worst = max((v.get("max_abs_diff_vs_masked_dense") or v.get("max_abs_diff") or 0.0
-                     for _, _, v in checks), default=0.0)
-        ok = sum(bool(v["ok"]) for _, _, v in checks)
-        lines += [f"Correctness on the GPU (tiny random LLaMA, Qwen2 and OPT models, float32): "
-                  f"{ok}/{len(checks)} checks pass (pruned logits against the masked dense "
-                  f"model, sparsity 0 unchanged, save and stock reload); largest logit "
-                  f"difference {worst:.1e}.", ""]
-    t = d.get("timing")
-    if t:
-        cal = t.get("calibration", {})
-        lines += [f"Pruning time: random-weights model of the Qwen2.5-0.5B architecture "
-                  f"({t.get('dtype')}), calibration {cal.get('nsamples')} x "
-                  f"{cal.get('seqlen')} random token ids, sparsity {t.get('sparsity')}, every "
-                  f"run in one process. Layer errors of random weights say little about "
-                  f"quality; the times are what this measures.", "",
-                  "| run | options | prune s | x wanda-sp | forward (collect + replay) s | "
-                  "solve s |", "|---|---|---|---|---|---|"]
-        for r in t.get("runs", []):
-            if not r.get("ok"):
-                lines.append(f"| {r['name']} | failed: {r.get('error')} | | | | |")
-                continue
-            ls = r.get("layer_seconds", {})
-            opts = ", ".join(f"{k}={v}" for k, v in _non_default(r).items()) or "(defaults)"
-            lines.append(f"| {r['name']} | {opts} | {r['seconds']:.1f} | "
-                         f"{fmt(r.get('ratio_to_wanda_sp'))}x | "
-                         f"{ls.get('collect', 0) + ls.get('replay', 0):.1f} | "
-                         f"{ls.get('solve', 0):.1f} |")
-        lines.append("")
-    sp = (d.get("speed") or {}).get("bench")
-    if sp:
-        lines += [f"Speed of the {d['speed'].get('pruned_variant')} model against dense "
-                  f"(weights {sp['weight_bytes']['ratio']:.3f}x):", "",
-                  "| batch | prompt | prefill speedup | ideal (FLOPs) | decode speedup | "
-                  "ideal (bytes) |", "|---|---|---|---|---|---|"]
-        for st in sp["settings"]:
-            lines.append(f"| {st['batch']} | {st['prompt_len']} | "
-                         f"{fmt(st['prefill']['speedup'])} | "
-                         f"{fmt(st['prefill']['ideal_speedup'])} | "
-                         f"{fmt(st['decode']['speedup'])} | "
-                         f"{fmt(st['decode']['ideal_speedup'])} |")
     return lines
 
 
@@ -411,8 +356,9 @@ def recovery_memory_section(name: str, d: dict) -> list[str]:
                       f"**{verdict}**, {fmt(peak)} GiB."]
     else:
         held = r0["inputs_targets_gib"] / r0["tokens"] * full
-        lines += ["", f"Not run at 128 x 2048 ({full:,} tokens) here (an epoch there takes "
-                      "too long on this CPU). The solve works on minibatches of 1,024 tokens "
+        why = ", where an epoch takes too long on a CPU" if d["device"] == "cpu" else ""
+        lines += ["", f"Not run at 128 x 2048 ({full:,} tokens){why}. The solve works on "
+                      "minibatches of 1,024 tokens "
                       "and chunks of at most 8,192, so once the fit tokens pass 8,192 nothing "
                       "in it grows with the token count: compare the rows. By that argument "
                       f"the solve needs about {fmt(peak)} GiB at 128 x 2048 too, beside "
@@ -429,8 +375,6 @@ def main() -> None:
         ("## Perplexity: SPAP against the baselines", "compare-*.json", compare_section),
         ("## Ablation: what each piece of SPAP contributes", "ablation-*.json", compare_section),
         ("## Trade-off: perplexity against pruning time", "compare-*.json", tradeoff_section),
-        ("## GPU: correctness, pruning time at 128 x 2048, speed", "gpu-*.json",
-         gpu_section),
         ("## Recovery memory on an 8B-shaped layer", "recovery-memory-*.json",
          recovery_memory_section),
         ("## Zero-shot accuracy", "zeroshot-*.json", zeroshot_section),

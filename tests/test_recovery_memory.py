@@ -1,5 +1,6 @@
 """bench/recovery_memory.py on a tiny layer: it runs the real recovery, writes one record per
-token count with the memory fields the report reads, and keeps the held-out-chosen epochs."""
+token count with the memory fields the report reads, keeps the held-out-chosen epochs, and
+its memory figure sees an allocation of known size made during the solve."""
 
 from __future__ import annotations
 
@@ -7,13 +8,21 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "recovery_memory.py"
+MIB = 2**20
 
 
-def test_recovery_memory_script_records_each_token_count(tmp_path):
+def _script():
     spec = importlib.util.spec_from_file_location("bench_recovery_memory", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_recovery_memory_script_records_each_token_count(tmp_path):
+    mod = _script()
     out = tmp_path / "m.json"
     assert mod.main(["--hidden", "32", "--width", "128", "--tokens", "512,1024",
                      "--epochs", "2", "--out", str(out)]) == 0
@@ -21,8 +30,32 @@ def test_recovery_memory_script_records_each_token_count(tmp_path):
     assert [r["tokens"] for r in doc["runs"]] == [512, 1024]
     for r in doc["runs"]:
         assert r["kept"] == 64 and r["heldout_tokens"] == r["tokens"] // 8
-        assert r["solve_peak_gib"] >= 0 and r["inputs_targets_gib"] > 0
+        # inputs and targets: tokens x hidden, twice, in bfloat16
+        assert r["inputs_targets_gib"] * mod.GIB == 2 * r["tokens"] * 32 * 2
+        assert r["solve_peak_gib"] == r["host_rss_peak_over_start_gib"]  # on the CPU
         assert len(r["heldout_loss"]) == 3  # epoch 0 (the start), 1 and 2
         assert 0 <= r["epochs_kept"] <= 2
         best = r["heldout_loss"][r["epochs_kept"]]
         assert best == min(r["heldout_loss"])
+
+
+def test_solve_peak_sees_a_known_allocation(monkeypatch):
+    """The CPU figure is the RSS peak over its start during recover(): a tiny solve (inputs of
+    32 KiB) stays far below 16 MiB, and 64 MiB written during the solve (held until the block
+    ends, so the closing sample sees it) raise it by those 64 MiB."""
+    mod = _script()
+    cpu = torch.device("cpu")
+    mod.measure(512, 32, 128, 64, cpu, 1)  # warm-up, as main() does
+    plain = mod.measure(512, 32, 128, 64, cpu, 1)["solve_peak_gib"] * mod.GIB
+    held, real = [], mod.recover
+
+    def recover_and_allocate(*args, **kwargs):
+        res = real(*args, **kwargs)
+        held.append(torch.ones(64 * MIB // 4))  # float32: 64 MiB of touched pages
+        return res
+
+    monkeypatch.setattr(mod, "recover", recover_and_allocate)
+    grown = mod.measure(512, 32, 128, 64, cpu, 1)["solve_peak_gib"] * mod.GIB
+    held.clear()
+    assert 0 <= plain < 16 * MIB
+    assert 64 * MIB <= grown < 64 * MIB + 16 * MIB, (plain / MIB, grown / MIB)

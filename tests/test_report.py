@@ -96,16 +96,6 @@ def test_tradeoff_section_orders_by_time_with_ratio(report, tmp_path, monkeypatc
     assert (tmp_path / "tradeoff-tiny.png").stat().st_size > 0
 
 
-def test_gpu_section_marks_options_the_run_predates(report):
-    run = {"name": "spap", "method": "spap", "ok": True, "seconds": 20.0,
-           "ratio_to_wanda_sp": 4.0, "layer_seconds": {"collect": 5.0, "solve": 14.0},
-           "options_full": {"iters": 2}}  # recorded before most options existed
-    d = {"env": {"gpu": {"name": "GPU"}, "versions": {}}, "args": {},
-         "timing": {"calibration": {"nsamples": 128, "seqlen": 2048}, "runs": [run]}}
-    row = next(line for line in report.gpu_section("x", d) if line.startswith("| spap"))
-    assert "greedy_block=(not yet an option)" in row and "| 4.00x |" in row
-
-
 def _memory_doc(tokens, peak):
     runs = [{"tokens": n, "heldout_tokens": n // 8, "hidden": 64, "width": 256, "kept": 128,
              "epochs_run": 2, "epochs_kept": 1, "heldout_loss": [1.0, 0.9], "seconds": 1.0,

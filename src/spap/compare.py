@@ -302,6 +302,7 @@ def compare(
                 "layer_ridge": [layer["info"].get("ridge") for layer in layers],
                 "layer_recovery_epochs": [layer["info"].get("recovery_epochs")
                                           for layer in layers],
+                "layer_drift_alpha": [layer["info"].get("drift_alpha") for layer in layers],
                 "saved": saved,
             }
             result["records"].append(rec)

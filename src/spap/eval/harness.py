@@ -54,6 +54,7 @@ from typing import Any
 
 from ..assets import cache_dir
 from ..errors import SpapError
+from ..files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +207,7 @@ def _write_if_changed(path: Path, text: str) -> None:
     """Write atomically and only on change, so concurrent runs and datasets' cache stay valid."""
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _request_log_docs(path: Path, convert: Callable[[dict], dict]) -> list[dict[str, Any]]:

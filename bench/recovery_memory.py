@@ -8,7 +8,7 @@ holds: on CUDA torch.cuda.max_memory_allocated during recover() minus what was a
 it; on the CPU the peak resident set size during recover() (sampled every 5 ms) minus the
 resident set size before it. The inputs and targets themselves are reported apart.
 
-On a GPU, the issue's protocol (128 x 2048 tokens):
+On a GPU, the literature's calibration size (128 x 2048 tokens):
 
     PYTHONPATH=src python3 bench/recovery_memory.py --device cuda --tokens 262144
 

@@ -141,6 +141,24 @@ def test_bench_two_tiny_models(tiny_dir, text_file, tmp_path, capsys):
                              "--device", "cpu", "--json", js], capsys)
     assert code == 0, err
     res = json.loads(js.read_text())
-    s = res["settings"][0]
-    assert s["ideal_speedup"] > 1 and s["speedup"] > 0
-    assert res["params"]["pruned"] < res["params"]["base"]
+    (s,) = res["settings"]
+    assert (s["batch"], s["prompt_len"], s["gen_tokens"]) == (1, 8, 2)  # what was asked
+    assert len(s["prefill"]["times"]["pruned"]) == len(s["decode"]["times"]["base"]) == 1
+    assert any(line.split()[:3] == ["1", "8", "2"] for line in stdout.splitlines())  # the table
+    assert "bench" in err and "100%" in err  # the progress bar ran to its end
+    # The ideal speedups follow from the widths in the two saved configs: only the MLP FLOPs
+    # and the MLP weights differ, in the ratio of the widths.
+    widths = [json.loads((d / "config.json").read_text())["intermediate_size"]
+              for d in (out, tiny_dir)]
+    fp, fb = s["flops"]["pruned"], s["flops"]["base"]
+    assert [fp["mlp_width"], fb["mlp_width"]] == widths and widths[0] < widths[1]
+    assert fp["prefill"]["mlp"] * widths[1] == fb["prefill"]["mlp"] * widths[0]
+    rest = [f["prefill"]["total"] - f["prefill"]["mlp"] for f in (fp, fb)]
+    assert rest[0] == rest[1]
+    assert s["ideal_speedup"] == fb["prefill"]["total"] / fp["prefill"]["total"]
+    wp, wb = (f["decode_bytes_per_token"]["weights"] for f in (fp, fb))
+    assert wb - wp == res["weight_bytes"]["base"] - res["weight_bytes"]["pruned"] > 0  # batch 1
+    assert s["decode"]["ideal_speedup"] == wb / wp
+    for name in ("pruned", "base"):  # the CPU memory figures, from a subprocess per model
+        assert res["memory"][name]["weight_bytes"] == res["weight_bytes"][name]
+        assert res["memory"][name]["run_peak_rss"] > 0

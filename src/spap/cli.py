@@ -151,10 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      "timed alternately in one process")
     p.add_argument("model", help="the pruned model (folder, or any model spec)")
     p.add_argument("--vs", required=True, help="the dense base model to compare against")
-    p.add_argument("--batch-sizes", default="1,8", help="comma-separated (1,8)")
-    p.add_argument("--prompt-lens", default="128,512", help="comma-separated (128,512)")
-    p.add_argument("--gen-tokens", type=int, default=64, help="decoded tokens (64)")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per model (5)")
+    # Defaults sized to the device (spap.eval.speed.default_grid): the full grid on CUDA, one
+    # setting elsewhere (a ~135M model: under 2 minutes on one CPU thread, not 26).
+    p.add_argument("--batch-sizes", default=None,
+                   help="comma-separated; default 1,8 on cuda, 1 on cpu")
+    p.add_argument("--prompt-lens", default=None,
+                   help="comma-separated prompt tokens; default 128,512 on cuda, 128 on cpu")
+    p.add_argument("--gen-tokens", type=int, default=None,
+                   help="decoded tokens; default 64 on cuda, 32 on cpu")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed repetitions per model (median reported); default 5 on cuda, "
+                        "3 on cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write the result here")
     _add_model_flags(p)
@@ -270,7 +277,9 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    def ints(v: str, flag: str) -> tuple[int, ...]:
+    def ints(v: str | None, flag: str) -> tuple[int, ...] | None:
+        if v is None:
+            return None  # bench sizes it to the device
         try:
             out = tuple(int(x) for x in v.split(",") if x.strip())
         except ValueError:
@@ -284,7 +293,7 @@ def cmd_bench(args) -> int:
     pruned, _, _ = load_model(args.model, args.dtype, device)
     base, _, _ = load_model(args.vs, args.dtype, device)
     result = bench(pruned, base, batch_sizes=batches, prompt_lens=lens,
-                   gen_tokens=args.gen_tokens, reps=args.reps, device=device)
+                   gen_tokens=args.gen_tokens, reps=args.reps, device=device, progress=True)
     result["models"] = {"pruned": args.model, "base": args.vs}
     print(format_table(result))
     if args.json:

@@ -6,31 +6,40 @@ speedup the arithmetic allows (the "ideal"). Their ratio says how much of the th
 the hardware and kernels deliver; the FLOP breakdown says where the part that pruning cannot
 touch goes.
 
-FLOP count (`count_flops`, pure arithmetic from the config; FLOPs = 2 x multiply-adds; bias
-adds, norms, activations, rotary embeddings and softmax are elementwise and not counted).
-Per layer and per token, with d = hidden_size, h = num_attention_heads, k = num_key_value_heads,
-e = head_dim, m = MLP width (intermediate_size, or ffn_dim for OPT):
+FLOP count (`count_flops`): `torch.utils.flop_counter.FlopCounterMode` counts the model's own
+forward, so every family transformers runs is counted without a formula per family. The forward
+runs under `FakeTensorMode`: tensors carry shapes and no data, so a count costs no arithmetic
+and no memory whatever the model's size, only Python time per op (about 1-2 s per forward of a
+30-layer model on one CPU thread; a count is three forwards). Meta tensors would not do:
+transformers' mask code reads values, and skips those checks only for fake tensors.
+FlopCounterMode counts matrix products (2 FLOPs per multiply-add) and attention kernels; bias
+adds, norms, activations, rotary embeddings and softmax are elementwise and not counted.
+Attention is counted as the kernel's formula does, the full query x key rectangle, so a causal
+prefill of L tokens counts L^2 score entries per head, not the L(L+1)/2 a causal kernel needs
+(the attention share of a long prefill is an upper bound). CPU's flash-attention kernel has no
+formula in torch; it is given the formula of the CUDA ones.
 
-    attention linear  2 * (d*h*e + 2*d*k*e + h*e*d)         q, k, v, o projections
-    MLP               2 * 3*d*m  (gated: gate, up, down)   or 2 * 2*d*m (OPT: fc1, fc2)
-    attention matmul  2 * 2*h*e*c                          QK^T and AV for a query seeing c keys
+The per-component breakdown comes from FlopCounterMode's module hierarchy and the family's
+adapter (`spap.models.get_adapter`), never from names of the family: "mlp" is the adapter's MLP
+linears in every decoder layer; "attn_linear" and "attn_matmul" are the rest of the decoder
+layers, split into products with a weight (aten.mm / addmm: the q, k, v, o projections) and
+all other products (attention scores and values); "lm_head" is the output embedding; "other"
+is what runs outside the decoder layers (OPT's project_in / project_out, for example).
 
-Prefill of B sequences of L tokens: linear terms times B*L; the causal attention matmul sums
-c = 1..L, giving 2 * 2*h*e * B * L(L+1)/2 per layer (the kernel may compute the full square;
-the count is the useful work). The LM head costs 2*d*V per position whose logits are computed:
-the timed prefill passes `logits_to_keep=1` when the model supports it, as `generate` does, so
-by default one position per sequence is counted; pass `logits_to_keep=0` to count all L.
-Decode step j = 1..G feeds one token per sequence that sees c = L + j keys (the prompt, the
-tokens generated so far and itself); the per-token figures are averaged over the G steps, so
-the attention matmul uses the mean c = L + (G+1)/2. OPT's project_in / project_out (present
-when word_embed_proj_dim != hidden_size) are counted under "other". Sliding-window attention is
-not modelled (it changes nothing below the window length).
+Prefill is the timed call itself: B sequences of L tokens, `logits_to_keep=1` when the model
+supports it (as `generate` passes it), so the LM head runs on one position per sequence; pass
+`logits_to_keep=0` to count all L. Decode step j = 1..G feeds one token per sequence that sees
+L + j keys; every step's count is affine in the number of keys, so the mean over the G steps is
+exactly f(1) + (f(2) - f(1)) (G - 1) / 2 from the first two steps, which are the ones counted
+(a sliding window caps the keys, which makes this an approximation when L < window < L + G).
+The decode figures are per generated token: the step's count divided by B.
 
-Bytes per decoded token: every parameter is read once per decode step and shared by the batch,
-except the embedding tables, of which only the rows used are read (one row per sequence; one
-position row for OPT); the LM head is read in full. The KV cache read per step is reported
-beside it, since at large batch x context it rivals the weights and pruning the MLP does not
-shrink it.
+Bytes per decoded token: every parameter of every module that runs in a decode step is read
+once per step and shared by the batch, except embedding tables, of which one row per sequence
+is read (a table that is also the LM head is counted once, in full). Modules that do not run
+for text (a vision tower) are not counted. The KV cache read per step (the K and V tensors the
+cache holds after the step) is reported beside it, since at large batch x context it rivals the
+weights and pruning the MLP does not shrink it.
 
 Measurement protocol (`bench`): both models stay in memory in one process and are timed
 alternately, pruned then base, after `warmup` untimed rounds; every number is the median of
@@ -40,7 +49,15 @@ tokens with use_cache=False (and logits_to_keep=1) under inference_mode. Decode 
 is how an HF model is run and it needs no private cache kwargs: the decode time of one
 repetition is t(generate G+1 tokens) - t(generate 1 token); both calls share the same prefill
 and set-up, so the difference is exactly G cached one-token steps, including generate's own
-per-step work. tokens/s = B*G / that time.
+per-step work. tokens/s = B*G / that time. Every FLOP count is made before the first timing,
+so a model that cannot be benched fails at once, not after minutes of measurement.
+
+Default settings are sized to the device (`default_grid`). CUDA: batch 1 and 8, prompts of 128
+and 512 tokens, 64 generated tokens, 5 repetitions. Anywhere else: batch 1, a 128-token prompt,
+32 generated tokens, 3 repetitions, the fewest whose median drops one outlier. Measured with
+SmolLM2-135M (30% pruned against dense) on one thread of a shared 2-core CPU: 5-6 s per model
+per round, and the whole `spap bench` run, loading and the two memory subprocesses included,
+in 1.5-2 minutes; the CUDA grid took 26 minutes there. Pass the settings explicitly for more.
 
 On a shared CPU, fewer threads are often faster and far steadier: OpenMP workers wait for each
 other at every op, so one busy core stalls them all. Set torch.set_num_threads before calling;
@@ -50,12 +67,13 @@ Memory: on CUDA, `torch.cuda.max_memory_allocated` around one untimed prefill + 
 model, reset in between. On CPU the process peak RSS is process-wide and never goes down, so it
 cannot be split between two models living in one process, and the allocator keeps freed pages
 from earlier runs. Each model is therefore saved to a temporary folder and run once (the largest
-setting) in a fresh Python subprocess, which reports its RSS after imports, after loading, and
-the peak during the run. The peak is the kernel's RSS high-water mark (VmHWM, the figure
-getrusage's ru_maxrss is built from), reset after loading through /proc/self/clear_refs where
-Linux allows it, so a loading spike does not hide the run's peak; elsewhere ru_maxrss is used
-and the run's peak is reported only when it exceeds the loading peak. The parent's own
-process-wide ru_maxrss is reported too, labelled as such.
+setting) in a fresh Python subprocess, which reports its RSS (psutil) after imports, after
+loading, and the peak during the run. The peak is the kernel's RSS high-water mark (VmHWM, the
+figure getrusage's ru_maxrss is built from; psutil does not expose it), reset after loading
+through /proc/self/clear_refs where Linux allows it, so a loading spike does not hide the run's
+peak; elsewhere ru_maxrss (`spap.memory.process_max_rss_bytes`) is used and the run's peak is
+reported only when it exceeds the loading peak. The parent's own process-wide ru_maxrss is
+reported too, labelled as such.
 """
 
 from __future__ import annotations
@@ -64,245 +82,304 @@ import inspect
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from tqdm.auto import tqdm
 
 from ..errors import SpapError
+from ..memory import process_max_rss_bytes
+from ..models import get_adapter
 
 logger = logging.getLogger(__name__)
 
-_GATED = ("llama", "mistral", "qwen2")
-SUPPORTED_MODEL_TYPES = (*_GATED, "opt")
-# OPTLearnedPositionalEmbedding allocates max_position_embeddings + offset rows (offset = 2).
-_OPT_POSITION_OFFSET = 2
-COMPONENTS = ("attn_linear", "attn_matmul", "mlp", "lm_head", "other")
+
+@dataclass(frozen=True)
+class Grid:
+    """The settings `bench` times: every batch size with every prompt length."""
+
+    batch_sizes: tuple[int, ...]
+    prompt_lens: tuple[int, ...]
+    gen_tokens: int
+    reps: int
+
+
+#: defaults on CUDA: the fuller grid (seconds per setting there)
+CUDA_GRID = Grid(batch_sizes=(1, 8), prompt_lens=(128, 512), gen_tokens=64, reps=5)
+#: defaults anywhere else: one setting, which a ~135M model benches in 1.5-2 minutes on one
+#: shared CPU thread (the CUDA grid took 26 minutes there)
+CPU_GRID = Grid(batch_sizes=(1,), prompt_lens=(128,), gen_tokens=32, reps=3)
+
+
+def default_grid(device: str | torch.device) -> Grid:
+    """The default settings for `device` (module docstring: why these)."""
+    return CUDA_GRID if torch.device(device).type == "cuda" else CPU_GRID
+
+
+# ---- FLOP counting --------------------------------------------------------------------------
+# Products with a weight matrix: nn.Linear reaches the dispatcher as one of these.
+_WEIGHT_OPS = (torch.ops.aten.mm, torch.ops.aten.addmm)
+_CACHE_KWARGS = ("cache", "past_key_values")  # the cache argument, new name first
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _custom_flop_formulas() -> dict[Any, Any]:
+    """Formulas torch lacks: the CPU flash-attention kernel (SDPA's choice on CPU)."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {} if op is None else {op: _sdpa_flops}
 
 
 @dataclass(frozen=True)
-class _Shape:
-    """Everything the counts need, read once from a config so the formulas never branch."""
+class _Names:
+    """FlopCounterMode's names (root class, then the attribute path) of the modules the
+    breakdown needs, found through the adapter."""
 
-    model_type: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    mlp_width: int
-    mlp_matrices: int  # 3 for gated (gate, up, down), 2 for OPT (fc1, fc2)
-    embed_dim: int  # width of the token embedding and the LM head input
-    proj_macs: int  # OPT project_in + project_out per token, 0 when absent
-    pos_rows: int  # rows of a learned position table (OPT), 0 for rotary models
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    layer_norm_params: int  # norm parameters per decoder layer
-    final_norm_params: int
-    tied: bool
-
-    @property
-    def q_out(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_out(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    @property
-    def attn_linear_macs(self) -> int:
-        """q, k, v, o projections for one token in one layer."""
-        d = self.hidden
-        return d * self.q_out + 2 * d * self.kv_out + self.q_out * d
-
-    @property
-    def mlp_macs(self) -> int:
-        return self.mlp_matrices * self.hidden * self.mlp_width
-
-    @property
-    def lm_head_macs(self) -> int:
-        return self.embed_dim * self.vocab
-
-    def layer_params(self) -> int:
-        attn = self.attn_linear_macs  # a linear layer's MACs per token equal its weight count
-        if self.qkv_bias:
-            attn += self.q_out + 2 * self.kv_out
-        if self.o_bias:
-            attn += self.hidden
-        mlp = self.mlp_macs
-        if self.mlp_bias:
-            mlp += (self.mlp_matrices - 1) * self.mlp_width + self.hidden
-        return attn + mlp + self.layer_norm_params
-
-    def non_embedding_params(self) -> int:
-        """Parameters outside the token/position tables and the LM head."""
-        return self.layers * self.layer_params() + self.final_norm_params + self.proj_macs
-
-    def params(self) -> int:
-        embed = self.vocab * self.embed_dim
-        lm_head = 0 if self.tied else self.vocab * self.embed_dim
-        pos = self.pos_rows * self.hidden
-        return self.non_embedding_params() + embed + lm_head + pos
+    layers: tuple[tuple[str, tuple[str, ...]], ...]  # (layer, its MLP linears)
+    lm_head: str | None
 
 
-def _shape(config: Any) -> _Shape:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise SpapError(
-            f"model_type {model_type!r} is not supported for speed accounting; "
-            f"supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
-        )
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    if model_type == "opt":
-        affine = getattr(config, "layer_norm_elementwise_affine", True)
-        norm = 2 * hidden if affine else 0  # LayerNorm: weight and bias
-        has_final = config.do_layer_norm_before and not getattr(
-            config, "_remove_final_layer_norm", False
-        )
-        embed_dim = config.word_embed_proj_dim
-        bias = getattr(config, "enable_bias", True)
-        return _Shape(
-            model_type=model_type,
-            hidden=hidden,
-            layers=config.num_hidden_layers,
-            heads=heads,
-            kv_heads=heads,
-            head_dim=hidden // heads,
-            vocab=config.vocab_size,
-            mlp_width=config.ffn_dim,
-            mlp_matrices=2,
-            embed_dim=embed_dim,
-            proj_macs=0 if embed_dim == hidden else 2 * embed_dim * hidden,
-            pos_rows=config.max_position_embeddings + _OPT_POSITION_OFFSET,
-            qkv_bias=bias,
-            o_bias=bias,
-            mlp_bias=bias,
-            layer_norm_params=2 * norm,
-            final_norm_params=norm if has_final else 0,
-            tied=getattr(config, "tie_word_embeddings", True),
-        )
-    attention_bias = bool(getattr(config, "attention_bias", False))
-    return _Shape(
-        model_type=model_type,
-        hidden=hidden,
-        layers=config.num_hidden_layers,
-        heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or hidden // heads,
-        vocab=config.vocab_size,
-        mlp_width=config.intermediate_size,
-        mlp_matrices=3,
-        embed_dim=hidden,
-        proj_macs=0,
-        pos_rows=0,
-        # Qwen2 always has q/k/v biases; Llama follows attention_bias; Mistral has none.
-        qkv_bias=model_type == "qwen2" or attention_bias,
-        o_bias=model_type == "llama" and attention_bias,
-        mlp_bias=model_type == "llama" and bool(getattr(config, "mlp_bias", False)),
-        layer_norm_params=2 * hidden,  # two RMSNorm weights
-        final_norm_params=hidden,
-        tied=bool(getattr(config, "tie_word_embeddings", False)),
+def _component_names(model: torch.nn.Module, adapter: Any) -> _Names:
+    root = type(model).__name__
+    path = {id(m): f"{root}.{name}" if name else root for name, m in model.named_modules()}
+    layers = []
+    for layer in adapter.layers(model):
+        mlp = [*adapter.in_linears(layer).values(), adapter.out_linear(layer)]
+        layers.append((path[id(layer)], tuple(path[id(m)] for m in mlp)))
+    head = model.get_output_embeddings()
+    return _Names(tuple(layers), path.get(id(head)) if head is not None else None)
+
+
+def _components(counts: dict[str, dict[Any, int]], names: _Names) -> dict[str, int]:
+    """Split FlopCounterMode's counts (module name -> op -> FLOPs, parents inclusive) into the
+    report's components (module docstring)."""
+
+    def flops(name: str | None) -> int:
+        return sum(counts.get(name, {}).values()) if name else 0
+
+    total = flops("Global")
+    mlp = attn_linear = attn_matmul = 0
+    for layer, mlp_names in names.layers:
+        ops = counts.get(layer, {})
+        in_mlp = sum(flops(n) for n in mlp_names)
+        linear = sum(v for op, v in ops.items() if op in _WEIGHT_OPS)
+        mlp += in_mlp
+        attn_linear += linear - in_mlp
+        attn_matmul += sum(ops.values()) - linear
+    lm_head = flops(names.lm_head)
+    parts = {"attn_linear": attn_linear, "attn_matmul": attn_matmul, "mlp": mlp, "lm_head": lm_head}
+    return {**parts, "other": total - sum(parts.values()), "total": total}
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    params = inspect.signature(model.forward).parameters
+    for name in _CACHE_KWARGS:
+        if name in params:
+            return name
+    raise SpapError(
+        f"{type(model).__name__}.forward takes no cache argument ({' or '.join(_CACHE_KWARGS)}); "
+        "spap bench needs a model that decodes with a KV cache"
     )
 
 
-def _config_dtype_bytes(config: Any) -> int:
+def _cache_of(output: Any) -> Any:
+    for name in _CACHE_KWARGS:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    raise SpapError("the model returned no KV cache with use_cache=True; spap bench needs one")
+
+
+def _cache_bytes(cache: Any) -> int | None:
+    """Bytes of the K and V tensors a transformers Cache holds (None if it has no layers)."""
+    total, found = 0, False
+    for layer in getattr(cache, "layers", ()) or ():
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+                found = True
+    return total if found else None
+
+
+@contextmanager
+def _modules_called() -> Iterator[list[torch.nn.Module]]:
+    """Every module whose forward runs inside the block (a process-wide hook, removed after)."""
+    called: list[torch.nn.Module] = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, _args: called.append(module)
+    )
+    try:
+        yield called
+    finally:
+        handle.remove()
+
+
+def _bytes_read(modules: Sequence[torch.nn.Module], batch: int) -> int:
+    """Parameter bytes one decode step of `batch` sequences reads (module docstring)."""
+    full: dict[int, int] = {}
+    rows: dict[int, int] = {}
+    for module in {id(m): m for m in modules}.values():
+        for p in module.parameters(recurse=False):
+            if isinstance(module, torch.nn.Embedding):
+                n = min(batch, p.shape[0]) * p[0].numel()
+                rows[id(p)] = max(rows.get(id(p), 0), n * p.element_size())
+            else:
+                full[id(p)] = p.numel() * p.element_size()
+    return sum(full.values()) + sum(b for i, b in rows.items() if i not in full)
+
+
+def _config_dtype(config: Any) -> torch.dtype:
     dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        dtype = torch.get_default_dtype()
-    return dtype.itemsize
+    return dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype()
 
 
-def _with_total(parts: dict[str, float]) -> dict[str, float]:
-    return {**parts, "total": sum(parts.values())}
+def _as_model(model_or_config: Any) -> torch.nn.Module:
+    """The model itself, or a weightless (meta) model built from a config."""
+    if isinstance(model_or_config, torch.nn.Module):
+        return model_or_config
+    from transformers import AutoModelForCausalLM
+
+    get_adapter(model_or_config)  # refuse an unsupported family before building anything
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            model_or_config, dtype=_config_dtype(model_or_config)
+        )
+
+
+def _step_mean(
+    first: dict[str, Any],
+    second: dict[str, Any],
+    steps: int,
+    batch: int,
+    keys: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """Per token, the mean over decode steps j = 1..`steps` of a count that is affine in the
+    number of keys L + j, from its values at steps 1 and 2: f(1) + (f(2) - f(1)) (G - 1) / 2."""
+    return {k: (first[k] + (second[k] - first[k]) * (steps - 1) / 2) / batch for k in keys or first}
 
 
 def count_flops(
-    config: Any,
+    model: Any,
     batch: int,
     prompt_len: int,
     gen_tokens: int,
     *,
     logits_to_keep: int = 1,
-    dtype_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """Forward FLOPs and decode bytes of a decoder-only model, from its config alone.
+    """Forward FLOPs and decode bytes of a causal LM, counted on its real forward.
 
-    The formulas are in the module docstring. `logits_to_keep` follows HF's meaning: the LM
-    head runs on the last `logits_to_keep` positions of the prefill, 0 meaning all of them.
-    `dtype_bytes` (bytes per parameter and KV element) defaults to `config.dtype`, else torch's
-    default dtype.
+    `model` is a model (its weights are never touched: the forward runs on fake tensors) or a
+    config (a weightless model is built from it). How the counts are made, and what the
+    components mean, is in the module docstring. `logits_to_keep` follows HF's meaning: the LM
+    head runs on the last `logits_to_keep` positions of the prefill, 0 meaning all of them; it
+    is passed only to models that take it (others compute every position, and are counted so).
 
-    Returns {"model_type", "params", "prefill": {component: FLOPs for the batch, "total"},
-    "decode_per_token": {component: FLOPs per generated token, "total"},
-    "decode_bytes_per_token": {"weights", "kv_cache", "total"}, ...}, components being
-    attn_linear, attn_matmul, mlp, lm_head, other.
+    Returns {"model_type", "params", "mlp_width", "dtype_bytes", "prefill": {component: FLOPs
+    for the batch, "total"}, "decode_per_token": {component: FLOPs per generated token,
+    "total"}, "decode_bytes_per_token": {"weights", "kv_cache", "total"}, ...}, components
+    being attn_linear, attn_matmul, mlp, lm_head, other. A family spap does not support, or a
+    forward that cannot be counted, raises SpapError.
     """
     if batch < 1 or prompt_len < 1 or gen_tokens < 1:
         raise SpapError(
             f"batch, prompt_len and gen_tokens must be >= 1, got {batch}, {prompt_len}, "
             f"{gen_tokens}"
         )
-    s = _shape(config)
-    n = s.layers
-    tokens = batch * prompt_len
-    logit_positions = prompt_len if logits_to_keep <= 0 else min(logits_to_keep, prompt_len)
-    # Causal prefill: query i sees i keys, sum_{i=1..L} i = L(L+1)/2; QK^T and AV each h*e*i.
-    prefill = {
-        "attn_linear": 2 * tokens * n * s.attn_linear_macs,
-        "attn_matmul": 2 * batch * n * 2 * s.q_out * (prompt_len * (prompt_len + 1) // 2),
-        "mlp": 2 * tokens * n * s.mlp_macs,
-        "lm_head": 2 * batch * logit_positions * s.lm_head_macs,
-        "other": 2 * tokens * s.proj_macs,
-    }
-    # Decode step j sees L + j keys; mean over j = 1..G is L + (G+1)/2, so 2 * 2*h*e * mean
-    # = 2*h*e*(2L + G + 1), an integer.
-    keys_x2 = 2 * prompt_len + gen_tokens + 1
-    decode = {
-        "attn_linear": 2 * n * s.attn_linear_macs,
-        "attn_matmul": 2 * n * s.q_out * keys_x2,
-        "mlp": 2 * n * s.mlp_macs,
-        "lm_head": 2 * s.lm_head_macs,
-        "other": 2 * s.proj_macs,
-    }
-    nbytes = dtype_bytes if dtype_bytes is not None else _config_dtype_bytes(config)
-    # Per step: all non-embedding weights, one embedding row per sequence, one position row
-    # (all sequences sit at the same position), and the full LM head (tied or not).
-    weights_per_step = (
-        s.non_embedding_params()
-        + batch * s.embed_dim
-        + (s.hidden if s.pos_rows else 0)
-        + s.vocab * s.embed_dim
+    model = _as_model(model)
+    config = model.config
+    adapter = get_adapter(config)
+    names = _component_names(model, adapter)
+    cache_kw = _cache_kwarg(model)
+    keep = {"logits_to_keep": logits_to_keep} if _supports_logits_to_keep(model) else {}
+    first = next(model.parameters())
+    formulas = _custom_flop_formulas()
+
+    def counter() -> FlopCounterMode:
+        return FlopCounterMode(display=False, depth=None, custom_mapping=formulas)
+
+    def tokens(n: int) -> torch.Tensor:  # fake: only the shape matters
+        return torch.zeros((batch, n), dtype=torch.long, device=first.device)
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # allowed: tensors that are attributes
+    state: dict[str, torch.Tensor] = {}
+
+    def forward(ids: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+        return functional_call(model, state, (), {"input_ids": ids, "use_cache": True, **kwargs})
+
+    def step(cache: Any) -> dict[str, Any]:
+        with _modules_called() as called, counter() as c:
+            out = forward(tokens(1), {cache_kw: cache, **keep})
+        return {
+            "flops": _components(c.get_flop_counts(), names),
+            "weights": _bytes_read(called, batch),
+            "kv_cache": _cache_bytes(_cache_of(out)),
+        }
+
+    try:
+        # The weights are made fake once: converting them at every op doubles a count's time.
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            state[name] = mode.from_tensor(t)
+        with mode, torch.no_grad():
+            with counter() as c:  # the cache costs no FLOPs: this is the timed prefill's count
+                out = forward(tokens(prompt_len), keep)
+            prefill = _components(c.get_flop_counts(), names)
+            cache = _cache_of(out)
+            first_step = step(cache)  # sees L + 1 keys
+            second_step = step(cache) if gen_tokens > 1 else first_step  # L + 2 keys
+    except SpapError:
+        raise
+    except Exception as exc:
+        why = (str(exc).strip().splitlines() or [""])[0]
+        raise SpapError(
+            f"cannot count the FLOPs of model_type '{config.model_type}' "
+            f"({type(model).__name__}): {type(exc).__name__}: {why}"
+        ) from exc
+    if prefill["mlp"] <= 0:
+        raise SpapError(
+            f"no FLOPs were counted in the MLP of model_type '{config.model_type}': its "
+            "adapter's MLP modules did not run in the forward"
+        )
+    decode = _step_mean(first_step["flops"], second_step["flops"], gen_tokens, batch)
+    weights = first_step["weights"] / batch  # the same weights at every step
+    kv = (
+        None
+        if first_step["kv_cache"] is None
+        else _step_mean(first_step, second_step, gen_tokens, batch, ("kv_cache",))["kv_cache"]
     )
-    kv_per_token = n * s.kv_out * keys_x2  # K and V, mean keys L + (G+1)/2: 2 * kv_out * mean
-    decode_bytes = {
-        "weights": weights_per_step * nbytes / batch,
-        "kv_cache": kv_per_token * nbytes,
-    }
     return {
-        "model_type": s.model_type,
+        "model_type": config.model_type,
         "batch": batch,
         "prompt_len": prompt_len,
         "gen_tokens": gen_tokens,
-        "logits_to_keep": logits_to_keep,
-        "dtype_bytes": nbytes,
-        "params": s.params(),
-        "mlp_width": s.mlp_width,
-        "prefill": _with_total(prefill),
-        "decode_per_token": _with_total(decode),
-        "decode_bytes_per_token": _with_total(decode_bytes),
+        "logits_to_keep": logits_to_keep if keep else 0,
+        "dtype_bytes": first.element_size(),
+        "params": _params(model),
+        "mlp_width": adapter.width(config),
+        "method": "torch.utils.flop_counter.FlopCounterMode on fake tensors",
+        "prefill": prefill,
+        "decode_per_token": decode,
+        "decode_bytes_per_token": {
+            "weights": weights,
+            "kv_cache": kv,
+            "total": None if kv is None else weights + kv,
+        },
     }
 
 
@@ -409,29 +486,55 @@ def _cuda_peak(
     }
 
 
+def _positive(values: Sequence[int], what: str) -> tuple[int, ...]:
+    out = tuple(int(v) for v in values)
+    if not out or min(out) < 1:
+        raise SpapError(f"{what} must be one or more integers >= 1, got {list(values)}")
+    return out
+
+
+def _vocab_size(model: Any) -> int:
+    """The language model's vocabulary (a multimodal wrapper keeps it in its text config)."""
+    return get_adapter(model.config).text_config(model.config).vocab_size
+
+
+def _check_length(model: Any, name: str, longest: int) -> None:
+    """SpapError if a setting runs past the model's position limit (where it states one)."""
+    config = get_adapter(model.config).text_config(model.config)
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and longest > limit:
+        raise SpapError(
+            f"the longest setting needs {longest} positions (prompt + generated + 1) but the "
+            f"{name} model's max_position_embeddings is {limit}; pass shorter --prompt-lens "
+            "or --gen-tokens"
+        )
+
+
 def bench(
     model: Any,
     base: Any,
     *,
-    batch_sizes: Sequence[int] = (1, 8),
-    prompt_lens: Sequence[int] = (128, 512),
-    gen_tokens: int = 64,
+    batch_sizes: Sequence[int] | None = None,
+    prompt_lens: Sequence[int] | None = None,
+    gen_tokens: int | None = None,
     warmup: int = 1,
-    reps: int = 5,
+    reps: int | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
     cpu_memory: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Time a pruned `model` against its dense `base` (both in memory) and compare with the
     ideal speedups from `count_flops`. Protocol in the module docstring.
 
-    `device` None keeps the models where they are (they must share a device); otherwise both
-    are moved there. Both are put in eval mode. `cpu_memory` False skips the per-model
-    subprocess runs that measure RSS on CPU (each saves the model to a temporary folder first).
-    Returns a JSON-serialisable dict; `format_table` renders it.
+    Settings left None take `default_grid(device)`'s value. `device` None keeps the models
+    where they are (they must share a device); otherwise both are moved there. Both are put in
+    eval mode. Every check and FLOP count runs before the first timing, so a model that cannot
+    be benched raises SpapError at once. `cpu_memory` False skips the per-model subprocess runs
+    that measure RSS on CPU (each saves the model to a temporary folder first). `progress`
+    shows a tqdm bar over the timed rounds (with an ETA); the call is otherwise quiet apart
+    from `logging`. Returns a JSON-serialisable dict; `format_table` renders it.
     """
-    if reps < 1 or warmup < 0:
-        raise SpapError(f"reps must be >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
     if device is not None:
         device = torch.device(device)
         model.to(device)
@@ -443,26 +546,51 @@ def bench(
                 f"the pruned model is on {device} and the base on {_model_device(base)}; "
                 "pass device= to move both"
             )
-    vocab = model.config.vocab_size
-    if base.config.vocab_size != vocab:
+    grid = default_grid(device)
+    batch_sizes = _positive(grid.batch_sizes if batch_sizes is None else batch_sizes, "batch sizes")
+    prompt_lens = _positive(
+        grid.prompt_lens if prompt_lens is None else prompt_lens, "prompt lengths"
+    )
+    gen_tokens = grid.gen_tokens if gen_tokens is None else int(gen_tokens)
+    reps = grid.reps if reps is None else int(reps)
+    if reps < 1 or warmup < 0 or gen_tokens < 1:
         raise SpapError(
-            f"vocab sizes differ (pruned {vocab}, base {base.config.vocab_size}); "
+            f"reps and gen_tokens must be >= 1 and warmup >= 0, got reps={reps}, "
+            f"gen_tokens={gen_tokens}, warmup={warmup}"
+        )
+    vocab, base_vocab = _vocab_size(model), _vocab_size(base)
+    if base_vocab != vocab:
+        raise SpapError(
+            f"vocab sizes differ (pruned {vocab}, base {base_vocab}); "
             "compare a pruned model with the base it was pruned from"
         )
     models = {"pruned": model, "base": base}
-    for m in models.values():
+    for name, m in models.items():
         m.eval()
+        _check_length(m, name, max(prompt_lens) + gen_tokens + 1)
     keep = _supports_logits_to_keep(model) and _supports_logits_to_keep(base)
     dtypes = {name: _model_dtype(m) for name, m in models.items()}
-    nbytes = {name: dt.itemsize for name, dt in dtypes.items()}
     if dtypes["pruned"] != dtypes["base"]:
         logger.warning("dtypes differ: pruned %s, base %s", dtypes["pruned"], dtypes["base"])
     wbytes = {name: weight_bytes(m) for name, m in models.items()}
+    grid_points = [(b, p) for b in batch_sizes for p in prompt_lens]
+    rss_runs = device.type == "cpu" and cpu_memory
+    # One step per FLOP count (both models of a setting), per round, per RSS subprocess.
+    steps = len(grid_points) * (1 + warmup + reps) + (len(models) if rss_runs else 0)
+    bar = tqdm(total=steps, desc="bench", unit="step", disable=not progress)
     generator = torch.Generator().manual_seed(seed)
-
     settings = []
-    for batch in batch_sizes:
-        for prompt_len in prompt_lens:
+    with bar:
+        # Counted first: a family whose forward cannot be counted fails before any timing.
+        flops = {}
+        for point in grid_points:
+            bar.set_postfix_str(f"FLOPs of batch {point[0]} prompt {point[1]}")
+            flops[point] = {
+                name: count_flops(m, *point, gen_tokens, logits_to_keep=1 if keep else 0)
+                for name, m in models.items()
+            }
+            bar.update()
+        for batch, prompt_len in grid_points:
             ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
             ops: dict[str, Callable[[Any], None]] = {
                 "prefill": lambda m, ids=ids: _prefill(m, ids, keep),
@@ -470,15 +598,18 @@ def bench(
                 "gen_long": lambda m, ids=ids: _generate(m, ids, gen_tokens + 1),
             }
             logger.info("bench batch=%d prompt_len=%d gen_tokens=%d", batch, prompt_len, gen_tokens)
+            bar.set_postfix_str(f"batch {batch} prompt {prompt_len}")
             for _ in range(warmup):
                 for op in ops.values():
                     for m in models.values():
                         op(m)
+                bar.update()
             times = {op: {name: [] for name in models} for op in ops}
             for _ in range(reps):
                 for op_name, op in ops.items():
                     for name, m in models.items():  # A B A B ...: drift hits both alike
                         times[op_name][name].append(_timed(lambda m=m, op=op: op(m), device))
+                bar.update()
             decode_times = {
                 name: [
                     long - short
@@ -486,19 +617,15 @@ def bench(
                 ]
                 for name in models
             }
-            flops = {
-                name: count_flops(
-                    m.config,
+            settings.append(
+                _summarise(
                     batch,
                     prompt_len,
                     gen_tokens,
-                    logits_to_keep=1 if keep else 0,
-                    dtype_bytes=nbytes[name],
+                    times["prefill"],
+                    decode_times,
+                    flops[(batch, prompt_len)],
                 )
-                for name, m in models.items()
-            }
-            settings.append(
-                _summarise(batch, prompt_len, gen_tokens, times["prefill"], decode_times, flops)
             )
             logger.info(
                 "prefill %.4fs vs %.4fs (speedup %s, ideal %.3f); decode speedup %s, ideal %.3f",
@@ -514,29 +641,30 @@ def bench(
                     name: _cuda_peak(m, ids, gen_tokens, keep, device) for name, m in models.items()
                 }
 
-    if device.type == "cuda":
-        memory: dict[str, Any] = {
-            "method": "cuda_max_memory_allocated, one untimed prefill+decode per model",
-            **{
-                name: max((s["memory"][name] for s in settings), key=lambda x: x["peak_bytes"])
-                for name in models
-            },
-        }
-    elif cpu_memory:
-        big = (max(batch_sizes), max(prompt_lens))
-        memory = {
-            "method": "peak RSS of a fresh subprocess per model (largest setting)",
-            "batch": big[0],
-            "prompt_len": big[1],
-            **{
-                name: _rss_in_subprocess(m, big[0], big[1], gen_tokens, keep, seed)
-                for name, m in models.items()
-            },
-        }
-    else:
-        memory = {"method": "skipped (cpu_memory=False)"}
+        if device.type == "cuda":
+            memory: dict[str, Any] = {
+                "method": "cuda_max_memory_allocated, one untimed prefill+decode per model",
+                **{
+                    name: max((s["memory"][name] for s in settings), key=lambda x: x["peak_bytes"])
+                    for name in models
+                },
+            }
+        elif rss_runs:
+            big = (max(batch_sizes), max(prompt_lens))
+            memory = {
+                "method": "peak RSS of a fresh subprocess per model (largest setting)",
+                "batch": big[0],
+                "prompt_len": big[1],
+            }
+            for name, m in models.items():
+                bar.set_postfix_str(f"memory of the {name} model")
+                memory[name] = _rss_in_subprocess(m, big[0], big[1], gen_tokens, keep, seed)
+                bar.update()
+        else:
+            why = "cpu_memory=False" if device.type == "cpu" else f"not measured on {device.type}"
+            memory = {"method": f"skipped ({why})"}
     memory["weight_bytes"] = wbytes
-    memory["process_peak_rss_bytes"] = _maxrss_bytes()  # whole process: both models, all runs
+    memory["process_peak_rss_bytes"] = process_max_rss_bytes()  # whole process: all runs
 
     dtype = str(dtypes["pruned"]).removeprefix("torch.")
     if dtypes["base"] != dtypes["pruned"]:
@@ -554,6 +682,8 @@ def bench(
             "order": "interleaved pruned, base per repetition",
             "prefill": "forward, use_cache=False" + (", logits_to_keep=1" if keep else ""),
             "decode": f"greedy generate: t({gen_tokens + 1} new) - t(1 new) = {gen_tokens} steps",
+            "flops": "torch.utils.flop_counter.FlopCounterMode on fake tensors; attention "
+            "counted as the full query x key rectangle",
         },
         "params": {name: _params(m) for name, m in models.items()},
         "weight_bytes": {**wbytes, "ratio": wbytes["pruned"] / wbytes["base"]},
@@ -607,18 +737,16 @@ def _summarise(
             "ideal_speedup": decode_ideal,
             "ideal_speedup_flops": fb["decode_per_token"]["total"]
             / fp["decode_per_token"]["total"],
-            "ideal_speedup_with_kv": fb["decode_bytes_per_token"]["total"]
-            / fp["decode_bytes_per_token"]["total"],
+            "ideal_speedup_with_kv": (
+                None
+                if fp["decode_bytes_per_token"]["total"] is None
+                or fb["decode_bytes_per_token"]["total"] is None
+                else fb["decode_bytes_per_token"]["total"] / fp["decode_bytes_per_token"]["total"]
+            ),
             "ratio": decode_speedup / decode_ideal if decode_speedup else None,
         },
         "flops": {"pruned": fp, "base": fb},
     }
-
-
-def _maxrss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux and in bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def _peak_rss_bytes() -> int:
@@ -631,15 +759,11 @@ def _peak_rss_bytes() -> int:
                 return int(line.split()[1]) * 1024  # reported in kB
     except (OSError, IndexError, ValueError):
         pass
-    return _maxrss_bytes()
+    return process_max_rss_bytes()
 
 
-def _current_rss_bytes() -> int | None:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE")
+def _current_rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
 
 
 def _reset_peak_rss() -> bool:
@@ -718,7 +842,7 @@ def _rss_child() -> None:
     reset = _reset_peak_rss()
     generator = torch.Generator().manual_seed(job["seed"])
     ids = torch.randint(
-        0, model.config.vocab_size, (job["batch"], job["prompt_len"]), generator=generator
+        0, _vocab_size(model), (job["batch"], job["prompt_len"]), generator=generator
     )
     _prefill(model, ids, job["keep"])
     _generate(model, ids, job["gen_tokens"] + 1)
@@ -730,11 +854,7 @@ def _rss_child() -> None:
         "run_peak_rss": run_peak,
         # Without the reset the run's peak is only visible when it exceeds the loading peak.
         "peak_reset": reset,
-        "run_peak_above_loaded": (
-            run_peak - after_load
-            if after_load is not None and (reset or run_peak > load_peak)
-            else None
-        ),
+        "run_peak_above_loaded": (run_peak - after_load if reset or run_peak > load_peak else None),
         "weight_bytes": weight_bytes(model),
     }
     Path(job["out"]).write_text(json.dumps(result))

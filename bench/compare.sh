@@ -23,8 +23,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SPAP=${SPAP:-.venv/bin/spap}
 MODELS=${*:-smollm2-135m qwen2.5-coder-0.5b}
-METHODS=${COMPARE_METHODS-spap,obs-ridge=obs:refit=ridge,obs,wanda-sp}
-EXTRA=${EXTRA_METHODS-fasp-ridge=fasp:refit=ridge,fasp,flap}
+METHODS=${COMPARE_METHODS-spap,spap-drift=spap:refit_target=drift,obs-ridge=obs:refit=ridge,obs-ridge-drift=obs:refit=ridge;refit_target=drift,obs,wanda-sp}
+EXTRA=${EXTRA_METHODS-fasp-ridge=fasp:refit=ridge,fasp-ridge-drift=fasp:refit=ridge;refit_target=drift,fasp,flap}
 for m in $MODELS; do
   case $m in
     smollm2-135m) SIZES="--nsamples 64 --seqlen 512 --eval-seqlen 512 --eval-windows 32 --probe-windows 8" ;;

@@ -45,8 +45,9 @@ def test_old_record_without_heldout_fields_renders(report):
     text = "\n".join(report.compare_section("no-such-model", d))
     assert "held-out layer error" in text
     assert "| spap | 0.3 | 0.180 | 0.1000 | n/a |" in text
-    goal = [line for line in text.splitlines() if line.startswith("| 0.3 | 2.00")]
-    assert goal == ["| 0.3 | 2.00 | obs (4.00) | 0.500 | met | 20/20 (100%, met) | n/a | n/a |"]
+    goal = [line for line in text.splitlines() if line.startswith("| 0.3 | spap | 2.00")]
+    assert goal == ["| 0.3 | spap | 2.00 | obs (4.00) | 0.500 | met | 20/20 (100%, met) | n/a | "
+                    "n/a |"]
 
 
 def test_margin_is_against_the_strongest_baseline_variant(report):
@@ -58,8 +59,19 @@ def test_margin_is_against_the_strongest_baseline_variant(report):
     wanda.update(seconds=5.0)
     d = _result([_record("spap", [0.1] * 20), _record("obs", [0.2] * 20), ridge, wanda])
     text = "\n".join(report.compare_section("no-such-model", d))
-    row = next(line for line in text.splitlines() if line.startswith("| 0.3 | 2.00"))
+    row = next(line for line in text.splitlines() if line.startswith("| 0.3 | spap | 2.00"))
     assert "| obs-ridge (2.50) | 0.800 | not met |" in row and row.endswith("| 2.00x |")
+
+
+def test_every_spap_variant_gets_a_margin_row(report):
+    """A SPAP variant (base_method spap) is stated against the same strongest baseline."""
+    drift = _record("spap-drift", [0.1] * 20)
+    drift.update(base_method="spap", ppl=19.0, gap=1.0)
+    d = _result([_record("spap", [0.1] * 20), _record("obs", [0.2] * 20), drift])
+    text = "\n".join(report.compare_section("no-such-model", d))
+    rows = [line for line in text.splitlines() if line.startswith("| 0.3 | spap")]
+    assert [r.split(" | ")[1] for r in rows] == ["spap", "spap-drift"]
+    assert "| obs (4.00) | 0.250 | met |" in rows[1]
 
 
 def test_zeroshot_section_shows_errors_and_calls_ties(report):

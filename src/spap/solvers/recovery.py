@@ -19,7 +19,26 @@ minimization over the blocks:
 The number of epochs (0 = keep the refit) is chosen on the held-out calibration windows (the
 last `n_val` tokens, token-disjoint from the fit ones): the loss is measured there after every
 epoch and the best weights are kept, so recovery never returns a higher held-out error than the
-refit it starts from. Everything runs in float32 on minibatches of `batch` tokens (the
+refit it starts from.
+
+Pieces that make it stronger, each an argument (all off by default; bench/layer_lab.py
+measures each on real layers):
+
+- `steps`: Adam steps per epoch whatever the token count. An epoch is still one pass over the
+  fit tokens, cut into at least `steps` minibatches (at most `batch` tokens each), so with few
+  tokens the minibatches get smaller rather than the steps fewer (at 16 x 512 tokens and
+  `batch=1024`, the plain rule takes 7 steps per epoch). The cost of an epoch is unchanged.
+- `patience`: stop once the held-out loss has not improved for this many epochs (0: run all
+  `epochs`), so `epochs` becomes a time knob: an upper bound that is only spent while it pays.
+- `shrink`: fractions t of the recovered update of the input projections to try,
+  G(t) = G_start + t (G_best - G_start), G_best the best epoch >= 1 (even when no epoch beat
+  the start: part of its update may), each with its own closed-form down projection on the
+  fit tokens; the t with the lowest held-out loss is kept (t = 0, the start, and t = 1, the
+  recovered weights, are always candidates, so it is never worse than either). This is
+  shrinkage of gate and up toward their dense values, its strength chosen out of sample.
+- `final_refit`: once everything above is chosen, the down projection is solved once more on
+  all tokens, fit and held-out, with the same ridge, as the refit without recovery is (the
+  held-out windows then return to the final weights; nothing is chosen after this step). Everything runs in float32 on minibatches of `batch` tokens (the
 activations stay where they are, e.g. on the CPU, and only a minibatch moves), so memory is the
 layer's weights, Adam's two moments and one minibatch: never a (tokens, width) tensor beyond
 the inputs and targets the caller holds.
@@ -30,7 +49,7 @@ Learning rates are relative to each tensor's RMS, so one setting serves every mo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +65,8 @@ class RecoveryResult:
     w_down: torch.Tensor  # (m, k), float32
     epochs: int  # epochs kept (0: the starting weights)
     heldout: list[float] = field(default_factory=list)  # held-out loss after 0, 1, ... epochs
+    # the shrinkage toward the start: {"chosen": t, "heldout": {t: loss}}; empty when off
+    shrink: dict = field(default_factory=dict)
 
 
 def mlp_forward(a: torch.Tensor, w_in: dict[str, torch.Tensor], w_down: torch.Tensor,
@@ -94,10 +115,15 @@ def recover(
     chunk: int = 8192,
     seed: int = 0,
     device: torch.device | str | None = None,
+    steps: int = 0,
+    patience: int = 0,
+    shrink: Sequence[float] = (),
+    final_refit: bool = False,
 ) -> RecoveryResult:
     """Recover the kept weights on tokens a[:p - n_val], y[:p - n_val], choosing the number of
     epochs (0..`epochs`) on the last `n_val` tokens. `w_down_dense` (m, k) and `ridge` define the
     down step of `mode="alternating"` (the refit toward the dense weights; ridge None: exact).
+    `steps`, `patience`, `shrink` and `final_refit` are the pieces of the module docstring.
     """
     if mode not in MODES:
         raise ValueError(f"unknown recovery mode '{mode}'; use {' or '.join(MODES)}")
@@ -134,13 +160,14 @@ def recover(
         return tot / y_sq_val if y_sq_val > 0 else 0.0
 
     @torch.no_grad()
-    def down_step(ps):
-        """The down projection's closed form on the fit tokens, toward the dense weights."""
+    def down_step(ps, hi=n_fit):
+        """The down projection's closed form on tokens [0, hi) (the fit tokens unless told),
+        toward the dense weights."""
         ins = {k: v for k, v in ps.items() if k != "__down"}
         k = ps["__down"].shape[1]
         gram = torch.zeros(k, k, dtype=torch.float64, device=device)
         cross = torch.zeros(k, y.shape[1], dtype=torch.float64, device=device)
-        for aa, yy in chunks(0, n_fit):
+        for aa, yy in chunks(0, hi):
             x = down_input(aa, ins, act, linear_key, b_in_)  # (c, k)
             t = yy - b_down_ if b_down_ is not None else yy
             gram += (x.T @ x).double()
@@ -151,25 +178,36 @@ def recover(
             anchor, lam = w_dense.double(), ridge
         ps["__down"] = solve_toward(gram, cross, anchor, lam).to(f32)  # (m, k)
 
+    if steps < 0 or patience < 0:
+        raise ValueError(f"recovery steps and patience must be >= 0, got {steps}, {patience}")
     trainable = [k for k in params if k != "__down" or mode == "joint"]
     scale = {k: float(params[k].pow(2).mean().sqrt()) or 1.0 for k in trainable}
-    best = (val_loss(params), 0, {k: v.detach().clone() for k, v in params.items()})
+    start = {k: v.detach().clone() for k, v in params.items()}
+    best = (val_loss(params), 0, start)
     history = [best[0]]
     gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = max(1, n_fit // batch)
+    if steps == 0:  # the plain rule: minibatches of `batch` tokens
+        steps_per_epoch, mb = max(1, n_fit // batch), batch
+    else:  # one pass over the fit tokens in at least `steps` minibatches of at most `batch`
+        steps_per_epoch = max(steps, math.ceil(n_fit / batch))
+        mb = max(1, n_fit // steps_per_epoch)
     total = steps_per_epoch * max(epochs, 1)
     leaves = {k: params[k].requires_grad_(True) for k in trainable}
     opt = torch.optim.Adam([{"params": [leaves[k]], "lr": lr * scale[k]} for k in trainable])
     base_lr = [g["lr"] for g in opt.param_groups]
     step = 0
+    recovered = None  # (loss, epoch, weights) of the best epoch >= 1, for the shrinkage
     for ep in range(epochs):
         perm = torch.randperm(n_fit, generator=gen)
+        if steps and steps_per_epoch * mb > n_fit:  # fewer tokens than steps: several passes
+            perm = torch.cat([perm] + [torch.randperm(n_fit, generator=gen) for _ in
+                                       range(math.ceil(steps_per_epoch * mb / n_fit) - 1)])
         for i in range(steps_per_epoch):
             # cosine decay to a tenth of the rate over all epochs
             frac = 0.1 + 0.45 * (1 + math.cos(math.pi * step / total))
             for g, b in zip(opt.param_groups, base_lr):
                 g["lr"] = b * frac
-            idx = perm[i * batch:(i + 1) * batch]
+            idx = perm[i * mb:(i + 1) * mb]
             aa, yy = a[idx].to(device, f32), y[idx].to(device, f32)
             with torch.enable_grad():
                 r = fwd(params, aa) - yy
@@ -182,10 +220,49 @@ def recover(
             down_step(params)
         cur = val_loss(params)
         history.append(cur)
+        if shrink and (recovered is None or cur < recovered[0]):
+            recovered = (cur, ep + 1, {k: v.detach().clone() for k, v in params.items()})
         if cur < best[0]:
-            best = (cur, ep + 1, {k: v.detach().clone() for k, v in params.items()})
+            best = (cur, ep + 1, recovered[2] if shrink else
+                    {k: v.detach().clone() for k, v in params.items()})
+        elif patience and ep + 1 - best[1] >= patience:
+            break  # held-out early stopping: no gain for `patience` epochs
     final = best[2]
+    shrink_info: dict[str, float] = {}
+    if shrink and recovered is not None:
+        # from the best recovered epoch, even when none beat the start: a part of its update
+        # may still do better than the start
+        final, shrink_info = _shrink(recovered[2], start, recovered[0], history[0], shrink,
+                                     down_step, val_loss)
+        best = ((history[0], 0, start) if shrink_info["chosen"] == 0.0 else
+                (min(shrink_info["heldout"].values()), recovered[1], final))
+    if final_refit and best[1] > 0:
+        # the held-out windows return to the final down projection, as in the plain refit
+        final = {k: v.detach().clone() for k, v in final.items()}
+        down_step(final, hi=p)
     return RecoveryResult(
         w_in={k: v.detach() for k, v in final.items() if k != "__down"},
         w_down=final["__down"].detach(), epochs=best[1], heldout=history,
+        shrink=shrink_info,
     )
+
+
+@torch.no_grad()
+def _shrink(best, start, best_loss, start_loss, grid, down_step, val_loss):
+    """The held-out choice of t in G(t) = G_start + t (G_best - G_start) over the input
+    projections, each t with its own closed-form down projection on the fit tokens; t = 0 and
+    t = 1 are the start and the recovered weights, with their known held-out losses. Returns
+    the chosen weights and {"chosen": t, "heldout": {t: loss}}."""
+    losses = {0.0: start_loss, 1.0: best_loss}
+    weights = {0.0: start, 1.0: best}
+    for t in sorted({float(t) for t in grid} - {0.0, 1.0}):
+        if t < 0:
+            raise ValueError(f"recovery shrink fractions must be >= 0, got {t}")
+        ps = {k: start[k] + t * (best[k] - start[k]) for k in best if k != "__down"}
+        ps["__down"] = best["__down"].clone()
+        down_step(ps)
+        losses[t] = val_loss(ps)
+        weights[t] = ps
+    chosen = min(losses, key=lambda t: (losses[t], abs(t - 1.0)))
+    return weights[chosen], {"chosen": chosen, "heldout": {str(t): v for t, v in
+                                                           sorted(losses.items())}}

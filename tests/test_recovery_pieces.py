@@ -1,0 +1,195 @@
+"""The pieces of "recovery at full strength" (solvers/recovery.py), on small random gated layers:
+a step budget per epoch (`steps`), held-out early stopping (`patience`), shrinkage of gate and
+up toward their start (`shrink`), and the final down refit on all windows (`final_refit`).
+
+Each piece: its held-out choice never ends above the start's held-out loss, and a test fails
+when its mechanism is gone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spap.solvers import get_solver
+from spap.solvers.base import LayerProblem
+from spap.solvers.recovery import down_input, recover
+from spap.solvers.refit import solve_toward
+from spap.solvers.stats import stats_from_activations
+
+f64 = torch.float64
+ACT = torch.nn.functional.silu
+
+
+def gated_layer(p=3000, d=6, n=16, m=8, seed=7, noise=0.0):
+    """A random gated layer: inputs a (p, d), targets y = W0 (act(G a) * (U a)) plus noise (a
+    share of y's spread), so that a few hundred tokens overfit."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(p, d, generator=g, dtype=f64)
+    up = torch.randn(n, d, generator=g, dtype=f64)
+    gate = torch.randn(n, d, generator=g, dtype=f64)
+    x = ACT(a @ gate.T) * (a @ up.T)  # (p, n)
+    w0 = torch.randn(m, n, generator=g, dtype=f64)
+    y = x @ w0.T
+    y = y + noise * y.std() * torch.randn(y.shape, generator=g, dtype=f64)
+    return a, y, {"gate": gate, "up": up}, w0
+
+
+def recover_args(p, n_val, seed=0, noise=1.0):
+    a, y, w_in, w0 = gated_layer(p=p, seed=seed, noise=noise)
+    keep = torch.arange(0, 16, 2)
+    args = (a, y, {k: v[keep] for k, v in w_in.items()}, w0[:, keep], ACT, "up", n_val)
+    kw = dict(w_down_dense=w0[:, keep], ridge=0.01, epochs=6, lr=0.05)
+    return args, kw
+
+
+def heldout_loss(res, a, y, n_val):
+    from spap.solvers.recovery import mlp_forward
+
+    val = slice(a.shape[0] - n_val, a.shape[0])
+    pred = mlp_forward(a[val].float(), res.w_in, res.w_down, ACT, "up")
+    return float(((pred.double() - y[val]) ** 2).sum() / (y[val] ** 2).sum())
+
+
+# ---- steps ----------------------------------------------------------------------------------
+def test_steps_sets_adam_steps_per_epoch_whatever_the_token_count(monkeypatch):
+    """With 2,400 fit tokens and minibatches of 1,024 the plain rule takes 2 steps an epoch;
+    `steps=16` takes 16 (minibatches of 150), and never fewer than the plain rule."""
+    args, kw = recover_args(p=3000, n_val=600, noise=0.0)
+    calls = []
+    orig = torch.optim.Adam.step
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counting)
+    # (steps=1: at least one full pass, ceil(2400 / 1024) = 3 minibatches)
+    for steps, expect in ((0, 2), (16, 16), (1, 3)):
+        calls.clear()
+        res = recover(*args, **{**kw, "epochs": 3}, steps=steps, batch=1024)
+        assert len(calls) == 3 * expect, steps
+        assert res.heldout[res.epochs] == min(res.heldout) <= res.heldout[0]
+
+
+def test_steps_with_fewer_tokens_than_steps_still_runs():
+    args, kw = recover_args(p=120, n_val=40)
+    res = recover(*args, **{**kw, "epochs": 2}, steps=200)
+    assert res.heldout[res.epochs] == min(res.heldout)
+    assert all(torch.isfinite(torch.tensor(res.heldout)))
+
+
+def test_steps_changes_the_result():
+    args, kw = recover_args(p=3000, n_val=600, noise=0.0)
+    plain = recover(*args, **kw, batch=1024)
+    more = recover(*args, **kw, batch=1024, steps=16)
+    assert not torch.allclose(plain.w_in["up"], more.w_in["up"])
+
+
+# ---- patience -------------------------------------------------------------------------------
+def test_patience_stops_when_heldout_loss_stops_improving():
+    """This layer overfits after its first epoch: with patience 1 recovery stops one epoch after
+    the best, with the same choice as running every epoch."""
+    args, kw = recover_args(p=300, n_val=150)
+    full = recover(*args, **kw)
+    early = recover(*args, **kw, patience=1)
+    assert len(full.heldout) == kw["epochs"] + 1
+    assert early.epochs == full.epochs
+    assert len(early.heldout) == early.epochs + 2 < len(full.heldout)
+    assert early.heldout == full.heldout[:len(early.heldout)]
+    assert early.heldout[early.epochs] == min(early.heldout) <= early.heldout[0]
+    torch.testing.assert_close(early.w_down, full.w_down)
+
+
+def test_patience_never_stops_while_improving():
+    args, kw = recover_args(p=3000, n_val=600, noise=0.0)
+    res = recover(*args, **kw, patience=1)
+    assert len(res.heldout) == kw["epochs"] + 1
+
+
+# ---- shrink ---------------------------------------------------------------------------------
+def test_shrink_chosen_on_heldout_never_worse_and_interpolates():
+    """On this overfitting layer half of the recovered update beats all of it: the chosen t
+    has the lowest held-out loss of the grid, which holds the start (t = 0) and the recovered
+    weights (t = 1) with their losses; the input rows are start + t (recovered - start) and the
+    reported loss is the one the returned weights have."""
+    args, kw = recover_args(p=300, n_val=150)
+    a, y, w_start = args[0], args[1], args[2]
+    plain = recover(*args, **kw)
+    res = recover(*args, **kw, shrink=(0.25, 0.5, 0.75))
+    losses = {float(t): v for t, v in res.shrink["heldout"].items()}
+    t = res.shrink["chosen"]
+    assert losses[t] == min(losses.values())
+    assert losses[0.0] == res.heldout[0] and losses[1.0] == plain.heldout[plain.epochs]
+    assert losses[t] <= min(res.heldout)
+    assert 0 < t < 1  # the mechanism is at work here (else this test proves nothing)
+    for key in ("gate", "up"):
+        expect = w_start[key].float() + t * (plain.w_in[key] - w_start[key].float())
+        torch.testing.assert_close(res.w_in[key], expect)
+    assert abs(heldout_loss(res, a, y, 150) - losses[t]) < 1e-5
+    assert heldout_loss(res, a, y, 150) < heldout_loss(plain, a, y, 150)
+
+
+def test_shrink_back_to_the_start_keeps_zero_epochs():
+    """When the start wins, recovery reports 0 epochs (the caller keeps its all-window
+    refit)."""
+    args, kw = recover_args(p=300, n_val=150, seed=2)
+    res = recover(*args, **kw, shrink=(0.5,))
+    if res.shrink and res.shrink["chosen"] == 0.0:
+        assert res.epochs == 0
+    assert min(float(v) for v in res.shrink.get("heldout", {"0": res.heldout[0]}).values()) \
+        <= res.heldout[0]
+
+
+def test_shrink_refuses_negative_fractions():
+    args, kw = recover_args(p=300, n_val=150)
+    with pytest.raises(ValueError, match="shrink"):
+        recover(*args, **kw, shrink=(-0.5,))
+
+
+# ---- final_refit ----------------------------------------------------------------------------
+def test_final_refit_solves_the_down_projection_on_all_tokens():
+    """The held-out choice is that of the run without it (same epochs, same input rows, whose
+    held-out loss is not above the start's); only the down projection changes, to the ridge
+    solve toward the dense weights on fit and held-out tokens together."""
+    args, kw = recover_args(p=3000, n_val=600, noise=0.3)
+    a, y = args[0], args[1]
+    plain = recover(*args, **kw)
+    final = recover(*args, **kw, final_refit=True)
+    assert plain.epochs == final.epochs > 0
+    assert final.heldout[final.epochs] <= final.heldout[0]
+    for key in ("gate", "up"):
+        torch.testing.assert_close(final.w_in[key], plain.w_in[key])
+    x = down_input(a.float(), final.w_in, ACT, "up").double()  # all tokens
+    expect = solve_toward(x.T @ x, x.T @ y, kw["w_down_dense"], kw["ridge"]).float()
+    torch.testing.assert_close(final.w_down, expect, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(final.w_down, plain.w_down, rtol=1e-4, atol=1e-5)
+
+
+# ---- through the solver ---------------------------------------------------------------------
+def _problem(seed=0, p=1200, n_val=300):
+    a, y, w_in, w0 = gated_layer(p=p, seed=seed, noise=0.3)
+    x = ACT(a @ w_in["gate"].T) * (a @ w_in["up"].T)
+    stats = stats_from_activations(x)
+    stats.gram_heldout = x[p - n_val:].T @ x[p - n_val:]
+    return LayerProblem(w_down=w0, w_in=w_in, stats=stats, inputs=a, targets=y,
+                        linear_key="up", act=ACT, heldout_tokens=n_val)
+
+
+def test_solver_options_reach_recovery():
+    prob = _problem()
+    base = dict(recovery_epochs=6, recovery_lr=0.05)
+    plain = get_solver("spap", **base).solve(prob, 8)
+    opts = get_solver("spap", **base, recovery_steps=8, recovery_patience=1,
+                      recovery_shrink="0.25,0.5,0.75", recovery_final_refit=True)
+    dec = opts.solve(prob, 8)
+    assert torch.equal(dec.keep, plain.keep)
+    assert dec.info["recovery_epochs"] > 0  # else no shrink runs and this proves nothing
+    assert "recovery_shrink" in dec.info and "recovery_shrink" not in plain.info
+    losses = dec.info["recovery_shrink_heldout_loss"]
+    assert losses[str(dec.info["recovery_shrink"])] == min(losses.values())
+    assert min(losses.values()) <= dec.info["recovery_heldout_loss"][0]
+    # --option recovery_shrink=0.5 arrives as a float
+    one = get_solver("spap", **base, recovery_shrink=0.5).solve(prob, 8)
+    assert set(one.info.get("recovery_shrink_heldout_loss", {"0.5": 0})) >= {"0.5"}
+    with pytest.raises(ValueError, match="recovery_shrink"):
+        get_solver("spap", **base, recovery_shrink="half").solve(prob, 8)

@@ -18,6 +18,7 @@ from spap.data import (
 from spap.errors import SpapError
 from spap.solvers import get_solver
 from spap.solvers.base import LayerProblem
+from spap.solvers.obs import ObsSolver
 from spap.solvers.stats import stats_from_activations
 
 F64 = torch.float64
@@ -162,5 +163,8 @@ def test_ridge_refit_differs_from_exact_and_is_better_held_out():
 
 
 def test_unknown_refit_is_refused():
-    with pytest.raises(ValueError, match="refit"):
-        get_solver("obs", refit="magic").solve(_problem(), 8)
+    """Before any model is loaded: get_solver checks the refit options."""
+    with pytest.raises(SpapError, match="unknown refit 'magic'"):
+        get_solver("obs", refit="magic")
+    with pytest.raises(ValueError, match="refit"):  # a solver built by hand, at solve time
+        ObsSolver(refit="magic").solve(_problem(), 8)

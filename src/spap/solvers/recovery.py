@@ -38,8 +38,10 @@ measures each on real layers):
   shrinkage of gate and up toward their dense values, its strength chosen out of sample.
 - `final_refit`: once everything above is chosen, the down projection is solved once more on
   all tokens, fit and held-out, with the same ridge, as the refit without recovery is (the
-  held-out windows then return to the final weights; nothing is chosen after this step). Everything runs in float32 on minibatches of `batch` tokens (the
-activations stay where they are, e.g. on the CPU, and only a minibatch moves), so memory is the
+  held-out windows then return to the final weights; nothing is chosen after this step).
+
+Everything runs in float32 on minibatches of `batch` tokens (the activations stay where they
+are, e.g. on the CPU, and only a minibatch moves), so memory is the
 layer's weights, Adam's two moments and one minibatch: never a (tokens, width) tensor beyond
 the inputs and targets the caller holds.
 

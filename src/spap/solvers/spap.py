@@ -34,7 +34,12 @@ projections (gate and up, or fc1) and the down projection to the dense layer's o
 alternating minimization: Adam steps on the input projections, then the down projection's
 closed-form refit toward the dense weights, per epoch; the number of epochs (up to
 `recovery_epochs`, 0 allowed) is chosen on the held-out calibration windows, so recovery never
-ends with a higher held-out error than the refit.
+ends with a higher held-out error than the refit. Opt-in pieces (recovery.py's docstring;
+measured per layer by bench/layer_lab.py, bench/results/layer-lab-*.json): `recovery_steps`
+(Adam steps per epoch whatever the token count), `recovery_patience` (held-out early stopping,
+so `recovery_epochs` is an upper bound), `recovery_shrink` (gate and up shrunk toward their
+dense rows, the strength chosen on the held-out windows) and `recovery_final_refit` (the down
+projection solved once more on all windows).
 """
 
 from __future__ import annotations

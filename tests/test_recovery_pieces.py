@@ -140,6 +140,25 @@ def test_shrink_back_to_the_start_keeps_zero_epochs():
         <= res.heldout[0]
 
 
+def test_shrink_runs_when_no_epoch_beats_the_start():
+    """Started, as the solver starts it, from the down refit on the fit tokens: every epoch
+    ends above the start, yet a quarter of the best epoch's update beats it; without the
+    shrinkage recovery keeps 0 epochs."""
+    args, kw = recover_args(p=300, n_val=150, seed=4)
+    a, y, w_in = args[0], args[1], args[2]
+    x = down_input(a[:150], w_in, ACT, "up")
+    w_start = solve_toward(x.T @ x, x.T @ y[:150], kw["w_down_dense"], kw["ridge"])
+    args = (a, y, w_in, w_start, *args[4:])
+    kw["lr"] = 0.2
+    plain = recover(*args, **kw)
+    res = recover(*args, **kw, shrink=(0.1, 0.25, 0.5))
+    assert plain.epochs == 0 and min(plain.heldout[1:]) > plain.heldout[0]
+    losses = {float(t): v for t, v in res.shrink["heldout"].items()}
+    assert 0 < res.shrink["chosen"] < 1 and res.epochs > 0
+    assert losses[res.shrink["chosen"]] == min(losses.values()) < res.heldout[0]
+    assert abs(heldout_loss(res, a, y, 150) - min(losses.values())) < 1e-5
+
+
 def test_shrink_refuses_negative_fractions():
     args, kw = recover_args(p=300, n_val=150)
     with pytest.raises(ValueError, match="shrink"):

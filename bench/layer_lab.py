@@ -45,6 +45,8 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 from spap import data  # noqa: E402
+from spap.config import parse_options  # noqa: E402
+from spap.driver.pipeline import StopForward, capture_layer_inputs, forward_to_stop  # noqa: E402
 from spap.driver.records import n_keep_for  # noqa: E402
 from spap.files import write_json_atomic  # noqa: E402
 from spap.modelio.loading import load_model  # noqa: E402
@@ -76,26 +78,7 @@ def parse_variant(spec: str) -> tuple[str, tuple[str, dict[str, Any]]]:
         return spec, VARIANTS[spec]
     name, _, rest = spec.partition("=")
     method, _, opts = rest.partition(":")
-    options = {}
-    for item in filter(None, opts.split(";")):
-        k, _, v = item.partition("=")
-        options[k.strip()] = _value(v.strip())
-    return name, (method or "spap", options)
-
-
-def _value(v: str):
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
-
-
-class _Stop(Exception):
-    pass
+    return name, (method or "spap", parse_options([o for o in opts.split(";") if o.strip()]))
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -127,17 +110,14 @@ def capture_mlp_inputs(model, adapter, ids, layers, batch):
         def fn(_m, a):
             out[i].append(a[0].detach().reshape(-1, a[0].shape[-1]).to(f32).clone())
             if i == last:
-                raise _Stop
+                raise StopForward
         return fn
 
     handles = [next(iter(adapter.in_linears(blocks[i]).values())).register_forward_pre_hook(
         hook(i)) for i in layers]
     try:
-        for b in ids.split(batch):
-            try:
-                model(b, use_cache=False)
-            except _Stop:
-                pass
+        for _ in forward_to_stop(model, ids, ids.device, batch):
+            pass
     finally:
         for h in handles:
             h.remove()
@@ -260,26 +240,8 @@ def solve_variants(problem, dense, k, variants, a_probe, chunk, log):
 # ---- item 2: the drift target ---------------------------------------------------------------
 @torch.no_grad()
 def capture_layer0(model, adapter, ids, batch):
-    """Per batch: (hidden, args, kwargs) of decoder layer 0 (forward pre-hook, with kwargs)."""
-    got = []
-    layer0 = adapter.layers(model)[0]
-
-    def hook(_m, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        got.append((hidden, tuple(args[1:]), kwargs))
-        raise _Stop
-
-    h = layer0.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for b in ids.split(batch):
-            try:
-                model(b, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        h.remove()
-    return got
+    """Per batch: (hidden, args, kwargs) of decoder layer 0 (the driver's capture)."""
+    return list(capture_layer_inputs(model, adapter.layers(model)[0], ids, ids.device, batch))
 
 
 def _out(o):

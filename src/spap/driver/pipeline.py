@@ -39,6 +39,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -59,8 +60,19 @@ log = logging.getLogger(__name__)
 
 
 
-class _Stop(Exception):
-    """Raised by the capture hook to end the model's forward at layer 0."""
+class StopForward(Exception):
+    """Raised by a capture hook to end the model's forward once it has what it needs."""
+
+
+def forward_to_stop(model, ids: torch.Tensor, device, batch_size: int) -> Iterator[None]:
+    """Run the model on `ids` batch by batch, each forward ended by a hook raising
+    StopForward (or run to the end); yields once after each batch."""
+    for batch in ids.split(batch_size):
+        try:
+            model(batch.to(device), use_cache=False)
+        except StopForward:
+            pass
+        yield
 
 
 def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device) -> None:
@@ -76,7 +88,8 @@ def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device) -> Non
             m._buffers[name] = b.to(device)
 
 
-def _capture(model, layer0: nn.Module, ids: torch.Tensor, device, batch_size: int):
+def capture_layer_inputs(model, layer0: nn.Module, ids: torch.Tensor, device,
+                         batch_size: int) -> Iterator[tuple[torch.Tensor, tuple, dict]]:
     """Yield (hidden_states, other positional args, kwargs) of layer 0, one batch at a time."""
     captured: list[tuple[torch.Tensor, tuple, dict]] = []
 
@@ -84,15 +97,11 @@ def _capture(model, layer0: nn.Module, ids: torch.Tensor, device, batch_size: in
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.append((hidden, tuple(args[1:]), kwargs))
-        raise _Stop
+        raise StopForward
 
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in ids.split(batch_size):
-            try:
-                model(batch.to(device), use_cache=False)
-            except _Stop:
-                pass
+        for _ in forward_to_stop(model, ids, device, batch_size):
             yield captured.pop()
     finally:
         handle.remove()
@@ -111,7 +120,7 @@ def capture_stores(model, layer0: nn.Module, calib: torch.Tensor | list[torch.Te
     tokens = sum(p.numel() for p in parts) + (probe.numel() if probe is not None else 0)
     store: ActivationStore | None = None
     for part in parts:
-        for b in _capture(model, layer0, part, device, batch_size):
+        for b in capture_layer_inputs(model, layer0, part, device, batch_size):
             if store is None:  # the first batch tells the size of them all
                 per_token = tensor_bytes(b) / b[0].shape[:-1].numel()
                 store = ActivationStore(device, choose_offload(offload, device,
@@ -123,7 +132,7 @@ def capture_stores(model, layer0: nn.Module, calib: torch.Tensor | list[torch.Te
     probes = None
     if probe is not None:
         probes = ActivationStore(device, offload_now)
-        for b in _capture(model, layer0, probe, device, batch_size):
+        for b in capture_layer_inputs(model, layer0, probe, device, batch_size):
             probes.append(*b)
     return store, probes
 
@@ -219,9 +228,11 @@ def prune_layers(
                 if probes is not None:
                     _propagate(layer, probes)
             else:
+                # the drift target's premise is checked once, on the first layer it is used
+                check = drift and not any(r.kept < r.width_before for r in records)
                 rec, batches, probes = _prune_one(adapter, layer, i, batches, solver,
                                                   settings.sparsity, settings.round_to, probes,
-                                                  heldout, dense, drift)
+                                                  heldout, dense, drift, check)
             layers[i].to(home)
             if not done_before:
                 sink.save(i, layers[i], rec)
@@ -294,14 +305,15 @@ def _check_additive(layer, down: nn.Module, batch) -> None:
 
 
 def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probes=None,
-               heldout=(0, 0), dense=None, drift=False):
+               heldout=(0, 0), dense=None, drift=False, check_additive=False):
     """Prune one layer; returns its record and the next layer's calibration and probe inputs
     (probes stay None when none were given). Probes run only after the cut, so calibration
     results are bit-identical with or without them. `heldout` = (number of trailing batches
     that are held-out windows, their token count). `dense`, when given, holds the dense
     model's inputs of this layer (same batches) and is advanced in place to the next layer's;
     the dense MLP's outputs on it are then the solver's targets, or, with `drift`, the drift
-    statistics compare the layer's output on it with its output on the pruned inputs."""
+    statistics compare the layer's output on it with its output on the pruned inputs
+    (`check_additive`: first check that the layer adds the MLP's output to the residual)."""
     ins = adapter.in_linears(layer)
     first_in = next(iter(ins.values()))
     down = adapter.out_linear(layer)
@@ -364,7 +376,8 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
             targets.append(flat(out).clone())
 
     if drift:
-        _check_additive(layer, down, batches[0])
+        if check_additive:
+            _check_additive(layer, down, batches[0])
         drift_acc = DriftAccumulator(down.out_features, n, down.weight.device)
     hooks = [down.register_forward_pre_hook(collect)]
     if solver.needs_inputs:

@@ -134,6 +134,37 @@ def refit_toward_dense(
     return solve_toward(h[keep][:, keep], h[keep] @ w0.T, w0[:, keep], lam)  # (m, k)
 
 
+class _HeldoutBlocks:
+    """The pieces of a held-out refit choice that do not depend on lam: the kept and pruned
+    blocks of W0, the fit Gram's kept block and right-hand side H_fit[K, :] W0^T, and the
+    held-out Gram's parts of tr(dW Hv dW^T) for dW = [W_K - W0_K | -W0_P]."""
+
+    def __init__(self, w0, h_fit, h_val, keep):
+        self.pruned = complement(keep, w0.shape[1])
+        self.w_k, self.w_p = w0[:, keep], w0[:, self.pruned]  # (m, k), (m, |P|)
+        self.hf_kk = h_fit[keep][:, keep]  # (k, k)
+        self.rhs0 = h_fit[keep] @ w0.T  # (k, m)
+        hv_k = h_val[keep]  # (k, n)
+        self.hv_kk = hv_k[:, keep]  # (k, k)
+        self.cross = hv_k[:, self.pruned] @ self.w_p.T  # (k, m) = Hv_KP W0_P^T
+        self.const = float(((h_val[self.pruned][:, self.pruned] @ self.w_p.T)
+                            * self.w_p.T).sum())  # tr(W0_P Hv_PP W0_P^T)
+        self.mean_diag = float(torch.diagonal(self.hf_kk).mean())
+        self.eye = torch.eye(keep.numel(), dtype=w0.dtype, device=w0.device)
+
+    def solve(self, lam, extra=None):
+        """(Hf_KK + mu I)^-1 applied to [rhs0 + mu W0_K^T | extra] (k, m [+ extra's])."""
+        rhs = self.rhs0 + lam * self.mean_diag * self.w_k.T
+        if extra is not None:
+            rhs = torch.cat([rhs, extra], 1)
+        return spd_solve(self.hf_kk + lam * self.mean_diag * self.eye, rhs)
+
+    def weight_error(self, dk):
+        """tr(dW Hv dW^T) for dW = [dk | -W0_P]."""
+        return (float(((dk @ self.hv_kk) * dk).sum()) - 2 * float((dk * self.cross.T).sum())
+                + self.const)
+
+
 def heldout_errors_toward_dense(w0, h_fit, h_val, keep, grid, search="walk"):
     """Relative errors on the held-out Gram h_val of refit_toward_dense(w0, h_fit, keep, lam),
     i.e. relative_error(w0, W_lam, h_val), for lam in `grid`: {lam: error}.
@@ -150,26 +181,13 @@ def heldout_errors_toward_dense(w0, h_fit, h_val, keep, grid, search="walk"):
 
     D = W_K - W0_K, so each lam costs one k x k solve and one (m, k) x (k, k) product.
     """
-    n = w0.shape[1]
-    pruned = complement(keep, n)
-    w_k, w_p = w0[:, keep], w0[:, pruned]  # (m, k), (m, |P|)
-    hf_kk = h_fit[keep][:, keep]  # (k, k)
-    rhs0 = h_fit[keep] @ w0.T  # (k, m)
-    hv_k = h_val[keep]  # (k, n)
-    hv_kk = hv_k[:, keep]  # (k, k)
-    cross = hv_k[:, pruned] @ w_p.T  # (k, m) = Hv_KP W0_P^T
-    const = float(((h_val[pruned][:, pruned] @ w_p.T) * w_p.T).sum())
+    b = _HeldoutBlocks(w0, h_fit, h_val, keep)
     # tr(W0 Hv W0^T) from the blocks already formed: K rows of Hv, and Hv_PP
-    denom = float(((hv_kk @ w_k.T + 2 * cross) * w_k.T).sum()) + const
-    mean_diag = float(torch.diagonal(hf_kk).mean())
-    eye = torch.eye(keep.numel(), dtype=w0.dtype, device=w0.device)
+    denom = float(((b.hv_kk @ b.w_k.T + 2 * b.cross) * b.w_k.T).sum()) + b.const
 
     def error(lam):
-        mu = lam * mean_diag
-        w_new = spd_solve(hf_kk + mu * eye, rhs0 + mu * w_k.T).T  # (m, k)
-        dk = w_new - w_k
-        num = float(((dk @ hv_kk) * dk).sum()) - 2 * float((dk * cross.T).sum()) + const
-        return max(num, 0.0) / denom if denom > 0 else 0.0
+        dk = b.solve(lam).T - b.w_k  # (m, k)
+        return max(b.weight_error(dk), 0.0) / denom if denom > 0 else 0.0
 
     return walk_grid(grid, error, search)
 
@@ -214,32 +232,21 @@ def heldout_drift_errors(w0, h_fit, h_val, c_fit, c_val, dsq_val, keep, grid, al
                    + 2 alpha (tr(dB Hv dW^T) - tr(dB Cv^T)) + alpha^2 tr(dB Hv dB^T),
     a quadratic in alpha, so every alpha costs nothing once lam is solved.
     """
-    n = w0.shape[1]
     m = w0.shape[0]
-    pruned = complement(keep, n)
-    w_k, w_p = w0[:, keep], w0[:, pruned]  # (m, k), (m, |P|)
-    hf_kk = h_fit[keep][:, keep]  # (k, k)
-    rhs0 = h_fit[keep] @ w0.T  # (k, m)
+    b = _HeldoutBlocks(w0, h_fit, h_val, keep)
     cf_k = c_fit[:, keep]  # (m, k)
-    hv_kk = h_val[keep][:, keep]  # (k, k)
-    cross = h_val[keep][:, pruned] @ w_p.T  # (k, m) = Hv_KP W0_P^T
-    const = float(((h_val[pruned][:, pruned] @ w_p.T) * w_p.T).sum())
-    cv_k, cv_p = c_val[:, keep], c_val[:, pruned]  # (m, k), (m, |P|)
-    wp_cv = float((w_p * cv_p).sum())
-    mean_diag = float(torch.diagonal(hf_kk).mean())
-    eye = torch.eye(keep.numel(), dtype=w0.dtype, device=w0.device)
+    cv_k, cv_p = c_val[:, keep], c_val[:, b.pruned]  # (m, k), (m, |P|)
+    wp_cv = float((b.w_p * cv_p).sum())  # tr(W0_P Cv_P^T)
     table: dict[float, dict[float, float]] = {}
 
     def error(lam):
-        mu = lam * mean_diag
-        sol = spd_solve(hf_kk + mu * eye, torch.cat([rhs0 + mu * w_k.T, cf_k.T], 1))  # (k, 2m)
-        a, b = sol[:, :m].T, sol[:, m:].T  # (m, k) each
-        dk = a - w_k
-        bh = b @ hv_kk  # (m, k)
-        e0 = (float(((dk @ hv_kk) * dk).sum()) - 2 * float((dk * cross.T).sum()) + const
-              - 2 * (float((dk * cv_k).sum()) - wp_cv) + dsq_val)
-        e1 = float((bh * dk).sum()) - float((b * cross.T).sum()) - float((b * cv_k).sum())
-        e2 = float((bh * b).sum())
+        sol = b.solve(lam, cf_k.T)  # (k, 2m)
+        a, bb = sol[:, :m].T, sol[:, m:].T  # (m, k) each
+        dk = a - b.w_k
+        bh = bb @ b.hv_kk  # (m, k)
+        e0 = b.weight_error(dk) - 2 * (float((dk * cv_k).sum()) - wp_cv) + dsq_val
+        e1 = float((bh * dk).sum()) - float((bb * b.cross.T).sum()) - float((bb * cv_k).sum())
+        e2 = float((bh * bb).sum())
         table[lam] = {al: max(e0 + 2 * al * e1 + al * al * e2, 0.0) for al in alphas}
         return min(table[lam].values())
 

@@ -33,7 +33,7 @@ import torch
 
 from .errors import SpapError
 from .eval.speed import weight_bytes
-from .files import write_json_atomic
+from .files import finite_or_none, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,6 @@ def parse_sparsities(spec: str) -> list[float]:
     if not out:
         raise SpapError("--sparsities is empty; e.g. --sparsities 0.2,0.3,0.4")
     return out
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None  # strict JSON has no Infinity / NaN
 
 
 def _free(device: torch.device) -> None:
@@ -219,7 +215,7 @@ def compare(
         del model, dense  # the caller passed its only reference: one model in memory, not two
     result: dict[str, Any] = {
         "model": name,
-        "dense_ppl": _finite(d["ppl"]),
+        "dense_ppl": finite_or_none(d["ppl"]),
         "protocol": {
             "eval": d["protocol"],
             "calibration": calib_desc or {"nsamples": int(calib_ids.shape[0]),
@@ -278,9 +274,9 @@ def compare(
                 "method": v.name,
                 "base_method": v.method,
                 "sparsity": s,
-                "ppl": _finite(ev["ppl"]),
+                "ppl": finite_or_none(ev["ppl"]),
                 "dense_ppl": result["dense_ppl"],
-                "gap": _finite(ev["ppl"] - d["ppl"]),
+                "gap": finite_or_none(ev["ppl"] - d["ppl"]),
                 "params_removed_frac": rep["params_removed_frac"],
                 "sparsity_achieved": rep["sparsity_achieved"],
                 "width_after": rep["model"]["width_after"],

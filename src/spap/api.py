@@ -22,6 +22,7 @@ import torch
 
 from .config import PruneConfig
 from .data import calibration_ids, given_ids_description, probe_description
+from .distributed import current, init_from_env
 from .driver.pipeline import prune_layers
 from .driver.records import LayerRecord
 from .driver.stores import IN_MODEL, FromCheckpoint, LayerSource, ToRunFolder
@@ -91,6 +92,11 @@ def prune(model, tokenizer=None, sparsity: float | None = None, *,
     discards it; other settings are refused). The caller removes the folder once the result
     is saved.
 
+    Inside an initialized torch.distributed process group (e.g. under torchrun), every rank
+    calls this with the same model and settings: each computes on its own share of the
+    windows, the statistics are summed over ranks, and every rank ends with the same pruned
+    model (`distributed.py`); only rank 0 writes `checkpoint_dir`.
+
     A method that adds a down-projection bias is refused on a family whose saved config cannot
     hold one (Qwen2, Mistral), unless `allow_unsaveable`: the model is then only usable in
     memory (`spap compare` measures it that way) and the report says `"saveable": false`.
@@ -107,6 +113,7 @@ def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, probe_ids=None, 
     run folder `run_dir` (if any), and the report."""
     adapter = get_adapter(model.config)
     solver = get_solver(cfg.method, **cfg.method_options)
+    shard = current()
     unsaveable = (getattr(solver, "adds_down_bias", False)
                   and not adapter.can_add_down_bias(model.config))
     if unsaveable and not allow_unsaveable:
@@ -136,12 +143,20 @@ def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, probe_ids=None, 
             "probe": probe_desc and probe_desc["token_hash"],
             "method": cfg.method, "options": solver_options(solver), "sparsity": cfg.sparsity,
             "round_to": cfg.round_to, "batch_size": cfg.batch_size,
-            "layer_limit": cfg.layer_limit, "dtype": dtype, "device": str(device),
+            "layer_limit": cfg.layer_limit, "dtype": dtype,
+            # (every rank's own device is the same kind; the world size changes the sums'
+            # order, so a resume under another one would not be bit-identical)
+            "device": str(device) if not shard.distributed else device.type,
+            "world_size": shard.world_size,
         }
         run = RunFolder(run_dir)
-        sink = ToRunFolder(run, model, adapter.layers(model),
-                           run_identity(identity or identity_in_memory(model, adapter),
-                                        settings), cfg.resume)
+        run_id = run_identity(identity or identity_in_memory(model, adapter), settings)
+        if not shard.is_main:
+            shard.barrier()  # rank 0 has opened (or cleared) the folder: read it
+        sink = ToRunFolder(run, model, adapter.layers(model), run_id, cfg.resume,
+                           write=shard.is_main)
+        if shard.is_main:
+            shard.barrier()
         if sink.finished():
             log.info("resuming from layer %d in %s", len(sink.finished()), run.path)
     elif source is not IN_MODEL:
@@ -151,12 +166,12 @@ def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, probe_ids=None, 
         with MemoryMonitor(device) as monitor:
             records = prune_layers(model, adapter, calib_ids, solver, cfg, device=device,
                                    probe=probe_ids, source=source, sink=sink, monitor=monitor,
-                                   info=info)
+                                   info=info, shard=shard)
     except SpapError:
         # A problem of these settings (e.g. non-finite activations) recurs on every resume:
         # their run folder is of no use. Anything else (Ctrl-C, out of memory, a crash) keeps
         # it for a resume.
-        if run_dir is not None:
+        if run_dir is not None and shard.is_main:
             run.remove()
         raise
     _set_width(model, adapter, records, cfg, unsaveable)
@@ -166,6 +181,9 @@ def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, probe_ids=None, 
         "memory": {**monitor.report(), "activations": info.get("activations")},
         "resumed_from_layer": len(sink.finished()) if run_dir is not None else None,
         "calibration": calib_desc, "probe": probe_desc,
+        # every rank's share: window counts and the bytes of its calibration activations
+        "distributed": {"world_size": shard.world_size,
+                        **({"ranks": info["ranks"]} if shard.distributed else {})},
         "timings": {"calibration_data_s": t1 - t0, "prune_s": t2 - t1,
                     "capture_s": info.get("capture_s")},
     })
@@ -203,7 +221,8 @@ def prune_to_disk(model: str, out: str | os.PathLike, sparsity: float | None = N
     cfg = _settings(config, sparsity, settings)
     get_solver(cfg.method, **cfg.method_options)  # everything checked before the model loads
     out = check_output_dir(out, cfg.overwrite)
-    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device or "auto"))
+    shard, device = init_from_env(resolve_device(cfg.device or "auto"))
+    cfg = dataclasses.replace(cfg, device=device)
     run_dir = partial_dir(out)
     if cfg.low_memory:
         return _low_memory(model, out, cfg, run_dir, t_start)
@@ -226,6 +245,8 @@ def prune_to_disk(model: str, out: str | os.PathLike, sparsity: float | None = N
     timings["prune_s"] = time.perf_counter() - t0
     report = result.report
     report["model"]["source"] = src.spec
+    if not shard.is_main:  # rank 0 evaluates and writes; the others are done
+        return JobResult(out, report, params_dense, timings)
     if cfg.evaluate:
         t0 = time.perf_counter()
         ev["pruned"] = _perplexity(model_obj, tok, cfg, stream)
@@ -256,6 +277,8 @@ def _low_memory(spec: str, out: Path, cfg: PruneConfig, run_dir: Path,
     report = result.report
     report["model"]["source"] = lazy.spec
     report["low_memory"] = True
+    if not current().is_main:  # rank 0 assembles the output
+        return JobResult(out, report, params_dense, timings)
     _job_timings(report, timings, t_start)
     t0 = time.perf_counter()
     write_sharded(lazy.model, layers, RunFolder(run_dir), lazy.tokenizer,

@@ -196,9 +196,12 @@ def prune_config(args):
 
 def cmd_prune(args) -> int:
     from .api import prune_to_disk
+    from .distributed import current
 
     cfg = prune_config(args)
     job = prune_to_disk(args.model, args.out, config=cfg)
+    if not current().is_main:  # under torchrun: rank 0 reports
+        return 0
     report, out, t = job.report, job.out, job.timings
     resumed = report.get("resumed_from_layer")
     if resumed:
@@ -320,6 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spap: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, `spap prune` joined a process group: leave it cleanly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

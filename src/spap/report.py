@@ -23,7 +23,8 @@ def prune_report(cfg: PruneConfig, options: dict[str, Any], model, adapter,
                  records: list[LayerRecord], *, dense: dict[str, Any],
                  run: dict[str, Any]) -> dict[str, Any]:
     """The report of a finished run. `dense`: params, width and dtype before the cut; `run`:
-    saveable, device, memory, resumed_from_layer, calibration, probe and timings."""
+    saveable, device, memory, resumed_from_layer, distributed (world size, every rank's
+    share), calibration, probe and timings."""
     params_after = count_params(model)
     removed = sum(r.width_before - r.kept for r in records)
     total = sum(r.width_before for r in records) or 1
@@ -50,6 +51,7 @@ def prune_report(cfg: PruneConfig, options: dict[str, Any], model, adapter,
         "device": run["device"],
         "memory": run["memory"],
         "resumed_from_layer": run["resumed_from_layer"],
+        "distributed": run["distributed"],
         "calibration": run["calibration"],
         "layer_error_mean": _mean([r.rel_error for r in records]),
         "layer_error_heldout_mean": _mean(heldout) if run["probe"] is not None else None,

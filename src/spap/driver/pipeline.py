@@ -31,6 +31,11 @@ finished layers go a `stores.LayerSink` (the model itself, a checkpoint read lay
 the resume folder): the driver calls both the same way whichever it has. A sink that holds
 finished layers of an interrupted run gives them back pruned; they are run again, unchanged,
 to rebuild the next inputs.
+
+Data parallel (`shard`, see distributed.py): each rank keeps only its share of the fit,
+held-out and probe windows (`Shard.share` of each), runs the layers on those alone, and sums
+every statistic and error over the ranks before it is used; the decision is then broadcast
+from rank 0, so every rank's model stays the same model. With one process nothing changes.
 """
 
 from __future__ import annotations
@@ -47,10 +52,11 @@ from torch import nn
 
 from ..config import PruneConfig
 from ..data import heldout_windows
+from ..distributed import LOCAL, Shard
 from ..errors import SpapError
 from ..models.base import MLPAdapter
 from ..solvers.base import LayerProblem, Solver
-from ..solvers.stats import DriftAccumulator, StatsAccumulator
+from ..solvers.stats import DriftAccumulator, StatsAccumulator, reduce_stats
 from .activations import ActivationStore, choose_offload, tensor_bytes
 from .records import LayerRecord, n_keep_for
 from .stores import IN_MODEL, LayerSink, LayerSource
@@ -132,7 +138,9 @@ def capture_stores(model, layer0: nn.Module, calib: torch.Tensor | list[torch.Te
     probes = None
     if probe is not None:
         probes = ActivationStore(device, offload_now)
-        for b in capture_layer_inputs(model, layer0, probe, device, batch_size):
+        # (a rank of a data-parallel run may own no probe window: an empty store)
+        for b in (capture_layer_inputs(model, layer0, probe, device, batch_size)
+                  if probe.numel() else ()):
             probes.append(*b)
     return store, probes
 
@@ -156,6 +164,7 @@ def prune_layers(
     sink: LayerSink = IN_MODEL,
     monitor=None,
     info: dict[str, Any] | None = None,
+    shard: Shard = LOCAL,
 ) -> list[LayerRecord]:
     """Prune every decoder layer's MLP in place; returns one record per layer.
 
@@ -168,7 +177,8 @@ def prune_layers(
     (`sink.finished()`) come back pruned and are only run, to rebuild the next layer's
     inputs. `monitor` (a memory.MemoryMonitor) is sampled at every layer; `info`, when given,
     receives where the activations lived, their size, and the seconds the layer-0 capture
-    took.
+    took. `shard`: this process's place in a data-parallel run (module docstring); `info`
+    then also receives every rank's window counts and activation bytes.
     """
     device = torch.device(device)
     batch_size = settings.batch_size
@@ -182,9 +192,12 @@ def prune_layers(
         # fit windows and held-out windows batched apart, held-out last
         n_held = heldout_windows(calib.shape[0])
         n_fit = calib.shape[0] - n_held
-        batches, probes = capture_stores(model, layers[0], [calib[:n_fit], calib[n_fit:]],
-                                         probe, device, batch_size, settings.offload)
-        heldout = (math.ceil(n_held / batch_size), n_held * calib.shape[1])
+        fit, held = _shares(shard, calib[:n_fit], calib[n_fit:])
+        if probe is not None:
+            probe = probe[shard.share(probe.shape[0])]
+        batches, probes = capture_stores(model, layers[0], [fit, held], probe, device,
+                                         batch_size, settings.offload)
+        heldout = (math.ceil(held.shape[0] / batch_size), held.numel())
         if info is not None:
             info["capture_s"] = time.perf_counter() - t0
             info["activations"] = {
@@ -192,6 +205,14 @@ def prune_layers(
                 "calibration_bytes": batches.nbytes,
                 "probe_bytes": probes.nbytes if probes is not None else 0,
             }
+            if shard.distributed:
+                info["ranks"] = {
+                    "fit_windows": shard.counts(fit.shape[0], device),
+                    "heldout_windows": shard.counts(held.shape[0], device),
+                    "probe_windows": shard.counts(probe.shape[0] if probe is not None else 0,
+                                                  device),
+                    "calibration_bytes": shard.counts(batches.nbytes, device),
+                }
         if monitor is not None:
             monitor.sample()
         # the dense model's own hidden states, for solvers whose target is the dense model's
@@ -211,7 +232,7 @@ def prune_layers(
         limit = settings.layer_limit
         todo = len(layers) if limit is None else min(limit, len(layers))
         bar = range(todo)
-        if settings.progress:
+        if settings.progress and shard.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(bar, desc=f"pruning ({solver.name})", unit="layer")
@@ -232,7 +253,7 @@ def prune_layers(
                 check = drift and not any(r.kept < r.width_before for r in records)
                 rec, batches, probes = _prune_one(adapter, layer, i, batches, solver,
                                                   settings.sparsity, settings.round_to, probes,
-                                                  heldout, dense, drift, check)
+                                                  heldout, dense, drift, check, shard)
             layers[i].to(home)
             if not done_before:
                 sink.save(i, layers[i], rec)
@@ -246,7 +267,7 @@ def prune_layers(
                 "" if rec.rel_error_heldout is None else f", held-out {rec.rel_error_heldout:.4g}",
                 " (resumed)" if done_before else "",
             )
-            if settings.progress:
+            if settings.progress and shard.is_main:
                 bar.set_postfix(err=f"{rec.rel_error:.3g}")
         sink.close()
         return records
@@ -271,6 +292,34 @@ def _propagate(layer, batches):
         else:
             batches[j] = (out, args, kwargs)
     return batches
+
+
+def _shares(shard: Shard, fit: torch.Tensor,
+            held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's fit and held-out windows. Every rank needs at least one of each (when
+    there are held-out windows at all): a held-out choice is made from every rank's part."""
+    if shard.distributed:
+        w = shard.world_size
+        if fit.shape[0] < w or 0 < held.shape[0] < w:
+            raise SpapError(
+                f"{w} processes need at least {w} fit and {w} held-out calibration windows, one "
+                f"of each per process; there are {fit.shape[0]} and {held.shape[0]} "
+                f"(1/8 of --nsamples is held out): use --nsamples {8 * w} or more, or fewer "
+                "processes")
+    return fit[shard.share(fit.shape[0])], held[shard.share(held.shape[0])]
+
+
+def _broadcast_decision(shard: Shard, decision) -> None:
+    """Rank 0's decision on every rank (the same statistics give the same decision; this
+    makes it so whatever the device's arithmetic does)."""
+    if not shard.distributed:
+        return
+    shard.broadcast_(decision.keep)
+    shard.broadcast_(decision.w_down)
+    if decision.b_down is not None:
+        shard.broadcast_(decision.b_down)
+    for w in (decision.w_in or {}).values():
+        shard.broadcast_(w)
 
 
 def _ratio(err: torch.Tensor) -> float:
@@ -305,7 +354,7 @@ def _check_additive(layer, down: nn.Module, batch) -> None:
 
 
 def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probes=None,
-               heldout=(0, 0), dense=None, drift=False, check_additive=False):
+               heldout=(0, 0), dense=None, drift=False, check_additive=False, shard=LOCAL):
     """Prune one layer; returns its record and the next layer's calibration and probe inputs
     (probes stay None when none were given). Probes run only after the cut, so calibration
     results are bit-identical with or without them. `heldout` = (number of trailing batches
@@ -313,7 +362,8 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     model's inputs of this layer (same batches) and is advanced in place to the next layer's;
     the dense MLP's outputs on it are then the solver's targets, or, with `drift`, the drift
     statistics compare the layer's output on it with its output on the pruned inputs
-    (`check_additive`: first check that the layer adds the MLP's output to the residual)."""
+    (`check_additive`: first check that the layer adds the MLP's output to the residual).
+    `shard`: sums over the ranks of a data-parallel run (module docstring)."""
     ins = adapter.in_linears(layer)
     first_in = next(iter(ins.values()))
     down = adapter.out_linear(layer)
@@ -409,11 +459,12 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     problem = LayerProblem(
         w_down=down.weight.to(f64),
         w_in={role: w.to(f64) for role, w in w_in.items()},
-        stats=acc.result(drift_acc.result() if drift else None),
+        stats=reduce_stats(acc.result(drift_acc.result() if drift else None), shard),
         b_down=down.bias.to(f64) if down.bias is not None else None,
         b_in={role: b.to(f64) for role, b in b_in.items()},
         linear_key=adapter.linear_key,
         act=adapter.activation(layer),
+        shard=shard,
     )
     if solver.needs_inputs:
         problem.inputs = torch.cat(inputs)  # (p, d)
@@ -424,6 +475,7 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
             problem.drift = torch.cat(drifts)  # (p, m), the same rows as targets
         del inputs, targets, dense_targets, drifts
     decision = solver.solve(problem, k)
+    _broadcast_decision(shard, decision)
     del problem
     t2 = time.perf_counter()
 
@@ -461,6 +513,8 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
         for h in hooks:
             h.remove()
     t4 = time.perf_counter()
+    shard.sum_(err)
+    shard.sum_(err_probe)
     secs = {"collect": t1 - t0, "solve": t2 - t1, "replay": t3 - t2}
     held = None
     if probes is not None:

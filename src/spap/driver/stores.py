@@ -93,10 +93,12 @@ class ToRunFolder(LayerSink):
     """
 
     def __init__(self, run: RunFolder, model: nn.Module, layers: nn.ModuleList,
-                 identity: dict[str, Any], resume: bool | None = None):
+                 identity: dict[str, Any], resume: bool | None = None, write: bool = True):
         self.run = run
         self.prefix = _prefix(model, layers)
-        self._done = [LayerRecord(**r) for r in run.open(identity, resume)]
+        self.write = write  # False: read finished layers only (ranks other than 0)
+        records = run.open(identity, resume) if write else run.read(identity)
+        self._done = [LayerRecord(**r) for r in records]
         self._writing: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -109,6 +111,8 @@ class ToRunFolder(LayerSink):
         assign_tensors(layer, {k[len(p):]: v for k, v in tensors.items()})
 
     def save(self, index: int, layer: nn.Module, record: LayerRecord) -> None:
+        if not self.write:
+            return
         self._wait()
         # CPU tensors that share the layer's storage: a later release of the layer (to meta)
         # leaves them alive until written

@@ -92,12 +92,7 @@ class RunFolder:
                     "again with its settings to resume it, or pass --restart to discard it"
                 )
             self.state = old
-            # only the layers whose file is there, in order from layer 0
-            records: list[dict[str, Any]] = []
-            for r in old.get("layers", []):
-                if r["index"] != len(records) or not self.layer_file(r["index"]).exists():
-                    break
-                records.append(r)
+            records = self._finished(old)
             self.state["layers"] = records
             return list(records)
         if resume is True:
@@ -109,6 +104,26 @@ class RunFolder:
         self.state = {"identity": identity, "layers": []}
         self._write_state()
         return []
+
+    def read(self, identity: dict[str, Any]) -> list[dict[str, Any]]:
+        """The records of the finished layers of the run of this identity, without writing
+        anything (the other ranks of a data-parallel run, once rank 0 has `open`ed it)."""
+        state_path = self.path / STATE_FILE
+        if not state_path.exists():
+            return []
+        old = json.loads(state_path.read_text())
+        if _differences(old.get("identity"), identity):
+            return []
+        return self._finished(old)
+
+    def _finished(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """Only the layers whose file is there, in order from layer 0."""
+        records: list[dict[str, Any]] = []
+        for r in state.get("layers", []):
+            if r["index"] != len(records) or not self.layer_file(r["index"]).exists():
+                break
+            records.append(r)
+        return records
 
     def save_layer(self, index: int, tensors: dict[str, torch.Tensor],
                    record: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..distributed import LOCAL, Shard
 from .stats import ActStats
 
 
@@ -47,6 +48,10 @@ class LayerProblem:
     # target (`needs_drift`): the dense model's hidden state after the layer minus the layer's
     # output on these inputs with its dense weights
     drift: torch.Tensor | None = None
+    # in a data-parallel run, `stats` are already summed over ranks, while `inputs`, `targets`
+    # and `drift` are this rank's share of the tokens (fit rows first, then its held-out
+    # rows); a solver that uses those rows sums over `shard` too (recovery.py)
+    shard: Shard = LOCAL
 
     @property
     def n(self) -> int:

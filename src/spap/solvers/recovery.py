@@ -46,6 +46,13 @@ layer's weights, Adam's two moments and one minibatch: never a (tokens, width) t
 the inputs and targets the caller holds.
 
 Learning rates are relative to each tensor's RMS, so one setting serves every model scale.
+
+In a data-parallel run (`shard`, see distributed.py) each rank holds its own share of the
+tokens, fit and held-out; every sum (losses, the closed form's Gram and cross term) is
+summed over ranks, and each minibatch is drawn from one permutation of all fit tokens, as one
+process draws it: a rank takes the part of it that it holds, and the gradients are summed
+over ranks before each Adam step. So every rank takes the same steps, and these equal one
+process's up to the order of additions.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..distributed import LOCAL, Shard
 from .refit import solve_toward
 
 MODES = ("alternating", "joint")
@@ -121,6 +129,7 @@ def recover(
     patience: int = 0,
     shrink: Sequence[float] = (),
     final_refit: bool = False,
+    shard: Shard = LOCAL,
 ) -> RecoveryResult:
     """Recover the kept weights on tokens a[:p - n_val], y[:p - n_val], choosing the number of
     epochs (0..`epochs`) on the last `n_val` tokens. `w_down_dense` (m, k) and `ridge` define the
@@ -133,8 +142,12 @@ def recover(
     f32 = torch.float32
     p = a.shape[0]
     n_fit = p - n_val
-    if n_val < 1 or n_fit < 1:
-        raise ValueError(f"recovery needs fit and held-out tokens, got {n_fit} and {n_val}")
+    # this rank's fit tokens are [fit_lo, fit_lo + n_fit) of all ranks' fit tokens in order
+    fit_lo, n_fit_all = shard.offset(n_fit, device)
+    n_val_all = shard.sum_float(float(n_val), device)
+    if n_val_all < 1 or n_fit_all < 1:
+        raise ValueError(f"recovery needs fit and held-out tokens, got {n_fit_all} and "
+                         f"{int(n_val_all)}")
     params = {k: v.detach().to(device, f32).clone() for k, v in w_in.items()}
     params["__down"] = w_down.detach().to(device, f32).clone()
     b_in_ = {k: v.to(device, f32) for k, v in (b_in or {}).items()}
@@ -150,8 +163,10 @@ def recover(
             e = min(hi, s + chunk)
             yield a[s:e].to(device, f32), y[s:e].to(device, f32)
 
-    y_sq_fit = sum(float((yy * yy).sum()) for _, yy in chunks(0, n_fit)) / n_fit
-    y_sq_val = sum(float((yy * yy).sum()) for _, yy in chunks(n_fit, p))
+    y_sq_fit = shard.sum_float(sum(float((yy * yy).sum()) for _, yy in chunks(0, n_fit)),
+                               device) / n_fit_all
+    y_sq_val = shard.sum_float(sum(float((yy * yy).sum()) for _, yy in chunks(n_fit, p)),
+                               device)
 
     @torch.no_grad()
     def val_loss(ps):
@@ -159,6 +174,7 @@ def recover(
         for aa, yy in chunks(n_fit, p):
             r = fwd(ps, aa) - yy
             tot += float((r * r).sum())
+        tot = shard.sum_float(tot, device)
         return tot / y_sq_val if y_sq_val > 0 else 0.0
 
     @torch.no_grad()
@@ -174,6 +190,8 @@ def recover(
             t = yy - b_down_ if b_down_ is not None else yy
             gram += (x.T @ x).double()
             cross += (x.T @ t).double()
+        shard.sum_(gram)
+        shard.sum_(cross)
         if ridge is None or w_dense is None:  # the exact refit, damped (anchored at zero)
             anchor, lam = torch.zeros_like(cross.T), 0.01
         else:
@@ -189,10 +207,10 @@ def recover(
     history = [best[0]]
     gen = torch.Generator().manual_seed(seed)
     if steps == 0:  # the plain rule: minibatches of `batch` tokens
-        steps_per_epoch, mb = max(1, n_fit // batch), batch
+        steps_per_epoch, mb = max(1, n_fit_all // batch), batch
     else:  # one pass over the fit tokens in at least `steps` minibatches of at most `batch`
-        steps_per_epoch = max(steps, math.ceil(n_fit / batch))
-        mb = max(1, n_fit // steps_per_epoch)
+        steps_per_epoch = max(steps, math.ceil(n_fit_all / batch))
+        mb = max(1, n_fit_all // steps_per_epoch)
     total = steps_per_epoch * max(epochs, 1)
     leaves = {k: params[k].requires_grad_(True) for k in trainable}
     opt = torch.optim.Adam([{"params": [leaves[k]], "lr": lr * scale[k]} for k in trainable])
@@ -200,22 +218,28 @@ def recover(
     step = 0
     recovered = None  # (loss, epoch, weights) of the best epoch >= 1, for the shrinkage
     for ep in range(epochs):
-        perm = torch.randperm(n_fit, generator=gen)
-        if steps and steps_per_epoch * mb > n_fit:  # fewer tokens than steps: several passes
-            perm = torch.cat([perm] + [torch.randperm(n_fit, generator=gen) for _ in
-                                       range(math.ceil(steps_per_epoch * mb / n_fit) - 1)])
+        perm = torch.randperm(n_fit_all, generator=gen)
+        if steps and steps_per_epoch * mb > n_fit_all:  # few tokens: several passes
+            perm = torch.cat([perm] + [torch.randperm(n_fit_all, generator=gen) for _ in
+                                       range(math.ceil(steps_per_epoch * mb / n_fit_all) - 1)])
         for i in range(steps_per_epoch):
             # cosine decay to a tenth of the rate over all epochs
             frac = 0.1 + 0.45 * (1 + math.cos(math.pi * step / total))
             for g, b in zip(opt.param_groups, base_lr):
                 g["lr"] = b * frac
             idx = perm[i * mb:(i + 1) * mb]
+            n_mb = idx.numel()
+            if shard.distributed:  # the part of the global minibatch this rank holds
+                idx = idx[(idx >= fit_lo) & (idx < fit_lo + n_fit)] - fit_lo
             aa, yy = a[idx].to(device, f32), y[idx].to(device, f32)
             with torch.enable_grad():
                 r = fwd(params, aa) - yy
-                loss = (r * r).sum() / (y_sq_fit * idx.numel())
+                loss = (r * r).sum() / (y_sq_fit * n_mb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+            if shard.distributed:
+                for k in trainable:
+                    shard.sum_(leaves[k].grad)
             opt.step()
             step += 1
         if mode == "alternating":

@@ -189,7 +189,7 @@ class SpapSolver(RefitOptions):
             epochs=self.recovery_epochs, lr=self.recovery_lr, batch=self.recovery_batch,
             mode=self.recovery, device=dev, steps=self.recovery_steps,
             patience=self.recovery_patience, shrink=_fractions(self.recovery_shrink),
-            final_refit=self.recovery_final_refit,
+            final_refit=self.recovery_final_refit, shard=problem.shard,
         )
         decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout)
         if res.shrink:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import Shard
 from ..errors import SpapError
 
 
@@ -150,3 +151,24 @@ def stats_from_activations(x: torch.Tensor, want_gram: bool = True) -> ActStats:
     acc = StatsAccumulator(x.shape[-1], want_gram, x.device)
     acc.add(x)
     return acc.result()
+
+
+def reduce_stats(stats: ActStats, shard: Shard) -> ActStats:
+    """`stats` summed over the ranks of a data-parallel run (in place; float64), so every
+    rank decides from the statistics of all calibration windows (`distributed.py`)."""
+    if not shard.distributed:
+        return stats
+    dev = stats.sum.device
+    stats.count = int(shard.sum_float(float(stats.count), dev))
+    for t in (stats.sum, stats.sqsum, stats.gram, stats.gram_heldout):
+        if t is not None:
+            shard.sum_(t)
+    d = stats.drift
+    if d is not None:
+        shard.sum_(d.cross)
+        if d.cross_heldout is not None:
+            shard.sum_(d.cross_heldout)
+        floats = torch.tensor([d.sq, d.out_sq, d.sq_heldout, d.out_sq_heldout],
+                              dtype=torch.float64, device=dev)
+        d.sq, d.out_sq, d.sq_heldout, d.out_sq_heldout = shard.sum_(floats).tolist()
+    return stats

@@ -1,10 +1,10 @@
 """Speed and memory of a pruned model against its dense base, measured side by side.
 
-Pruning MLP channels shrinks only the MLP; attention, embeddings and the LM head stay as they
-are. A report therefore needs two numbers per setting: the speedup actually measured, and the
-speedup the arithmetic allows (the "ideal"). Their ratio says how much of the theoretical gain
-the hardware and kernels deliver; the FLOP breakdown says where the part that pruning cannot
-touch goes.
+Pruning MLP channels shrinks only the MLP, and pruning attention heads only the q, k, v, o
+projections and the KV cache; embeddings and the LM head stay as they are. A report therefore
+needs two numbers per setting: the speedup actually measured, and the speedup the arithmetic
+allows (the "ideal"). Their ratio says how much of the theoretical gain the hardware and
+kernels deliver; the FLOP breakdown says where the part that pruning cannot touch goes.
 
 FLOP count (`count_flops`): `torch.utils.flop_counter.FlopCounterMode` counts the model's own
 forward, so every family transformers runs is counted without a formula per family. The forward
@@ -74,6 +74,15 @@ through /proc/self/clear_refs where Linux allows it, so a loading spike does not
 peak; elsewhere ru_maxrss (`spap.memory.process_max_rss_bytes`) is used and the run's peak is
 reported only when it exceeds the loading peak. The parent's own process-wide ru_maxrss is
 reported too, labelled as such.
+
+KV-cache memory (`kv_cache_bytes`, and `kv_cache` in every setting): what attention-head
+pruning shrinks. From the config, layers x 2 (K and V) x KV heads x head_dim x dtype bytes x
+tokens x batch, the cache when every layer keeps every token (only for families whose head
+layout spap knows, `spap.models.get_attention_adapter`; None elsewhere); and measured, the
+bytes of the K and V tensors the cache object holds after the prefill of the FLOP count
+(fake tensors: shapes only, no memory), which is smaller where sliding-window layers keep
+only their window. Both are given for the pruned and the dense model, with their ratio (the
+config's is the ideal one).
 """
 
 from __future__ import annotations
@@ -102,7 +111,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SpapError
 from ..memory import process_max_rss_bytes
-from ..models import get_adapter
+from ..models import get_adapter, get_attention_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +252,19 @@ def _bytes_read(modules: Sequence[torch.nn.Module], batch: int) -> int:
     return sum(full.values()) + sum(b for i, b in rows.items() if i not in full)
 
 
+def kv_cache_bytes(config: Any, batch: int, tokens: int, dtype_bytes: int) -> int | None:
+    """Bytes of a KV cache holding `tokens` positions of `batch` sequences in every layer:
+    layers x 2 x KV heads x head_dim x dtype bytes x tokens x batch, from the config (module
+    docstring); None for a family whose head layout spap does not know."""
+    try:
+        attn = get_attention_adapter(config)
+    except SpapError:
+        return None
+    _, n_kv, head_dim = attn.head_layout(config)
+    layers = attn.text_config(config).num_hidden_layers
+    return layers * 2 * n_kv * head_dim * dtype_bytes * tokens * batch
+
+
 def _config_dtype(config: Any) -> torch.dtype:
     dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str) and dtype != "auto":
@@ -341,6 +363,7 @@ def count_flops(
                 out = forward(tokens(prompt_len), keep)
             prefill = _components(c.get_flop_counts(), names)
             cache = _cache_of(out)
+            kv_prefill = _cache_bytes(cache)  # before the decode steps extend it
             first_step = step(cache)  # sees L + 1 keys
             second_step = step(cache) if gen_tokens > 1 else first_step  # L + 2 keys
     except SpapError:
@@ -379,6 +402,11 @@ def count_flops(
             "weights": weights,
             "kv_cache": kv,
             "total": None if kv is None else weights + kv,
+        },
+        # the cache after the prefill: measured from the cache object, and from the config
+        "kv_cache_prefill": {
+            "measured": kv_prefill,
+            "config": kv_cache_bytes(config, batch, prompt_len, first.element_size()),
         },
     }
 
@@ -745,7 +773,27 @@ def _summarise(
             ),
             "ratio": decode_speedup / decode_ideal if decode_speedup else None,
         },
+        "kv_cache": _kv_summary(prompt_len, fp["kv_cache_prefill"], fb["kv_cache_prefill"]),
         "flops": {"pruned": fp, "base": fb},
+    }
+
+
+def _kv_summary(tokens: int, pruned: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The KV cache after the prefill of both models, and the pruned / base ratios: measured,
+    and from the config (the ideal)."""
+
+    def frac(key: str) -> float | None:
+        p, b = pruned.get(key), base.get(key)
+        return p / b if p is not None and b else None
+
+    return {
+        "tokens": tokens,
+        "pruned_bytes": pruned.get("measured"),
+        "base_bytes": base.get("measured"),
+        "ratio": frac("measured"),
+        "config_pruned_bytes": pruned.get("config"),
+        "config_base_bytes": base.get("config"),
+        "ideal_ratio": frac("config"),
     }
 
 
@@ -892,6 +940,17 @@ def format_table(result: dict[str, Any]) -> str:
             f"{_fmt(tps['pruned'], '8.1f')} {_fmt(tps['base'], '8.1f')} "
             f"{_fmt(d['speedup'], '7.3f')} {d['ideal_speedup']:>6.3f} {_fmt(d['ratio'], '5.2f')} | "
             f"{100 * base_prefill['mlp'] / base_prefill['total']:>5.1f}"
+        )
+    lines += [""]
+    for s in result["settings"]:
+        kv = s.get("kv_cache")
+        if not kv or kv["pruned_bytes"] is None or kv["base_bytes"] is None:
+            continue
+        ideal = "" if kv["ideal_ratio"] is None else f", ideal {kv['ideal_ratio']:.3f}"
+        lines.append(
+            f"kv cache after prefill (batch {s['batch']}, {kv['tokens']} tokens): pruned "
+            f"{kv['pruned_bytes'] / mib:.2f} MiB, base {kv['base_bytes'] / mib:.2f} MiB, "
+            f"ratio {_fmt(kv['ratio'], '.3f')}{ideal}"
         )
     mem = result["memory"]
     lines += ["", f"memory: {mem['method']}"]

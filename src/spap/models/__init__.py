@@ -8,11 +8,14 @@ stock config holds one width, and the modeling code builds every layer from it).
 from __future__ import annotations
 
 from ..errors import SpapError
+from .attention import ATTENTION, REFUSED, AttentionAdapter
 from .base import MLPAdapter
 from .families import FAMILIES, WRAPPERS
 from .layout import Family, FamilyAdapter
 
 SUPPORTED: tuple[str, ...] = tuple(sorted({*FAMILIES, *WRAPPERS}))
+#: model_types whose attention heads can be pruned (a wrapper: where its language model's can)
+HEADS_SUPPORTED: tuple[str, ...] = tuple(sorted({*ATTENTION, *WRAPPERS}))
 
 # Expert counts of mixture-of-experts configs. Only a count above one refuses a config: some
 # dense checkpoints carry the field with value 1 (MoE families whose default is one expert
@@ -64,6 +67,34 @@ def get_adapter(config) -> MLPAdapter:
     )
 
 
+def get_attention_adapter(config) -> AttentionAdapter:
+    """The attention adapter of `config`'s family, for head pruning; SpapError naming the
+    reason (and the supported types) where its heads cannot be pruned and saved."""
+    model_type = getattr(config, "model_type", None)
+    text = getattr(config, "text_config", None)
+    text_type = getattr(text, "model_type", None)
+    if model_type in ATTENTION:
+        adapter = AttentionAdapter(model_type, ATTENTION[model_type],
+                                   FAMILIES[model_type].layers)
+    elif model_type in WRAPPERS and text_type in ATTENTION:
+        adapter = AttentionAdapter(model_type, ATTENTION[text_type], WRAPPERS[model_type],
+                                   wrapped=True)
+    else:
+        why = REFUSED.get(text_type if model_type in WRAPPERS else model_type)
+        raise SpapError(
+            f"attention-head pruning does not support model_type '{model_type}'"
+            f"{': ' + why if why else ''}; supported: {', '.join(HEADS_SUPPORTED)}"
+        )
+    c = adapter.text_config(config)
+    for flag, why in adapter.attn.refuse_if:
+        if getattr(c, flag, False):
+            raise SpapError(
+                f"attention-head pruning does not support model_type '{model_type}' with "
+                f"{flag}=True: {why}; supported: {', '.join(HEADS_SUPPORTED)}"
+            )
+    return adapter
+
+
 def markdown() -> str:
     """The README's "Supported families" paragraph, generated from the table."""
     rows: dict[tuple[str, str], list[str]] = {}
@@ -91,5 +122,6 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["FAMILIES", "SUPPORTED", "WRAPPERS", "Family", "MLPAdapter", "get_adapter",
+__all__ = ["ATTENTION", "FAMILIES", "HEADS_SUPPORTED", "SUPPORTED", "WRAPPERS",
+           "AttentionAdapter", "Family", "MLPAdapter", "get_adapter", "get_attention_adapter",
            "markdown"]

@@ -46,14 +46,15 @@ def run_ranks(world: int, tmp_path: Path, job, *args) -> list:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def _prune_tiny(family: str, method: str, options: dict, n_windows: int = N_WINDOWS):
+def _prune_tiny(family: str, method: str, options: dict, settings: dict | None = None,
+                n_windows: int = N_WINDOWS):
     import spap
 
     model = tiny_model(family)
     calib = random_ids(n_windows, SEQLEN, seed=1)
     probe = random_ids(4, SEQLEN, seed=2)
     res = spap.prune(model, calib_ids=calib, probe_ids=probe, sparsity=0.5, method=method,
-                     method_options=options, batch_size=1)
+                     method_options=options, batch_size=1, **(settings or {}))
     with torch.no_grad():
         logits = model(random_ids(2, SEQLEN, seed=3)).logits
     return {"keeps": [r.keep for r in res.layers],
@@ -82,6 +83,7 @@ CASES = [
     ("llama", "obs", {"refit": "ridge"}),  # the held-out ridge from the summed Grams
     ("opt", "spap", {}),  # not gated, biases
     ("opt", "wanda-sp", {}),
+    ("llama", "obs", {}, {"heads": 0.5}),  # heads too: their Gram summed, their cut broadcast
 ]
 
 
@@ -95,10 +97,11 @@ def two_ranks(tmp_path_factory):
     return run_ranks(2, tmp_path_factory.mktemp("two"), _all_cases)
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=["-".join(c[:2]) for c in CASES])
+@pytest.mark.parametrize("case", range(len(CASES)), ids=["-".join(c[:2]) + ("-heads" if len(c) > 3 else "")
+                              for c in CASES])
 def test_two_ranks_equal_one_process(two_ranks, case):
-    family, method, options = CASES[case]
-    one = _prune_tiny(family, method, options)
+    one = _prune_tiny(*CASES[case])
+    method = CASES[case][1]
     ranks = [r[case] for r in two_ranks]
     for r in ranks:
         _same(r, one)

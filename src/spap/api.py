@@ -23,17 +23,18 @@ import torch
 from .config import PruneConfig
 from .data import calibration_ids, given_ids_description, probe_description
 from .distributed import current, init_from_env
-from .driver.pipeline import prune_layers
+from .driver.pipeline import head_plan, prune_layers
 from .driver.records import LayerRecord
 from .driver.stores import IN_MODEL, FromCheckpoint, LayerSource, ToRunFolder
+from .driver.head_surgery import add_missing_attention_biases, commit_head_counts
 from .driver.surgery import add_missing_biases
 from .errors import SpapError
 from .memory import MemoryMonitor
 from .modelio.identity import identity_in_memory
 from .modelio.loading import resolve_device
 from .modelio.runfolder import RunFolder, partial_dir, run_identity
-from .models import get_adapter
-from .report import count_params, prune_report
+from .models import get_adapter, get_attention_adapter
+from .report import count_non_embedding, count_params, prune_report
 from .solvers import get_solver, solver_options
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, probe_ids=None, 
               else torch.device(resolve_device(str(cfg.device))))
     dtype = str(model.dtype).replace("torch.", "")
     dense = {"params": count_params(model), "width": adapter.width(model.config),
-             "dtype": dtype}
+             "dtype": dtype, "params_non_embedding": count_non_embedding(model)}
     sink = IN_MODEL
     if run_dir is not None:
         settings = {
@@ -195,6 +196,10 @@ def _set_width(model, adapter, records: list[LayerRecord], cfg: PruneConfig,
     """The config's MLP width after the cut (and the zero biases a saved config implies)."""
     if not unsaveable:  # in memory, nn.Linear uses a bias without any config flag
         add_missing_biases(model, adapter)
+    if cfg.prunes_heads:  # the cut head counts (uniform: the same keep in every layer)
+        attn = get_attention_adapter(model.config)
+        add_missing_attention_biases(model, attn)
+        commit_head_counts(model, attn)
     widths = {r.kept for r in records}
     if cfg.layer_limit is None or cfg.layer_limit >= len(adapter.layers(model)):
         if len(widths) != 1:  # a uniform ratio gives one width; stock configs need it
@@ -229,6 +234,8 @@ def prune_to_disk(model: str, out: str | os.PathLike, sparsity: float | None = N
     from .modelio.loading import load_model
 
     model_obj, tok, src = load_model(model, cfg.dtype, cfg.device)
+    if cfg.prunes_heads:  # refused before any long work
+        head_plan(model_obj, cfg)
     timings = {"load_s": time.perf_counter() - t_start}
     ev: dict[str, Any] = {}
     if cfg.evaluate:
@@ -267,6 +274,8 @@ def _low_memory(spec: str, out: Path, cfg: PruneConfig, run_dir: Path,
     from .modelio.shards import write_sharded
 
     lazy = open_lazy(spec, cfg.dtype, cfg.device)
+    if cfg.prunes_heads:
+        head_plan(lazy.model, cfg)
     layers = get_adapter(lazy.model.config).layers(lazy.model)
     timings = {"load_s": time.perf_counter() - t_start}
     params_dense = count_params(lazy.model)

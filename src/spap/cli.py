@@ -37,6 +37,20 @@ def _add_shape_flags(p: argparse.ArgumentParser) -> None:
                    help="round the kept width to a multiple (8, 64, 128) for fast kernels")
 
 
+def _add_head_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heads", type=float, default=0.0,
+                   help="fraction of the query heads removed from every KV group of every "
+                        "layer (0: none), before the MLP; the KV cache keeps its size")
+    p.add_argument("--kv-groups", type=float, default=0.0,
+                   help="fraction of whole KV heads removed with their query heads (0: "
+                        "none): shrinks the KV cache; needs more than one KV group")
+    p.add_argument("--head-method", default="obs",
+                   help="head decision: obs (default: least squares over head blocks, o_proj "
+                        "refit with the held-out ridge), wanda-sp, flap, magnitude")
+    p.add_argument("--head-option", action="append", metavar="KEY=VALUE",
+                   help="head option, repeatable (e.g. --head-option refit=exact)")
+
+
 def _add_eval_window_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (2048)")
     p.add_argument("--eval-windows", type=int, default=None,
@@ -65,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spap (default), obs, fasp, flap, wanda-sp, magnitude")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="method option, repeatable (e.g. --option recovery=none)")
+    _add_head_flags(p)
     _add_calib_flags(p)
     _add_model_flags(p)
     _add_shape_flags(p)
@@ -190,6 +205,7 @@ def prune_config(args):
     names = {f.name for f in dataclasses.fields(PruneConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
     given["method_options"] = parse_options(args.option)
+    given["head_options"] = parse_options(getattr(args, "head_option", None))
     given["resume"] = True if args.resume else (False if args.restart else None)
     return PruneConfig.build(**given, progress=True)
 

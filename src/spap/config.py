@@ -42,6 +42,12 @@ class PruneConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     round_to: int = 1
     layer_limit: int | None = None  # prune only the first N layers (smoke runs)
+    # attention: the fraction of query heads removed in every KV group, and of whole KV
+    # groups (with their query heads); the head decision's method and its options
+    heads: float = 0.0
+    kv_groups: float = 0.0
+    head_method: str = "obs"
+    head_options: dict[str, Any] = field(default_factory=dict)
     # calibration windows (see CalibConfig)
     calib: str = "wiki-offline"
     nsamples: int = 128
@@ -72,7 +78,12 @@ class PruneConfig:
         base = config if config is not None else cls()
         out = dataclasses.replace(base, **settings)
         out.method_options = dict(out.method_options or {})
+        out.head_options = dict(out.head_options or {})
         return out
+
+    @property
+    def prunes_heads(self) -> bool:
+        return bool(self.heads) or bool(self.kv_groups)
 
     @property
     def calibration(self) -> CalibConfig:
@@ -82,6 +93,14 @@ class PruneConfig:
         s = self.sparsity
         if not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s < 1:
             raise SpapError(f"--sparsity must be in [0, 1), got {s}; e.g. --sparsity 0.3")
+        for name in ("heads", "kv_groups"):
+            x = getattr(self, name)
+            if not isinstance(x, (int, float)) or not math.isfinite(x) or not 0 <= x < 1:
+                raise SpapError(f"--{name.replace('_', '-')} must be in [0, 1), got {x}; e.g. "
+                                f"--{name.replace('_', '-')} 0.25")
+        if self.prunes_heads and self.layer_limit is not None:
+            raise SpapError("head pruning changes the config's head counts, which every layer "
+                            "must share: it cannot be combined with a layer limit")
         if self.round_to < 1:
             raise SpapError(
                 f"--round-to must be a positive multiple such as 8, 64 or 128, got {self.round_to}"

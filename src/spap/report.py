@@ -15,6 +15,27 @@ def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_non_embedding(model) -> int:
+    """Parameters outside the token embeddings and the output head (counted once when tied)."""
+    skip = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+            if m is not None for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def _heads(records: list[LayerRecord], cfg: PruneConfig) -> dict[str, Any] | None:
+    """Query and KV heads per layer before and after (uniform), and the head decision."""
+    rec = next((r.heads for r in records if r.heads is not None), None)
+    if rec is None:
+        return None
+    return {"heads_requested": cfg.heads, "kv_groups_requested": cfg.kv_groups,
+            "method": cfg.head_method, "options": cfg.head_options,
+            "heads_before": rec["heads_before"], "heads_after": len(rec["kept_heads"]),
+            "kv_heads_before": rec["kv_heads_before"],
+            "kv_heads_after": len(rec["kept_kv_heads"]), "head_dim": rec["head_dim"],
+            "layer_error_mean": _mean([r.heads["rel_error"] for r in records
+                                       if r.heads is not None])}
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / max(len(values), 1)
 
@@ -26,6 +47,7 @@ def prune_report(cfg: PruneConfig, options: dict[str, Any], model, adapter,
     saveable, device, memory, resumed_from_layer, distributed (world size, every rank's
     share), calibration, probe and timings."""
     params_after = count_params(model)
+    non_emb_after = count_non_embedding(model)
     removed = sum(r.width_before - r.kept for r in records)
     total = sum(r.width_before for r in records) or 1
     heldout = [r.rel_error_heldout for r in records if r.rel_error_heldout is not None]
@@ -39,6 +61,11 @@ def prune_report(cfg: PruneConfig, options: dict[str, Any], model, adapter,
         "params_before": dense["params"],
         "params_after": params_after,
         "params_removed_frac": 1 - params_after / dense["params"],
+        "params_non_embedding_before": dense["params_non_embedding"],
+        "params_non_embedding_after": non_emb_after,
+        "params_non_embedding_removed_frac":
+            1 - non_emb_after / max(dense["params_non_embedding"], 1),
+        "heads": _heads(records, cfg),
         "model": {
             "model_type": model.config.model_type,
             "width_key": adapter.width_key,

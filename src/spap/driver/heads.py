@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import LOCAL, Shard
 from ..errors import SpapError
 from ..models.attention import AttentionAdapter
 from ..solvers.heads import HeadLayout, HeadProblem, HeadSolver
-from ..solvers.stats import ActStats, StatsAccumulator
+from ..solvers.stats import ActStats, StatsAccumulator, reduce_stats
 from .head_surgery import cut_heads, zero_heads
 
 Batch = tuple[torch.Tensor, tuple, dict]
@@ -72,13 +73,15 @@ def prune_layer_heads(
     solver: HeadSolver | None = None,
     heldout_batches: int = 0,
     index: int | None = None,
+    shard: Shard = LOCAL,
 ) -> dict[str, Any]:
     """Prune `layer`'s attention heads in place and return its JSON-able record.
 
     `keep_per_group` query heads are kept in each of `kv_keep` KV groups (None: all, so
     `solvers.heads.keep_counts` turns --heads / --kv-groups fractions into these). `config` is
     the model's config (for head_dim; the layer's counts are read from its weights). Keeping
-    everything leaves the layer untouched, bit for bit, and runs nothing.
+    everything leaves the layer untouched, bit for bit, and runs nothing. In a data-parallel
+    run (`shard`) the statistics are summed over ranks and rank 0's decision is used by all.
     """
     solver = solver or HeadSolver()
     solver.check()
@@ -98,13 +101,17 @@ def prune_layer_heads(
     if solver.adds_o_bias and o.bias is None and not attn.can_add_o_bias(config):
         raise SpapError(f"flap's bias compensation needs an o_proj bias, which model_type "
                         f"'{attn.model_type}' cannot save; use bias=False")
-    stats = collect_o_stats(attn, layer, batches, heldout_batches)
+    stats = reduce_stats(collect_o_stats(attn, layer, batches, heldout_batches), shard)
     t1 = time.perf_counter()
     problem = HeadProblem(
         w_o=o.weight.to(torch.float64), stats=stats, layout=layout,
         b_o=o.bias.to(torch.float64) if o.bias is not None else None,
     )
     decision = solver.solve(problem, kpg, kvk)
+    if shard.distributed:  # every rank cuts the same heads with the same weights
+        for t in (decision.keep_heads, decision.keep_kv, decision.w_o, decision.b_o):
+            if t is not None:
+                shard.broadcast_(t)
     del problem, stats
     t2 = time.perf_counter()
     cut_heads(attn, layer, config, decision)

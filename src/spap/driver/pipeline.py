@@ -41,10 +41,12 @@ from rank 0, so every rank's model stays the same model. With one process nothin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,10 +56,13 @@ from ..config import PruneConfig
 from ..data import heldout_windows
 from ..distributed import LOCAL, Shard
 from ..errors import SpapError
+from ..models import get_attention_adapter
 from ..models.base import MLPAdapter
 from ..solvers.base import LayerProblem, Solver
+from ..solvers.heads import HeadLayout, HeadSolver, keep_counts
 from ..solvers.stats import DriftAccumulator, StatsAccumulator, reduce_stats
 from .activations import ActivationStore, choose_offload, tensor_bytes
+from .heads import prune_layer_heads
 from .records import LayerRecord, n_keep_for
 from .stores import IN_MODEL, LayerSink, LayerSource
 from .surgery import apply_decision
@@ -228,6 +233,11 @@ def prune_layers(
             raise SpapError("resuming a run that carries the dense model's hidden states "
                             "(recovery_target=model or refit_target=drift) is not supported; "
                             "rerun with --restart")
+        heads = head_plan(model, settings) if settings.prunes_heads else None
+        if heads is not None and dense is not None:
+            raise SpapError("head pruning is not combined with a target from the dense "
+                            "model's hidden states (recovery_target=model or "
+                            "refit_target=drift); use the layer target")
         records = []
         limit = settings.layer_limit
         todo = len(layers) if limit is None else min(limit, len(layers))
@@ -240,6 +250,8 @@ def prune_layers(
             done_before = i < len(finished)
             if done_before:
                 sink.restore(i, layers[i])
+                if heads is not None:  # its tensors are cut; its attention module learns so
+                    heads.attn.sync_module_counts(layers[i], model.config)
             else:
                 source.load(i, layers[i])
             layer = layers[i].to(device)
@@ -249,11 +261,18 @@ def prune_layers(
                 if probes is not None:
                     _propagate(layer, probes)
             else:
+                head_rec = None
+                if heads is not None:  # attention first: the MLP then sees its new output
+                    head_rec = prune_layer_heads(
+                        heads.attn, layer, batches, model.config,
+                        keep_per_group=heads.keep_per_group, kv_keep=heads.kv_keep,
+                        solver=heads.solver, heldout_batches=heldout[0], index=i, shard=shard)
                 # the drift target's premise is checked once, on the first layer it is used
                 check = drift and not any(r.kept < r.width_before for r in records)
                 rec, batches, probes = _prune_one(adapter, layer, i, batches, solver,
                                                   settings.sparsity, settings.round_to, probes,
                                                   heldout, dense, drift, check, shard)
+                rec.heads = head_rec
             layers[i].to(home)
             if not done_before:
                 sink.save(i, layers[i], rec)
@@ -292,6 +311,35 @@ def _propagate(layer, batches):
         else:
             batches[j] = (out, args, kwargs)
     return batches
+
+
+@dataclass
+class HeadPlan:
+    """What every layer's head step does: the family's attention adapter, the query heads
+    kept per KV group and the KV groups kept, and the head solver."""
+
+    attn: Any
+    keep_per_group: int
+    kv_keep: int
+    solver: HeadSolver
+
+
+def head_plan(model, settings: PruneConfig) -> HeadPlan:
+    """The head step of `settings` for `model`; SpapError for a family without prunable
+    heads, fractions that remove nothing or too much, or unknown head options."""
+    attn = get_attention_adapter(model.config)
+    kpg, kvk = keep_counts(HeadLayout(*attn.head_layout(model.config)), settings.heads,
+                           settings.kv_groups)
+    # the shared refit, its ridge chosen on the held-out windows, unless told otherwise
+    options = {"refit": "ridge", **settings.head_options}
+    try:
+        solver = HeadSolver(method=settings.head_method, **options)
+    except TypeError:
+        known = sorted(f.name for f in dataclasses.fields(HeadSolver) if f.name != "method")
+        raise SpapError(f"unknown head option(s) {', '.join(sorted(options))}; the head "
+                        f"options are {', '.join(known)}") from None
+    solver.check()
+    return HeadPlan(attn, kpg, kvk, solver)
 
 
 def _shares(shard: Shard, fit: torch.Tensor,

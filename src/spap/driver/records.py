@@ -17,6 +17,8 @@ class LayerRecord:
     keep: list[int] = field(default_factory=list)
     # the same ratio on the probe windows (never fitted on); None when no probes were given
     rel_error_heldout: float | None = None
+    # the attention heads pruned before the MLP (driver/heads.py's record); None when none
+    heads: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

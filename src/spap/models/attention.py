@@ -256,6 +256,12 @@ class AttentionAdapter:
         _slice_norm(_find(layer, self.attn.k_norm), groups, n_kv, hd)
         self._set_module_counts(layer, heads.numel(), groups.numel())
 
+    def sync_module_counts(self, layer, config) -> None:
+        """Tell the layer's attention module the head counts its weights now have (a layer
+        whose cut tensors were loaded from a resume folder)."""
+        n_heads, n_kv, _ = self.layer_layout(layer, config)
+        self._set_module_counts(layer, n_heads, n_kv)
+
     def _set_module_counts(self, layer, n_heads: int, n_kv: int) -> None:
         mod = self.module(layer)
         value = {"heads": n_heads, "kv": n_kv, "group": n_heads // n_kv}

@@ -97,8 +97,10 @@ def two_ranks(tmp_path_factory):
     return run_ranks(2, tmp_path_factory.mktemp("two"), _all_cases)
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=["-".join(c[:2]) + ("-heads" if len(c) > 3 else "")
-                              for c in CASES])
+CASE_IDS = ["-".join(c[:2]) + ("-heads" if len(c) > 3 else "") for c in CASES]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
 def test_two_ranks_equal_one_process(two_ranks, case):
     one = _prune_tiny(*CASES[case])
     method = CASES[case][1]

@@ -10,13 +10,20 @@ import pytest
 import torch
 
 import spap
-from conftest import random_ids, run_cli, tiny_model
+from conftest import TEXT, random_ids, run_cli, tiny_model
 from spap.api import prune_to_disk
 from spap.driver.head_surgery import zero_heads
 from spap.errors import SpapError
-from spap.models import get_attention_adapter
 from spap.modelio.runfolder import partial_dir
-from test_large import SETTINGS, calib_file, interrupt_at, saved  # noqa: F401 (fixture)
+from spap.models import get_attention_adapter
+from test_large import SETTINGS, interrupt_at, saved
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text("\n\n".join(f"{i}. {TEXT * 4}" for i in range(40)))
+    return p
 
 
 def _logits(model, ids):

@@ -23,10 +23,10 @@ import torch
 from .config import PruneConfig
 from .data import calibration_ids, given_ids_description, probe_description
 from .distributed import current, init_from_env
+from .driver.head_surgery import add_missing_attention_biases, commit_head_counts
 from .driver.pipeline import head_plan, prune_layers
 from .driver.records import LayerRecord
 from .driver.stores import IN_MODEL, FromCheckpoint, LayerSource, ToRunFolder
-from .driver.head_surgery import add_missing_attention_biases, commit_head_counts
 from .driver.surgery import add_missing_biases
 from .errors import SpapError
 from .memory import MemoryMonitor

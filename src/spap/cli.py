@@ -334,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except SpapError as e:
-        print(f"spap: error: {e}", file=sys.stderr)
+        from .distributed import current
+
+        if current().is_main:  # under torchrun every rank refuses alike: one says so
+            print(f"spap: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("spap: interrupted", file=sys.stderr)

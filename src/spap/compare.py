@@ -15,6 +15,9 @@ overfit its calibration windows; only the held-out error shows it.
 
 A method is named in `--methods` as `method`, or as a variant `name=method:key=val;key=val`
 (e.g. `spap-fast=spap:recovery=none`) so the same method can appear with different options.
+The keys `heads`, `kv_groups`, `head_method` and `head.<option>` set the variant's attention
+pruning instead (e.g. `obs-h33=obs:refit=ridge;heads=0.34;head_method=wanda-sp`), so head
+decisions compare on the same tokens too.
 """
 
 from __future__ import annotations
@@ -45,6 +48,28 @@ class Variant:
     name: str
     method: str
     options: dict[str, Any] = field(default_factory=dict)
+    # run settings beside the method's options: heads, kv_groups, head_method, head_options
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+#: variant keys that are run settings (PruneConfig fields), not method options
+RUN_KEYS = ("heads", "kv_groups", "head_method")
+HEAD_PREFIX = "head."
+
+
+def _split_settings(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(method options, run settings) of a variant's keys."""
+    opts, settings, head = {}, {}, {}
+    for k, v in options.items():
+        if k in RUN_KEYS:
+            settings[k] = v
+        elif k.startswith(HEAD_PREFIX):
+            head[k[len(HEAD_PREFIX):]] = v
+        else:
+            opts[k] = v
+    if head:
+        settings["head_options"] = head
+    return opts, settings
 
 
 def parse_variants(spec: str | None, option_items: list[str] | None = None) -> list[Variant]:
@@ -94,8 +119,13 @@ def parse_variants(spec: str | None, option_items: list[str] | None = None) -> l
     for name, method, inline in parsed:
         options = {**extra.get(method, {}), **(extra.get(name, {}) if name != method else {}),
                    **inline}
+        options, settings = _split_settings(options)
         get_solver(method, **options)  # unknown method or option: SpapError naming the choices
-        out.append(Variant(name, method, options))
+        if settings:
+            from .config import PruneConfig
+
+            PruneConfig.build(**settings).validate()
+        out.append(Variant(name, method, options, settings))
     return out
 
 
@@ -231,7 +261,8 @@ def compare(
         },
         "dense": {"params": dense_params,
                   "seconds_eval": d["seconds"]},
-        "variants": [{"name": v.name, "method": v.method, "options": v.options}
+        "variants": [{"name": v.name, "method": v.method, "options": v.options,
+                      **({"settings": v.settings} if v.settings else {})}
                      for v in variants],
         "sparsities": sparsities,
         "records": [],
@@ -256,7 +287,7 @@ def compare(
             pr = prune(m, tokenizer, s, method=v.method, method_options=v.options,
                        calib_ids=calib_ids, device=device, batch_size=batch_size,
                        round_to=round_to, progress=progress, allow_unsaveable=True,
-                       probe_ids=probe_ids)
+                       probe_ids=probe_ids, **v.settings)
             seconds = time.perf_counter() - t0
             ev = score(m)
             saved = None
@@ -278,6 +309,8 @@ def compare(
                 "dense_ppl": result["dense_ppl"],
                 "gap": finite_or_none(ev["ppl"] - d["ppl"]),
                 "params_removed_frac": rep["params_removed_frac"],
+                "params_non_embedding_removed_frac": rep["params_non_embedding_removed_frac"],
+                "heads": rep.get("heads"),
                 "sparsity_achieved": rep["sparsity_achieved"],
                 "width_after": rep["model"]["width_after"],
                 "saveable": rep.get("saveable", True),

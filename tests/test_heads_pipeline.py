@@ -134,3 +134,41 @@ def test_head_settings_are_checked():
     with pytest.raises(SpapError, match="dense model's hidden states"):
         spap.prune(tiny_model("llama"), calib_ids=random_ids(8, 16), heads=0.5,
                    method="obs", method_options={"refit": "ridge", "refit_target": "drift"})
+
+
+def test_heldout_head_error_on_probes_equal_to_calibration_is_the_in_sample_error():
+    # probes that are the calibration windows themselves: the held-out error of each layer's
+    # head step must then be its in-sample error (the same tokens, the same formula; the
+    # exact refit's in-sample Gram is over all 8 windows)
+    ids = random_ids(8, 24, seed=1)
+    model = tiny_model("llama")
+    res = spap.prune(model, calib_ids=ids, probe_ids=ids, sparsity=0.0, heads=0.5,
+                     head_options={"refit": "exact"}, batch_size=2)
+    for rec in res.layers:
+        assert rec.heads["rel_error"] > 0
+        # (the probes are batched otherwise: float32 per-batch Grams, summed in float64)
+        assert rec.heads["rel_error_heldout"] == pytest.approx(rec.heads["rel_error"],
+                                                               rel=1e-4)
+    assert res.report["heads"]["layer_error_heldout_mean"] == pytest.approx(
+        res.report["heads"]["layer_error_mean"], rel=1e-4)
+
+
+def test_compare_runs_head_variants_on_the_same_tokens(tmp_path):
+    from spap.compare import compare, parse_variants
+
+    variants = parse_variants("obs-h=obs:heads=0.5;head.refit=exact,"
+                              "wanda-h=obs:heads=0.5;head_method=wanda-sp")
+    assert variants[0].settings == {"heads": 0.5, "head_options": {"refit": "exact"}}
+    assert variants[1].options == {} and variants[1].settings["head_method"] == "wanda-sp"
+    ids = random_ids(16, 24, seed=1)
+    from conftest import byte_tokenizer
+
+    result = compare(tiny_model("llama"), byte_tokenizer(), variants, [0.0], calib_ids=ids,
+                     eval_stream=random_ids(1, 200, seed=4)[0], eval_seqlen=24,
+                     probe_ids=random_ids(4, 24, seed=2))
+    recs = {r["method"]: r for r in result["records"]}
+    for r in recs.values():
+        assert r["heads"]["heads_after"] == 2 and r["params_non_embedding_removed_frac"] > 0
+    assert recs["wanda-h"]["heads"]["method"] == "wanda-sp"
+    with pytest.raises(SpapError, match="--heads must be in"):
+        parse_variants("x=obs:heads=2")

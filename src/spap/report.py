@@ -33,7 +33,10 @@ def _heads(records: list[LayerRecord], cfg: PruneConfig) -> dict[str, Any] | Non
             "kv_heads_before": rec["kv_heads_before"],
             "kv_heads_after": len(rec["kept_kv_heads"]), "head_dim": rec["head_dim"],
             "layer_error_mean": _mean([r.heads["rel_error"] for r in records
-                                       if r.heads is not None])}
+                                       if r.heads is not None]),
+            "layer_error_heldout_mean": (
+                _mean([r.heads["rel_error_heldout"] for r in records if r.heads is not None])
+                if rec.get("rel_error_heldout") is not None else None)}
 
 
 def _mean(values: list[float]) -> float:

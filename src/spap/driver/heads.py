@@ -23,7 +23,7 @@ from torch import nn
 from ..distributed import LOCAL, Shard
 from ..errors import SpapError
 from ..models.attention import AttentionAdapter
-from ..solvers.heads import HeadLayout, HeadProblem, HeadSolver
+from ..solvers.heads import HeadLayout, HeadProblem, HeadSolver, decision_error
 from ..solvers.stats import ActStats, StatsAccumulator, reduce_stats
 from .head_surgery import cut_heads, zero_heads
 
@@ -74,6 +74,7 @@ def prune_layer_heads(
     heldout_batches: int = 0,
     index: int | None = None,
     shard: Shard = LOCAL,
+    probes: Sequence[Batch] | None = None,
 ) -> dict[str, Any]:
     """Prune `layer`'s attention heads in place and return its JSON-able record.
 
@@ -82,6 +83,8 @@ def prune_layer_heads(
     the model's config (for head_dim; the layer's counts are read from its weights). Keeping
     everything leaves the layer untouched, bit for bit, and runs nothing. In a data-parallel
     run (`shard`) the statistics are summed over ranks and rank 0's decision is used by all.
+    `probes` (held-out windows that enter no statistic of the decision) give the record a
+    held-out error, `rel_error_heldout`, of the attention output.
     """
     solver = solver or HeadSolver()
     solver.check()
@@ -97,11 +100,14 @@ def prune_layer_heads(
     if kpg == layout.group_size and kvk == layout.n_kv:
         return {**record, "kept_heads": list(range(layout.n_heads)),
                 "kept_kv_heads": list(range(layout.n_kv)), "rel_error": 0.0,
+                "rel_error_heldout": 0.0 if probes is not None else None,
                 "seconds": {"collect": 0.0, "solve": 0.0, "cut": 0.0}, "info": {}}
     if solver.adds_o_bias and o.bias is None and not attn.can_add_o_bias(config):
         raise SpapError(f"flap's bias compensation needs an o_proj bias, which model_type "
                         f"'{attn.model_type}' cannot save; use bias=False")
     stats = reduce_stats(collect_o_stats(attn, layer, batches, heldout_batches), shard)
+    held = (reduce_stats(collect_o_stats(attn, layer, probes), shard) if probes is not None
+            else None)
     t1 = time.perf_counter()
     problem = HeadProblem(
         w_o=o.weight.to(torch.float64), stats=stats, layout=layout,
@@ -112,7 +118,8 @@ def prune_layer_heads(
         for t in (decision.keep_heads, decision.keep_kv, decision.w_o, decision.b_o):
             if t is not None:
                 shard.broadcast_(t)
-    del problem, stats
+    heldout_error = decision_error(problem, decision, held) if held is not None else None
+    del problem, stats, held
     t2 = time.perf_counter()
     cut_heads(attn, layer, config, decision)
     t3 = time.perf_counter()
@@ -122,6 +129,7 @@ def prune_layer_heads(
         "kept_heads": decision.keep_heads.tolist(),
         "kept_kv_heads": decision.keep_kv.tolist(),
         "rel_error": float(decision.info.get("rel_error", 0.0)),
+        "rel_error_heldout": heldout_error,
         "seconds": {"collect": t1 - t0, "solve": t2 - t1, "cut": t3 - t2},
         "info": info,
     }

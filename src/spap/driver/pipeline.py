@@ -266,7 +266,8 @@ def prune_layers(
                     head_rec = prune_layer_heads(
                         heads.attn, layer, batches, model.config,
                         keep_per_group=heads.keep_per_group, kv_keep=heads.kv_keep,
-                        solver=heads.solver, heldout_batches=heldout[0], index=i, shard=shard)
+                        solver=heads.solver, heldout_batches=heldout[0], index=i, shard=shard,
+                        probes=probes)
                 # the drift target's premise is checked once, on the first layer it is used
                 check = drift and not any(r.kept < r.width_before for r in records)
                 rec, batches, probes = _prune_one(adapter, layer, i, batches, solver,

@@ -165,6 +165,20 @@ class HeadDecision:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def decision_error(problem: HeadProblem, decision: HeadDecision, stats: ActStats) -> float:
+    """||o_new(x) - o_dense(x)||^2 / ||o_dense(x)||^2 over the tokens whose o_proj-input
+    statistics are `stats` (the calibration ones, or held-out probe windows'), from their
+    Gram (and their mean where the decision shifts the bias)."""
+    w0 = problem.w_o.to(torch.float64)
+    lay = problem.layout
+    cols = lay.columns(decision.keep_heads).to(w0.device)
+    w = decision.w_o.to(w0)
+    if decision.b_o is None:
+        return relative_error(w0, scatter_columns(w, cols, lay.width), stats.gram.to(w0))
+    shift = decision.b_o.to(w0) - (problem.b_o.to(w0) if problem.b_o is not None else 0)
+    return _rel_error_with_shift(w0, w, cols, shift, stats)
+
+
 def _check_keep(layout: HeadLayout, keep_per_group: int, kv_keep: int) -> None:
     if not 1 <= kv_keep <= layout.n_kv:
         raise SpapError(f"cannot keep {kv_keep} of {layout.n_kv} KV groups: keep at least one")
@@ -367,11 +381,10 @@ class HeadSolver(RefitOptions):
                 shift = w0[:, pruned] @ stats.mean.to(w0)[pruned]  # (m,) W_P mean(X_P)
                 b_new = shift if problem.b_o is None else problem.b_o.to(w0) + shift
                 info["bias_compensation"] = True
+        decision = HeadDecision(keep_heads=keep, keep_kv=keep_kv, w_o=w, b_o=b_new, info=info)
         if gram is not None:
-            info["rel_error"] = (
-                relative_error(w0, scatter_columns(w, cols, lay.width), gram.to(w0))
-                if shift is None else _rel_error_with_shift(w0, w, cols, shift, stats))
-        return HeadDecision(keep_heads=keep, keep_kv=keep_kv, w_o=w, b_o=b_new, info=info)
+            info["rel_error"] = decision_error(problem, decision, stats)
+        return decision
 
     def _decide(self, w0, stats, h_damped, lay, kpg, kvk, info):
         """Sorted kept heads, and the OBS-compensated kept columns where greedy OBS made

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -103,8 +104,68 @@ def prune(model, tokenizer=None, sparsity: float | None = None, *,
     memory (`spap compare` measures it that way) and the report says `"saveable": false`.
     """
     cfg = _settings(config, sparsity, settings)
-    return _run(model, tokenizer, cfg, calib_ids=calib_ids, probe_ids=probe_ids,
-                run_dir=checkpoint_dir, allow_unsaveable=allow_unsaveable)
+    budget = None
+    if cfg.params is not None:
+        if calib_ids is None:  # every candidate and the final run share these windows
+            if tokenizer is None:
+                raise SpapError("pass a tokenizer or calib_ids to draw calibration data")
+            calib_ids = calibration_ids(tokenizer, cfg.calibration)[0]
+        cfg, budget = choose_split(model, cfg, calib_ids)
+    result = _run(model, tokenizer, cfg, calib_ids=calib_ids, probe_ids=probe_ids,
+                  run_dir=checkpoint_dir, allow_unsaveable=allow_unsaveable)
+    if budget is not None:
+        result.report["params_target"] = budget
+    return result
+
+
+def choose_split(model, cfg: PruneConfig, calib_ids: torch.Tensor | None
+                 ) -> tuple[PruneConfig, dict[str, Any]]:
+    """The settings that remove `cfg.params` of the parameters (`driver.budget`), and what
+    was chosen how. With several candidate splits (`params_split="auto"`), each prunes a copy
+    of `model` on `calib_ids` and the one with the lowest perplexity on the held-out
+    calibration windows (the last 1/8: they choose, as the ridge and the recovery length are
+    chosen, and fit nothing) wins; `model` itself is left as it is."""
+    import copy
+
+    from .data import heldout_windows
+    from .driver.budget import candidate_splits
+    from .eval.ppl import nll_of_windows
+
+    cands = candidate_splits(model, get_adapter(model.config), cfg.params, cfg.params_of,
+                             cfg.params_split)
+    info: dict[str, Any] = {"params": cfg.params, "of": cfg.params_of,
+                            "split": cfg.params_split,
+                            "candidates": [c.to_json() for c in cands]}
+    if len(cands) > 1:
+        if calib_ids is None:
+            raise SpapError("--params-split auto prunes a copy of the model for every split, "
+                            "which --low-memory avoids; choose --params-split mlp, heads or kv")
+        n_held = heldout_windows(calib_ids.shape[0])
+        if n_held < 1:
+            raise SpapError("--params-split auto chooses on the held-out calibration windows; "
+                            "use --nsamples 2 or more, or choose --params-split mlp, heads "
+                            "or kv")
+        shard = current()
+        held = calib_ids[calib_ids.shape[0] - n_held:]
+        held = held[shard.share(held.shape[0])]
+        device = (next(model.parameters()).device if cfg.device is None
+                  else torch.device(resolve_device(str(cfg.device))))
+        for c, rec in zip(cands, info["candidates"]):
+            trial = copy.deepcopy(model)
+            _run(trial, None, dataclasses.replace(cfg, params=None, **c.settings()),
+                 calib_ids=calib_ids, allow_unsaveable=True)
+            home = next(trial.parameters()).device
+            nll, count = nll_of_windows(trial.to(device), held, batch_size=cfg.batch_size)
+            nll, count = shard.sum_float(nll, device), shard.sum_float(float(count), device)
+            rec["heldout_calibration_ppl"] = math.exp(nll / count)
+            trial.to(home)
+            del trial
+        best = min(range(len(cands)),
+                   key=lambda i: info["candidates"][i]["heldout_calibration_ppl"])
+    else:
+        best = 0
+    info["chosen"] = cands[best].name
+    return dataclasses.replace(cfg, params=None, **cands[best].settings()), info
 
 
 def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, probe_ids=None, run_dir=None,
@@ -144,6 +205,8 @@ def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, probe_ids=None, 
             "probe": probe_desc and probe_desc["token_hash"],
             "method": cfg.method, "options": solver_options(solver), "sparsity": cfg.sparsity,
             "round_to": cfg.round_to, "batch_size": cfg.batch_size,
+            "heads": cfg.heads, "kv_groups": cfg.kv_groups, "head_method": cfg.head_method,
+            "head_options": cfg.head_options,
             "layer_limit": cfg.layer_limit, "dtype": dtype,
             # (every rank's own device is the same kind; the world size changes the sums'
             # order, so a resume under another one would not be bit-identical)
@@ -234,6 +297,9 @@ def prune_to_disk(model: str, out: str | os.PathLike, sparsity: float | None = N
     from .modelio.loading import load_model
 
     model_obj, tok, src = load_model(model, cfg.dtype, cfg.device)
+    budget = None
+    if cfg.params is not None:  # the split first: it may need the model pruned several times
+        cfg, budget = choose_split(model_obj, cfg, calibration_ids(tok, cfg.calibration)[0])
     if cfg.prunes_heads:  # refused before any long work
         head_plan(model_obj, cfg)
     timings = {"load_s": time.perf_counter() - t_start}
@@ -252,6 +318,8 @@ def prune_to_disk(model: str, out: str | os.PathLike, sparsity: float | None = N
     timings["prune_s"] = time.perf_counter() - t0
     report = result.report
     report["model"]["source"] = src.spec
+    if budget is not None:
+        report["params_target"] = budget
     if not shard.is_main:  # rank 0 evaluates and writes; the others are done
         return JobResult(out, report, params_dense, timings)
     if cfg.evaluate:
@@ -274,6 +342,9 @@ def _low_memory(spec: str, out: Path, cfg: PruneConfig, run_dir: Path,
     from .modelio.shards import write_sharded
 
     lazy = open_lazy(spec, cfg.dtype, cfg.device)
+    budget = None
+    if cfg.params is not None:
+        cfg, budget = choose_split(lazy.model, cfg, None)
     if cfg.prunes_heads:
         head_plan(lazy.model, cfg)
     layers = get_adapter(lazy.model.config).layers(lazy.model)
@@ -286,6 +357,8 @@ def _low_memory(spec: str, out: Path, cfg: PruneConfig, run_dir: Path,
     report = result.report
     report["model"]["source"] = lazy.spec
     report["low_memory"] = True
+    if budget is not None:
+        report["params_target"] = budget
     if not current().is_main:  # rank 0 assembles the output
         return JobResult(out, report, params_dense, timings)
     _job_timings(report, timings, t_start)

@@ -72,8 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model's MLP channels and save it")
     p.add_argument("model", help="Hub id, local folder, .gguf file, or alias "
                                  "(smollm2-135m, qwen2.5-coder-0.5b)")
-    p.add_argument("--sparsity", type=float, required=True,
-                   help="fraction of MLP channels removed in every layer, in [0, 1)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of MLP channels removed in every layer, in [0, 1) (this or "
+                        "--params)")
+    p.add_argument("--params", type=float, default=None,
+                   help="instead of --sparsity: remove this fraction of the parameters, "
+                        "split between MLP channels and attention heads by --params-split")
+    p.add_argument("--params-of", default="all", choices=("all", "non-embedding"),
+                   help="what --params counts: all parameters (default) or those outside "
+                        "the embeddings and the output head")
+    p.add_argument("--params-split", default="auto", choices=("auto", "mlp", "heads", "kv"),
+                   help="auto (default): try MLP channels only, one query head per KV group "
+                        "and one KV group, each with the MLP sparsity that meets the budget, "
+                        "and keep the lowest perplexity on the held-out calibration windows "
+                        "(one prune per split, plus the final one); or one of them")
     p.add_argument("--out", required=True, help="output folder (save_pretrained format)")
     p.add_argument("--method", default="spap",
                    help="spap (default), obs, fasp, flap, wanda-sp, magnitude")
@@ -206,6 +218,11 @@ def prune_config(args):
     given = {k: v for k, v in vars(args).items() if k in names}
     given["method_options"] = parse_options(args.option)
     given["head_options"] = parse_options(getattr(args, "head_option", None))
+    if given.get("sparsity", 0) is None:
+        if given.get("params") is None:
+            raise SpapError("give --sparsity (the fraction of MLP channels removed) or "
+                            "--params (the fraction of parameters removed)")
+        del given["sparsity"]
     given["resume"] = True if args.resume else (False if args.restart else None)
     return PruneConfig.build(**given, progress=True)
 
@@ -226,6 +243,15 @@ def cmd_prune(args) -> int:
           f"{report['model']['width_after']}); report in {out / 'spap.json'}")
     rows = [("parameters", f"{job.params_dense:,}", f"{report['params_after']:,}",
              f"{report['params_after'] / job.params_dense:.3f}x")]
+    heads = report.get("heads")
+    if heads:
+        rows.append(("attention heads / KV heads per layer",
+                     f"{heads['heads_before']} / {heads['kv_heads_before']}",
+                     f"{heads['heads_after']} / {heads['kv_heads_after']}", ""))
+    target = report.get("params_target")
+    if target:
+        rows.append((f"--params {target['params']:g} ({target['of']}): split", "",
+                     f"{target['chosen']}, MLP {report['sparsity_requested']:.1%}", ""))
     if cfg.evaluate:
         ev = report["eval"]
         d, p = ev["dense"]["ppl"], ev["pruned"]["ppl"]
@@ -243,7 +269,8 @@ def cmd_prune(args) -> int:
                  f"{mem.get('host_rss_peak_bytes', 0) / 2**30:.2f}", ""))
     rows.append(("time (s): load / prune / save", "",
                  f"{t['load_s']:.0f} / {t['prune_s']:.0f} / {t['save_s']:.0f}", ""))
-    _print_table(rows, ("", "dense", f"{cfg.method} {cfg.sparsity:.0%}", "ratio"))
+    _print_table(rows, ("", "dense", f"{cfg.method} {report['sparsity_requested']:.0%}",
+                        "ratio"))
     return 0
 
 

@@ -16,6 +16,9 @@ from typing import Any
 from .errors import SpapError
 
 OFFLOAD_MODES = ("auto", "cpu", "device")
+#: how --params splits its budget (driver/budget.py), and what it counts
+PARAMS_SPLITS = ("auto", "mlp", "heads", "kv")
+PARAMS_OF = ("all", "non-embedding")
 
 
 @dataclass
@@ -48,6 +51,12 @@ class PruneConfig:
     kv_groups: float = 0.0
     head_method: str = "obs"
     head_options: dict[str, Any] = field(default_factory=dict)
+    # a parameter budget instead: remove this fraction of the parameters (`params_of`: all,
+    # or non-embedding), the split between MLP channels and heads chosen by `params_split`
+    # (driver/budget.py); it then sets sparsity, heads and kv_groups
+    params: float | None = None
+    params_of: str = "all"
+    params_split: str = "auto"
     # calibration windows (see CalibConfig)
     calib: str = "wiki-offline"
     nsamples: int = 128
@@ -98,6 +107,19 @@ class PruneConfig:
             if not isinstance(x, (int, float)) or not math.isfinite(x) or not 0 <= x < 1:
                 raise SpapError(f"--{name.replace('_', '-')} must be in [0, 1), got {x}; e.g. "
                                 f"--{name.replace('_', '-')} 0.25")
+        if self.params is not None:
+            p = self.params
+            if not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p < 1:
+                raise SpapError(f"--params must be in (0, 1), got {p}; e.g. --params 0.2")
+            if self.params_split not in PARAMS_SPLITS:
+                raise SpapError(f"--params-split must be one of {', '.join(PARAMS_SPLITS)}, "
+                                f"got '{self.params_split}'")
+            if self.params_of not in PARAMS_OF:
+                raise SpapError(f"--params-of must be one of {', '.join(PARAMS_OF)}, got "
+                                f"'{self.params_of}'")
+            if self.prunes_heads:
+                raise SpapError("--params chooses the heads to remove itself; drop --heads and "
+                                "--kv-groups, or pick the split with --params-split")
         if self.prunes_heads and self.layer_limit is not None:
             raise SpapError("head pruning changes the config's head counts, which every layer "
                             "must share: it cannot be combined with a layer limit")

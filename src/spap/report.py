@@ -6,20 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from .config import PruneConfig
+from .driver.budget import count_non_embedding, count_params
 from .driver.records import LayerRecord
 from .versions import versions
-
-
-def count_params(model) -> int:
-    # Tied embeddings are one Parameter, counted once by parameters().
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_non_embedding(model) -> int:
-    """Parameters outside the token embeddings and the output head (counted once when tied)."""
-    skip = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings())
-            if m is not None for p in m.parameters()}
-    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
 def _heads(records: list[LayerRecord], cfg: PruneConfig) -> dict[str, Any] | None:

@@ -24,6 +24,16 @@ from ..data import eval_windows, load_text, token_hash, tokenize
 def perplexity_of_windows(
     model, windows: torch.Tensor, *, batch_size: int = 4, device=None, progress: bool = False
 ) -> float:
+    nll, count = nll_of_windows(model, windows, batch_size=batch_size, device=device,
+                                progress=progress)
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def nll_of_windows(model, windows: torch.Tensor, *, batch_size: int = 4, device=None,
+                   progress: bool = False) -> tuple[float, int]:
+    """(summed next-token negative log-likelihood, number of predicted tokens) over `windows`
+    (n, L): each window scored on its own, its first token only as context."""
     device = device or next(model.parameters()).device
     nll, count = 0.0, 0
     batches = windows.split(batch_size)
@@ -38,7 +48,7 @@ def perplexity_of_windows(
         nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                      reduction="sum"))
         count += target.numel()
-    return math.exp(nll / count)
+    return nll, count
 
 
 def perplexity(

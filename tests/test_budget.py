@@ -89,3 +89,18 @@ def test_low_memory_takes_one_split_only(tmp_path):
     job = prune_to_disk(str(src), tmp_path / "o", params_split="heads", **kw)
     assert job.report["params_target"]["chosen"] == "heads"
     assert job.report["heads"]["heads_after"] == 2
+
+
+def test_compare_takes_a_budget_per_variant():
+    from conftest import byte_tokenizer
+    from spap.compare import compare, parse_variants
+
+    variants = parse_variants("mlp=obs:params=0.2;params_split=mlp,"
+                              "kv=obs:params=0.2;params_split=kv")
+    result = compare(tiny_model("llama"), byte_tokenizer(), variants, [0.0], calib_ids=IDS,
+                     eval_stream=random_ids(1, 200, seed=4)[0], eval_seqlen=24)
+    recs = {r["method"]: r for r in result["records"]}
+    assert recs["mlp"]["params_target"]["chosen"] == "mlp" and recs["mlp"]["heads"] is None
+    assert recs["kv"]["heads"]["kv_heads_after"] == 1
+    for r in recs.values():
+        assert r["params_removed_frac"] == pytest.approx(0.2, abs=0.02)

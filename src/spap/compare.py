@@ -17,7 +17,8 @@ A method is named in `--methods` as `method`, or as a variant `name=method:key=v
 (e.g. `spap-fast=spap:recovery=none`) so the same method can appear with different options.
 The keys `heads`, `kv_groups`, `head_method` and `head.<option>` set the variant's attention
 pruning instead (e.g. `obs-h33=obs:refit=ridge;heads=0.34;head_method=wanda-sp`), so head
-decisions compare on the same tokens too.
+decisions compare on the same tokens too; `params`, `params_of` and `params_split` give it a
+parameter budget (its sparsity then comes from the split, not from `--sparsities`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Variant:
 
 
 #: variant keys that are run settings (PruneConfig fields), not method options
-RUN_KEYS = ("heads", "kv_groups", "head_method")
+RUN_KEYS = ("heads", "kv_groups", "head_method", "params", "params_of", "params_split")
 HEAD_PREFIX = "head."
 
 
@@ -311,6 +312,7 @@ def compare(
                 "params_removed_frac": rep["params_removed_frac"],
                 "params_non_embedding_removed_frac": rep["params_non_embedding_removed_frac"],
                 "heads": rep.get("heads"),
+                "params_target": rep.get("params_target"),
                 "sparsity_achieved": rep["sparsity_achieved"],
                 "width_after": rep["model"]["width_after"],
                 "saveable": rep.get("saveable", True),

@@ -84,6 +84,8 @@ CASES = [
     ("opt", "spap", {}),  # not gated, biases
     ("opt", "wanda-sp", {}),
     ("llama", "obs", {}, {"heads": 0.5}),  # heads too: their Gram summed, their cut broadcast
+    ("llama", "flap", {}, {"offload": "cpu"}),  # activations in host memory, streamed
+    ("opt", "fasp", {"refit": "ridge"}),
 ]
 
 

@@ -212,6 +212,7 @@ def prune_layers(
             }
             if shard.distributed:
                 info["ranks"] = {
+                    "seqlen": int(calib.shape[1]),  # tokens per window
                     "fit_windows": shard.counts(fit.shape[0], device),
                     "heldout_windows": shard.counts(held.shape[0], device),
                     "probe_windows": shard.counts(probe.shape[0] if probe is not None else 0,

@@ -16,7 +16,7 @@ on the CPU, a smoke run of the script itself on a tiny random LLaMA (well under 
     OMP_NUM_THREADS=1 .venv/bin/python bench/dp_scaling.py --tiny --world-sizes 1,2 \
         --device cpu --check-logits --out /tmp/dp-scaling-tiny.json
 
-Each N is its own command, printed and recorded (N=1 a plain `python -m spap.cli prune`, the
+Each N is its own command, printed and recorded (N=1 a plain `python -m spap prune`, the
 others under `python -m torch.distributed.run --standalone --nproc-per-node N`): world sizes
 above the visible CUDA device count are skipped; on the CPU any N runs (one thread per rank
 unless OMP_NUM_THREADS says otherwise). From each run's spap.json (rank 0's): timings.prune_s

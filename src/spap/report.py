@@ -7,6 +7,7 @@ from typing import Any
 
 from .config import PruneConfig
 from .driver.budget import count_non_embedding, count_params
+from .driver.pipeline import HEAD_DEFAULTS
 from .driver.records import LayerRecord
 from .versions import versions
 
@@ -17,7 +18,7 @@ def _heads(records: list[LayerRecord], cfg: PruneConfig) -> dict[str, Any] | Non
     if rec is None:
         return None
     return {"heads_requested": cfg.heads, "kv_groups_requested": cfg.kv_groups,
-            "method": cfg.head_method, "options": cfg.head_options,
+            "method": cfg.head_method, "options": {**HEAD_DEFAULTS, **cfg.head_options},
             "heads_before": rec["heads_before"], "heads_after": len(rec["kept_heads"]),
             "kv_heads_before": rec["kv_heads_before"],
             "kv_heads_after": len(rec["kept_kv_heads"]), "head_dim": rec["head_dim"],

@@ -315,6 +315,11 @@ def _propagate(layer, batches):
     return batches
 
 
+#: the head solver's options unless told otherwise: the shared refit, its ridge chosen on the
+#: held-out windows
+HEAD_DEFAULTS: dict[str, Any] = {"refit": "ridge"}
+
+
 @dataclass
 class HeadPlan:
     """What every layer's head step does: the family's attention adapter, the query heads
@@ -332,8 +337,7 @@ def head_plan(model, settings: PruneConfig) -> HeadPlan:
     attn = get_attention_adapter(model.config)
     kpg, kvk = keep_counts(HeadLayout(*attn.head_layout(model.config)), settings.heads,
                            settings.kv_groups)
-    # the shared refit, its ridge chosen on the held-out windows, unless told otherwise
-    options = {"refit": "ridge", **settings.head_options}
+    options = {**HEAD_DEFAULTS, **settings.head_options}
     try:
         solver = HeadSolver(method=settings.head_method, **options)
     except TypeError:

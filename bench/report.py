@@ -240,6 +240,7 @@ def speed_section(model: str, d: dict) -> list[str]:
         lines.append(f"| {s['batch']} | {s['prompt_len']} | {fmt(p['speedup'])} | "
                      f"{fmt(p['ideal_speedup'])} | {fmt(p['ratio'])} | {fmt(q['speedup'])} | "
                      f"{fmt(q['ideal_speedup'])} | {fmt(q['ratio'])} |")
+    lines += _kv_line(d)
     mem = d.get("memory") or {}
     if mem.get("pruned") and mem.get("base"):
         mib = 2**20
@@ -375,6 +376,149 @@ def recovery_memory_section(name: str, d: dict) -> list[str]:
     return lines
 
 
+def _kv_line(d: dict) -> list[str]:
+    """The KV-cache size after the prefill, where `spap bench` measured it."""
+    out = []
+    for st in d["settings"]:
+        kv = st.get("kv_cache") or {}
+        if kv.get("pruned_bytes") and kv.get("base_bytes"):
+            out.append(f"KV cache after a {st['prompt_len']}-token prefill (batch {st['batch']}):"
+                       f" {kv['pruned_bytes'] / 2**20:.1f} MiB against "
+                       f"{kv['base_bytes'] / 2**20:.1f} MiB, ratio "
+                       f"{kv['pruned_bytes'] / kv['base_bytes']:.3f} (ideal "
+                       f"{fmt(kv.get('ideal_ratio'), 3)}).")
+    return ["", *out] if out else []
+
+
+def _head_cells(r: dict) -> tuple[str, str]:
+    h = r.get("heads") or {}
+    if not h:
+        return "all", ""
+    return (f"{h['heads_after']}/{h['heads_before']} q, {h['kv_heads_after']}/"
+            f"{h['kv_heads_before']} kv", fmt(h.get("layer_error_heldout_mean"), 4))
+
+
+def heads_section(model: str, d: dict) -> list[str]:
+    """The head decisions at the same heads removed, MLP untouched."""
+    recs = d["records"]
+    lines = [f"### {model}: which heads (dense {fmt(d['dense_ppl'])})", "",
+             f"Protocol: {protocol_line(d)}. The MLP is not pruned (`--sparsities 0`); "
+             "`refit` is the shared refit of the kept `o_proj` columns (ridge chosen on the "
+             "held-out calibration windows); the head error is the relative error of the "
+             "attention output, mean over layers, on the probe windows.", "",
+             "| variant | decision | o_proj | heads kept | params removed | head error "
+             "(held-out) | ppl | gap |", "|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        h = r.get("heads") or {}
+        refit = "refit" if (h.get("method") == "obs" or (h.get("options") or {}).get("update")) \
+            else ("dense + bias" if h.get("method") == "flap" else "dense")
+        kept, err = _head_cells(r)
+        lines.append(f"| {r['method']} | {h.get('method', '')} | {refit} | {kept} | "
+                     f"{r['params_removed_frac']:.3f} | {err} | {fmt(r['ppl'])} | "
+                     f"{fmt(r['gap'], 2)} |")
+    for tag in ("heads", "kv"):
+        group = [r for r in recs if r["method"].startswith(tag + "-") and r["ppl"] is not None]
+        obs = next((r for r in group if (r.get("heads") or {}).get("method") == "obs"), None)
+        base = [r for r in group if r is not obs]
+        if obs is None or not base:
+            continue
+        best = min(base, key=lambda r: r["ppl"])
+        e_obs = obs["heads"].get("layer_error_heldout_mean")
+        e_best = min((r["heads"].get("layer_error_heldout_mean") or math.inf) for r in base)
+        lines += ["", f"- {tag}: obs {fmt(obs['ppl'])} against the best score-based variant "
+                  f"{best['method']} {fmt(best['ppl'])} (gap ratio "
+                  f"{fmt(obs['gap'] / best['gap'], 3) if best['gap'] else 'n/a'}); held-out "
+                  f"head error {fmt(e_obs, 4)} against the lowest of theirs {fmt(e_best, 4)}: "
+                  + ("obs ahead on both." if obs["ppl"] < best["ppl"] and e_obs is not None
+                     and e_obs < e_best else "obs **not** ahead on both.")]
+    return lines
+
+
+def params_section(model: str, d: dict) -> list[str]:
+    """The same parameter budget spent three ways, per method."""
+    recs = d["records"]
+    lines = [f"### {model}: one budget, three splits (dense {fmt(d['dense_ppl'])})", "",
+             f"Protocol: {protocol_line(d)}.", "",
+             "| variant | split | MLP sparsity | heads kept | params removed (all / "
+             "non-embedding) | held-out MLP error | held-out head error | ppl |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        t = r.get("params_target") or {}
+        kept, herr = _head_cells(r)
+        lines.append(f"| {r['method']} | {t.get('chosen', '')} | "
+                     f"{fmt(r['sparsity_achieved'], 3)} | {kept} | "
+                     f"{r['params_removed_frac']:.3f} / "
+                     f"{fmt(r.get('params_non_embedding_removed_frac'), 3)} | "
+                     f"{fmt(r.get('layer_error_heldout_mean'), 4)} | {herr} | "
+                     f"{fmt(r['ppl'])} |")
+    by_method: dict[str, list[dict]] = {}
+    for r in recs:
+        by_method.setdefault(r["base_method"] + str(r.get("options", {}).get("refit", "")),
+                             []).append(r)
+    lines.append("")
+    for rs in by_method.values():
+        rs = [r for r in rs if r["ppl"] is not None]
+        if len(rs) < 2:
+            continue
+        best = min(rs, key=lambda r: r["ppl"])
+        mlp = next((r for r in rs if (r.get("params_target") or {}).get("chosen") == "mlp"),
+                   None)
+        lines.append(f"- {best['method']}: the lowest perplexity of its splits, "
+                     f"{fmt(best['ppl'])}" + (f" (MLP only: {fmt(mlp['ppl'])})." if mlp
+                                               and mlp is not best else "."))
+    return lines
+
+
+def seeds_section(files: list[tuple[str, dict]], ref: dict | None) -> list[str]:
+    """The gap ratio of spap-drift against the strongest baseline at r=0.5, per calibration
+    seed (seed 0 from the compare table)."""
+    rows = []
+    runs = ([("compare", ref)] if ref is not None else []) + files
+    for _, d in runs:
+        recs = {r["method"]: r for r in d["records"] if r["sparsity"] == 0.5}
+        sp = recs.get("spap-drift")
+        base = [r for r in recs.values() if _is_baseline(r) and r["method"].endswith("-drift")
+                and r["ppl"] is not None]
+        if sp is None or not base:
+            continue
+        best = min(base, key=lambda r: r["ppl"])
+        rows.append((d["protocol"]["calibration"]["seed"], sp, best, d))
+    if not rows:
+        return []
+    lines = ["| seed | calibration hash | spap-drift | strongest baseline | its ppl | "
+             "gap ratio |", "|---|---|---|---|---|---|"]
+    ratios = []
+    for seed, sp, best, d in sorted(rows, key=lambda x: x[0]):
+        ratio = sp["gap"] / best["gap"]
+        ratios.append(ratio)
+        lines.append(f"| {seed} | {d['protocol']['calibration']['token_hash'][:12]} | "
+                     f"{fmt(sp['ppl'])} | {best['method']} | {fmt(best['ppl'])} | "
+                     f"{ratio:.3f} |")
+    mean = sum(ratios) / len(ratios)
+    spread = (max(ratios) - min(ratios)) if len(ratios) > 1 else 0.0
+    lines += ["", f"Mean gap ratio over {len(ratios)} seed(s): **{mean:.3f}** (spread "
+              f"{spread:.3f}); the goal is 0.75."]
+    return lines
+
+
+def dp_section(model: str, d: dict) -> list[str]:
+    """Data-parallel pruning against one process (bench/dp_scaling.py)."""
+    st = d.get("settings") or {}
+    lines = [f"### {model}: {st.get('method')} at {st.get('sparsity')}, "
+             f"{st.get('nsamples')} x {st.get('seqlen')} tokens, on "
+             f"{d.get('device_name') or d.get('device')}", "",
+             "| processes | prune s | speed-up | activations per rank (vs 1) | same "
+             "channels as 1 | max logit difference (largest logit) |",
+             "|---|---|---|---|---|---|"]
+    for n, r in sorted((d.get("runs") or {}).items(), key=lambda x: int(x[0])):
+        same = (r.get("keep_vs_1") or {}).get("equal")
+        lines.append(f"| {n} | {fmt(r.get('prune_s'), 1)} | {fmt(r.get('speedup_prune'), 2)} | "
+                     f"{fmt(r.get('calibration_bytes_per_rank_vs_1'), 3)} | {same} | "
+                     f"{fmt(r.get('max_logit_diff_vs_1'), 6)} "
+                     f"({fmt(r.get('max_abs_logit_1'), 1)}) |")
+    return lines
+
+
 def main() -> None:
     head = (ROOT / "bench" / "HEADER.md").read_text()
     parts = [head.rstrip(), ""]
@@ -386,6 +530,9 @@ def main() -> None:
          recovery_memory_section),
         ("## Zero-shot accuracy", "zeroshot-*.json", zeroshot_section),
         ("## Speed and memory", "speed-*.json", speed_section),
+        ("## Attention heads: the decision", "heads-*.json", heads_section),
+        ("## Attention heads: a parameter budget", "params-*.json", params_section),
+        ("## Several processes for one prune", "dp-scaling-*.json", dp_section),
     ]:
         found = load(pattern)
         if not found:
@@ -402,7 +549,14 @@ def main() -> None:
                           "`bench/sweep.sh` (sparsity 0.5; the 64-window row is the compare "
                           "table's run). Same evaluation and probe windows in every row.", "",
                           *sweep_section(sweep), ""]
-    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts).rstrip() + "\n")
+    seeds = seeds_section(load("seeds-*.json"), dict(load("compare-smollm2-135m.json")).get(
+        "smollm2-135m"))
+    if seeds:
+        parts += ["## The margin across calibration seeds (SmolLM2-135M, r=0.5, 64 x 512)", "",
+                  "`bench/compare.sh`'s protocol with `--seed N` (other calibration windows; "
+                  "the same evaluation and probe windows), the drift-target variants of "
+                  "spap and of the refitting baselines.", "", *seeds, ""]
+        (ROOT / "BENCHMARKS.md").write_text("\n".join(parts).rstrip() + "\n")
 
 
 if __name__ == "__main__":

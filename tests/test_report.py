@@ -133,3 +133,25 @@ def test_a_pass_still_running_is_not_a_table(report, tmp_path, monkeypatch):
     for name in ("compare-m.json", "compare-m-main.json", "compare-m-extra.json"):
         (tmp_path / name).write_text(json.dumps({"model": name}))
     assert [m for m, _ in report.load("compare-*.json")] == ["m"]
+
+
+def test_head_and_budget_sections_render_a_real_compare(report):
+    import torch  # noqa: F401
+
+    from conftest import byte_tokenizer, random_ids, tiny_model
+    from spap.compare import compare, parse_variants
+
+    variants = parse_variants("heads-obs=obs:heads=0.5,heads-magnitude=obs:heads=0.5;"
+                              "head_method=magnitude,obs-mlp=obs:params=0.2;params_split=mlp,"
+                              "obs-kv=obs:params=0.2;params_split=kv")
+    d = compare(tiny_model("llama"), byte_tokenizer(), variants, [0.0],
+                calib_ids=random_ids(16, 24, seed=1), eval_stream=random_ids(1, 200)[0],
+                eval_seqlen=24, probe_ids=random_ids(4, 24, seed=2))
+    d["protocol"]["calibration"].update(source="x", seed=0, token_hash="b" * 64)
+    heads = report.heads_section("tiny", {**d, "records": d["records"][:2]})
+    text = "\n".join(heads)
+    assert "| heads-obs | obs | refit | 2/4 q, 2/2 kv |" in text
+    assert "| heads-magnitude | magnitude | dense |" in text
+    assert "- heads: obs" in text
+    budget = "\n".join(report.params_section("tiny", {**d, "records": d["records"][2:]}))
+    assert "| obs-kv | kv |" in budget and "| obs-mlp | mlp |" in budget

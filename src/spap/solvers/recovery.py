@@ -49,10 +49,16 @@ Learning rates are relative to each tensor's RMS, so one setting serves every mo
 
 In a data-parallel run (`shard`, see distributed.py) each rank holds its own share of the
 tokens, fit and held-out; every sum (losses, the closed form's Gram and cross term) is
-summed over ranks, and each minibatch is drawn from one permutation of all fit tokens, as one
-process draws it: a rank takes the part of it that it holds, and the gradients are summed
-over ranks before each Adam step. So every rank takes the same steps, and these equal one
-process's up to the order of additions.
+summed over ranks in float64, and each minibatch is drawn from one permutation of all fit
+tokens, as one process draws it. Every rank contributes the rows of the minibatch that it
+holds, at their places in it (zeros elsewhere), and one all-reduce gives every rank the
+whole minibatch in one process's order: each rank then takes exactly one process's Adam
+step. Summing per-rank gradients instead would change the order of float32 additions at
+every step, and Adam, which divides each step by the gradient's own size, lets such
+differences grow until later layers choose other channels (seen on SmolLM2); the minibatch
+(tokens x (d + m)) is also less to send than the gradients of gate and up (k x d each).
+The steps are thus not split across ranks: data parallelism speeds up the layers' forward
+passes and statistics, not recovery's Adam steps.
 """
 
 from __future__ import annotations
@@ -163,17 +169,17 @@ def recover(
             e = min(hi, s + chunk)
             yield a[s:e].to(device, f32), y[s:e].to(device, f32)
 
-    y_sq_fit = shard.sum_float(sum(float((yy * yy).sum()) for _, yy in chunks(0, n_fit)),
-                               device) / n_fit_all
-    y_sq_val = shard.sum_float(sum(float((yy * yy).sum()) for _, yy in chunks(n_fit, p)),
-                               device)
+    def sq(t):  # float64 sums: only their order depends on how the tokens are chunked
+        return float(t.double().pow(2).sum())
+
+    y_sq_fit = shard.sum_float(sum(sq(yy) for _, yy in chunks(0, n_fit)), device) / n_fit_all
+    y_sq_val = shard.sum_float(sum(sq(yy) for _, yy in chunks(n_fit, p)), device)
 
     @torch.no_grad()
     def val_loss(ps):
         tot = 0.0
         for aa, yy in chunks(n_fit, p):
-            r = fwd(ps, aa) - yy
-            tot += float((r * r).sum())
+            tot += sq(fwd(ps, aa) - yy)
         tot = shard.sum_float(tot, device)
         return tot / y_sq_val if y_sq_val > 0 else 0.0
 
@@ -188,8 +194,9 @@ def recover(
         for aa, yy in chunks(0, hi):
             x = down_input(aa, ins, act, linear_key, b_in_)  # (c, k)
             t = yy - b_down_ if b_down_ is not None else yy
-            gram += (x.T @ x).double()
-            cross += (x.T @ t).double()
+            x, t = x.double(), t.double()  # (products in float64, as the sums: see sq)
+            gram += x.T @ x
+            cross += x.T @ t
         shard.sum_(gram)
         shard.sum_(cross)
         if ridge is None or w_dense is None:  # the exact refit, damped (anchored at zero)
@@ -228,18 +235,15 @@ def recover(
             for g, b in zip(opt.param_groups, base_lr):
                 g["lr"] = b * frac
             idx = perm[i * mb:(i + 1) * mb]
-            n_mb = idx.numel()
-            if shard.distributed:  # the part of the global minibatch this rank holds
-                idx = idx[(idx >= fit_lo) & (idx < fit_lo + n_fit)] - fit_lo
-            aa, yy = a[idx].to(device, f32), y[idx].to(device, f32)
+            if shard.distributed:
+                aa, yy = _gather_rows(a, y, idx, fit_lo, n_fit, shard, device)
+            else:
+                aa, yy = a[idx].to(device, f32), y[idx].to(device, f32)
             with torch.enable_grad():
                 r = fwd(params, aa) - yy
-                loss = (r * r).sum() / (y_sq_fit * n_mb)
+                loss = (r * r).sum() / (y_sq_fit * idx.numel())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-            if shard.distributed:
-                for k in trainable:
-                    shard.sum_(leaves[k].grad)
             opt.step()
             step += 1
         if mode == "alternating":
@@ -271,6 +275,22 @@ def recover(
         w_down=final["__down"].detach(), epochs=best[1], heldout=history,
         shrink=shrink_info,
     )
+
+
+@torch.no_grad()
+def _gather_rows(a: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, lo: int, n: int,
+                 shard: Shard, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `idx` (of all ranks' fit tokens, in order) of a and y on every rank, in idx's
+    order: each rank writes the rows it holds (its tokens are [lo, lo + n)) into zeros and
+    one sum over ranks fills the rest; x + 0 is exact, so the rows are the ranks' own bits."""
+    f32 = torch.float32
+    mine = (idx >= lo) & (idx < lo + n)  # (b,)
+    local = idx[mine] - lo
+    both = torch.zeros(idx.numel(), a.shape[1] + y.shape[1], dtype=f32, device=device)
+    both[mine.to(device), :a.shape[1]] = a[local].to(device, f32)
+    both[mine.to(device), a.shape[1]:] = y[local].to(device, f32)
+    shard.sum_(both)
+    return both[:, :a.shape[1]], both[:, a.shape[1]:]
 
 
 @torch.no_grad()

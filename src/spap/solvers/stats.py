@@ -125,7 +125,14 @@ class StatsAccumulator:
         self.gram_heldout: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, heldout: bool = False) -> None:
-        """Add a batch; `heldout` batches also count into the held-out Gram."""
+        """Add a batch; `heldout` batches also count into the held-out Gram. A batch of
+        windows (batch, seq, n) is added one window at a time: every product then covers the
+        same tokens however the windows were batched (or shared between the ranks of a
+        data-parallel run), and only the float64 sums' order can change."""
+        if x.dim() == 3 and x.shape[0] > 1:
+            for w in x:
+                self.add(w, heldout)
+            return
         x = x.detach().reshape(-1, self.n)  # (tokens, n)
         if not torch.isfinite(x).all():
             raise SpapError(

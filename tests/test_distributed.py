@@ -54,7 +54,7 @@ def _prune_tiny(family: str, method: str, options: dict, settings: dict | None =
     calib = random_ids(n_windows, SEQLEN, seed=1)
     probe = random_ids(4, SEQLEN, seed=2)
     res = spap.prune(model, calib_ids=calib, probe_ids=probe, sparsity=0.5, method=method,
-                     method_options=options, batch_size=1, **(settings or {}))
+                     method_options=options, **{"batch_size": 1, **(settings or {})})
     with torch.no_grad():
         logits = model(random_ids(2, SEQLEN, seed=3)).logits
     return {"keeps": [r.keep for r in res.layers],
@@ -171,28 +171,32 @@ def _three_rank_checks():
     from spap.errors import SpapError
 
     stats = _uneven_stats(26)
-    try:  # 16 windows hold out 2: 3 ranks cannot each have one
-        _uneven_stats(16)
+    spap_run = _prune_tiny("llama", "spap", {}, {"batch_size": 2}, n_windows=26)
+    try:  # 4 windows: 3 fit windows in 2 batches of 2, for 3 ranks
+        _uneven_stats(4)
         refused = None
     except SpapError as e:
         refused = str(e)
-    return stats, refused
+    return stats, refused, spap_run
 
 
 def test_uneven_shares_give_the_one_process_statistics_and_too_few_are_refused(tmp_path):
-    # 26 windows: 3 held out, 23 fit -> fit 8 / 8 / 7, held-out 1 / 1 / 1 (batches of 2, so
-    # the batch boundaries differ from one process's too)
+    # 26 windows in batches of 2: 23 fit in 12 batches -> 8 / 8 / 7 windows; 3 held out in 2
+    # batches -> 2 / 1 / 0 (the last rank holds none and adds zeros to the held-out sums)
     one = _uneven_stats(26)
     ranks = run_ranks(3, tmp_path, _three_rank_checks)
     assert ranks[0][0]["ranks"]["fit_windows"] == [8, 8, 7]
-    assert ranks[0][0]["ranks"]["heldout_windows"] == [1, 1, 1]
-    for r, refused in ranks:
+    assert ranks[0][0]["ranks"]["heldout_windows"] == [2, 1, 0]
+    spap_one = _prune_tiny("llama", "spap", {}, {"batch_size": 2}, n_windows=26)
+    for r, refused, spap_run in ranks:
+        _same(spap_run, spap_one)  # recovery with a rank that holds no held-out window
         assert len(r["seen"]) == len(one["seen"]) == 2
         for got, want in zip(r["seen"], one["seen"]):
             assert got["count"] == want["count"] == 26 * SEQLEN
             for key in ("sum", "sqsum", "gram", "gram_heldout"):
-                torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6)
-        assert refused is not None and "3 processes need at least 3" in refused
+                # (the same per-window products; only the float64 sums' order differs)
+                torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12)
+        assert refused is not None and "3 processes need at least 3 batches" in refused
 
 
 def _guard_writes(root: Path) -> None:

@@ -78,17 +78,17 @@ def test_two_launched_ranks_match_one_process(tiny_dir, text_file, tmp_path):
 
 
 def test_too_few_windows_for_two_ranks_is_refused_with_the_fix(tiny_dir, text_file, tmp_path):
-    # --nsamples 8 holds out 1 window: 2 ranks need one each
+    # --nsamples 2 holds out 1 window and fits 1: 2 ranks need a fit batch each
     runs = tmp_path / "runs"
     runs.mkdir()
-    p = _prune(tiny_dir, text_file, runs / "out", launched=True, nsamples=8)
+    p = _prune(tiny_dir, text_file, runs / "out", launched=True, nsamples=2)
     # every rank exits 2 with the message; the launcher then exits 1 (its ChildFailedError)
     # and appends its own failure summary, so the status a user sees is only non-zero
     assert p.returncode != 0, _explain(p)
     errors = {line for line in p.stderr.splitlines() if line.startswith("spap: error:")}
     assert len(errors) == 1, _explain(p)
     (message,) = errors
-    assert "use --nsamples 16 or more" in message
+    assert "use --nsamples 3 or more" in message
     assert "SpapError" not in p.stderr  # caught and printed as one line, not a traceback
     assert list(runs.iterdir()) == []  # no output, no run folder
 

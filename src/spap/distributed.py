@@ -8,10 +8,13 @@ disjoint share of the calibration, held-out and probe windows, and all-reduces e
 before it is used: all ranks then take the same decision and compute the same weights, and
 these equal one process's up to the order of floating-point additions.
 
-The fixed rule (`Shard.share`): the windows of each kind are cut into N contiguous runs, in
-order, the first `count % N` ranks taking one window more. Contiguous shares keep every
-rank's tokens a contiguous range of one process's token order, which is what lets recovery
-draw the same global minibatches as one process (`Shard.offset`).
+The fixed rule (`Shard.share`): the windows of each kind are cut into the batches one
+process would run (`--batch-size` windows each), and the batches into N contiguous runs, in
+order, the first ones taking one batch more. Whole batches make every rank's layer forwards
+the same bits as one process's; contiguous shares keep every rank's tokens a contiguous
+range of one process's token order, which is what lets recovery draw the same global
+minibatches as one process (`Shard.offset`). A rank may hold no held-out or probe window
+(it then adds zeros to those sums); every rank needs one fit batch.
 
 `LOCAL` is the one-process shard: every collective is a no-op, so code written against a
 `Shard` runs unchanged without torch.distributed. Nothing here is home-made beyond the calls
@@ -52,9 +55,12 @@ class Shard:
         lo = r * base + min(r, extra)
         return lo, lo + base + (1 if r < extra else 0)
 
-    def share(self, count: int) -> slice:
-        """The slice of `count` windows this rank owns."""
-        return slice(*self.bounds(count))
+    def share(self, count: int, batch: int = 1) -> slice:
+        """The slice of `count` windows this rank owns: whole batches of `batch` windows
+        (the last one may be short), so every rank runs exactly the batches one process runs
+        and a layer's outputs are the same bits."""
+        lo, hi = self.bounds(-(-count // batch))
+        return slice(min(lo * batch, count), min(hi * batch, count))
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce `t` in place (a sum over ranks); returns it."""

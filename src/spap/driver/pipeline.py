@@ -197,9 +197,9 @@ def prune_layers(
         # fit windows and held-out windows batched apart, held-out last
         n_held = heldout_windows(calib.shape[0])
         n_fit = calib.shape[0] - n_held
-        fit, held = _shares(shard, calib[:n_fit], calib[n_fit:])
+        fit, held = _shares(shard, calib[:n_fit], calib[n_fit:], batch_size)
         if probe is not None:
-            probe = probe[shard.share(probe.shape[0])]
+            probe = probe[shard.share(probe.shape[0], batch_size)]
         batches, probes = capture_stores(model, layers[0], [fit, held], probe, device,
                                          batch_size, settings.offload)
         heldout = (math.ceil(held.shape[0] / batch_size), held.numel())
@@ -348,19 +348,22 @@ def head_plan(model, settings: PruneConfig) -> HeadPlan:
     return HeadPlan(attn, kpg, kvk, solver)
 
 
-def _shares(shard: Shard, fit: torch.Tensor,
-            held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's fit and held-out windows. Every rank needs at least one of each (when
-    there are held-out windows at all): a held-out choice is made from every rank's part."""
+def _shares(shard: Shard, fit: torch.Tensor, held: torch.Tensor,
+            batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's fit and held-out windows, in whole batches (`Shard.share`). Every rank
+    needs a batch of fit windows; a rank without held-out windows adds nothing to their
+    sums."""
     if shard.distributed:
         w = shard.world_size
-        if fit.shape[0] < w or 0 < held.shape[0] < w:
+        n_batches = -(-fit.shape[0] // batch)
+        if n_batches < w:
             raise SpapError(
-                f"{w} processes need at least {w} fit and {w} held-out calibration windows, one "
-                f"of each per process; there are {fit.shape[0]} and {held.shape[0]} "
-                f"(1/8 of --nsamples is held out): use --nsamples {8 * w} or more, or fewer "
+                f"{w} processes need at least {w} batches of fit calibration windows, one per "
+                f"process; there are {fit.shape[0]} fit windows (7/8 of --nsamples) in "
+                f"{n_batches} batches of --batch-size {batch}: use --nsamples "
+                f"{math.ceil(8 * w * batch / 7)} or more, a smaller --batch-size, or fewer "
                 "processes")
-    return fit[shard.share(fit.shape[0])], held[shard.share(held.shape[0])]
+    return fit[shard.share(fit.shape[0], batch)], held[shard.share(held.shape[0], batch)]
 
 
 def _broadcast_decision(shard: Shard, decision) -> None:

@@ -160,7 +160,11 @@ class SpapSolver(RefitOptions):
         all-window refit of the decision is kept."""
         n_val = problem.heldout_tokens
         stats = problem.stats
-        if n_val < 1 or n_val >= problem.inputs.shape[0] or stats.gram_heldout is None:
+        # (over all ranks of a data-parallel run: one may hold no held-out window)
+        dev = problem.w_down.device
+        n_val_all = problem.shard.sum_float(float(n_val), dev)
+        n_all = problem.shard.sum_float(float(problem.inputs.shape[0]), dev)
+        if n_val_all < 1 or n_val_all >= n_all or stats.gram_heldout is None:
             decision.info["recovery_epochs"] = 0
             decision.info["recovery_skipped"] = "no held-out windows"
             return
@@ -179,7 +183,6 @@ class SpapSolver(RefitOptions):
                                    h_fit[keep] @ w0.T + alpha * c_fit[:, keep].T,
                                    w0[:, keep], lam)
             targets = targets + alpha * problem.drift.to(targets.dtype)
-        dev = problem.w_down.device
         res = recover(
             problem.inputs, targets,
             {k: v[keep] for k, v in problem.w_in.items()}, w_start, problem.act,

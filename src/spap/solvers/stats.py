@@ -160,6 +160,18 @@ def stats_from_activations(x: torch.Tensor, want_gram: bool = True) -> ActStats:
     return acc.result()
 
 
+def _sum_part(shard: Shard, part: torch.Tensor | None,
+              like: torch.Tensor | None) -> torch.Tensor | None:
+    """`part` summed over ranks, zeros (shaped as `like`) standing in where a rank has none;
+    None when no rank has one."""
+    if like is None:
+        return None
+    n_with = shard.sum_float(0.0 if part is None else 1.0, like.device)
+    if n_with == 0:
+        return None
+    return shard.sum_(torch.zeros_like(like) if part is None else part)
+
+
 def reduce_stats(stats: ActStats, shard: Shard) -> ActStats:
     """`stats` summed over the ranks of a data-parallel run (in place; float64), so every
     rank decides from the statistics of all calibration windows (`distributed.py`)."""
@@ -167,14 +179,15 @@ def reduce_stats(stats: ActStats, shard: Shard) -> ActStats:
         return stats
     dev = stats.sum.device
     stats.count = int(shard.sum_float(float(stats.count), dev))
-    for t in (stats.sum, stats.sqsum, stats.gram, stats.gram_heldout):
+    for t in (stats.sum, stats.sqsum, stats.gram):
         if t is not None:
             shard.sum_(t)
+    # a rank without held-out windows has no held-out part: it adds zeros
+    stats.gram_heldout = _sum_part(shard, stats.gram_heldout, stats.gram)
     d = stats.drift
     if d is not None:
         shard.sum_(d.cross)
-        if d.cross_heldout is not None:
-            shard.sum_(d.cross_heldout)
+        d.cross_heldout = _sum_part(shard, d.cross_heldout, d.cross)
         floats = torch.tensor([d.sq, d.out_sq, d.sq_heldout, d.out_sq_heldout],
                               dtype=torch.float64, device=dev)
         d.sq, d.out_sq, d.sq_heldout, d.out_sq_heldout = shard.sum_(floats).tolist()

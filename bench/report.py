@@ -504,7 +504,9 @@ def seeds_section(files: list[tuple[str, dict]], ref: dict | None) -> list[str]:
 def dp_section(model: str, d: dict) -> list[str]:
     """Data-parallel pruning against one process (bench/dp_scaling.py)."""
     st = d.get("settings") or {}
-    lines = [f"### {model}: {st.get('method')} at {st.get('sparsity')}, "
+    opts = " ".join(f"--option {o}" for o in st.get("option") or [])
+    lines = [f"### {d.get('model')}: {st.get('method')}{' ' + opts if opts else ''} at "
+             f"{st.get('sparsity')}, "
              f"{st.get('nsamples')} x {st.get('seqlen')} tokens, on "
              f"{d.get('device_name') or d.get('device')}", "",
              "| processes | prune s | speed-up | activations per rank (vs 1) | same "
@@ -517,6 +519,19 @@ def dp_section(model: str, d: dict) -> list[str]:
                      f"{fmt(r.get('max_logit_diff_vs_1'), 6)} "
                      f"({fmt(r.get('max_abs_logit_1'), 1)}) |")
     return lines
+
+
+DP_INTRO = (
+    "`bench/dp_scaling.py`: the same `spap prune` as one process and under "
+    "`torch.distributed.run --nproc-per-node 2` (gloo, one CPU thread per rank, on a 2-core "
+    "machine that also ran other jobs, so the speed-ups are only indicative). A rank holds "
+    "whole batches of `--batch-size` windows: with 16 windows in batches of 4, rank 0 holds 10 "
+    "(8 fit, 2 held out) and rank 1 holds 6, hence 0.62 of one process's activations. "
+    "\"Same channels\" compares every layer's kept channels with one process's. With its "
+    "default float32 solve, spap's masks follow one process's for the first layers and then "
+    "part: the float64 sums differ only in their order, but once cast to float32 for the solve "
+    "an element may round the other way, and greedy OBS breaks a near-tie differently; "
+    "`--option solve_dtype=float64` keeps every channel.")
 
 
 def main() -> None:
@@ -540,6 +555,8 @@ def main() -> None:
         if pattern == "ablation-*.json":
             found = [(m, _with_reference(m, d)) for m, d in found]
         parts += [title, ""]
+        if pattern == "dp-scaling-*.json":
+            parts += [DP_INTRO, ""]
         for model, d in found:
             parts += [*fn(model, d), ""]
         if fn is compare_section and pattern == "compare-*.json":

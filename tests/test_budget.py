@@ -104,3 +104,13 @@ def test_compare_takes_a_budget_per_variant():
     assert recs["kv"]["heads"]["kv_heads_after"] == 1
     for r in recs.values():
         assert r["params_removed_frac"] == pytest.approx(0.2, abs=0.02)
+
+
+def test_a_budget_keeps_the_calibration_description(text_file):
+    from conftest import byte_tokenizer
+
+    drawn = spap.prune(tiny_model("llama"), byte_tokenizer(), 0.3, calib=str(text_file),
+                       nsamples=4, seqlen=16, method="obs").report["calibration"]
+    res = spap.prune(tiny_model("llama"), byte_tokenizer(), params=0.2, params_split="mlp",
+                     calib=str(text_file), nsamples=4, seqlen=16, method="obs")
+    assert res.report["calibration"] == drawn  # the windows' source and seed, not "given"

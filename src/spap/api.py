@@ -104,15 +104,16 @@ def prune(model, tokenizer=None, sparsity: float | None = None, *,
     memory (`spap compare` measures it that way) and the report says `"saveable": false`.
     """
     cfg = _settings(config, sparsity, settings)
-    budget = None
+    budget, calib_desc = None, None
     if cfg.params is not None:
         if calib_ids is None:  # every candidate and the final run share these windows
             if tokenizer is None:
                 raise SpapError("pass a tokenizer or calib_ids to draw calibration data")
-            calib_ids = calibration_ids(tokenizer, cfg.calibration)[0]
+            calib_ids, calib_desc = calibration_ids(tokenizer, cfg.calibration)
         cfg, budget = choose_split(model, cfg, calib_ids)
-    result = _run(model, tokenizer, cfg, calib_ids=calib_ids, probe_ids=probe_ids,
-                  run_dir=checkpoint_dir, allow_unsaveable=allow_unsaveable)
+    result = _run(model, tokenizer, cfg, calib_ids=calib_ids, calib_desc=calib_desc,
+                  probe_ids=probe_ids, run_dir=checkpoint_dir,
+                  allow_unsaveable=allow_unsaveable)
     if budget is not None:
         result.report["params_target"] = budget
     return result
@@ -148,8 +149,7 @@ def choose_split(model, cfg: PruneConfig, calib_ids: torch.Tensor | None
         shard = current()
         held = calib_ids[calib_ids.shape[0] - n_held:]
         held = held[shard.share(held.shape[0])]
-        device = (next(model.parameters()).device if cfg.device is None
-                  else torch.device(resolve_device(str(cfg.device))))
+        device = _compute_device(model, cfg)
         for c, rec in zip(cands, info["candidates"]):
             trial = copy.deepcopy(model)
             _run(trial, None, dataclasses.replace(cfg, params=None, **c.settings()),
@@ -168,7 +168,14 @@ def choose_split(model, cfg: PruneConfig, calib_ids: torch.Tensor | None
     return dataclasses.replace(cfg, params=None, **cands[best].settings()), info
 
 
-def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, probe_ids=None, run_dir=None,
+def _compute_device(model, cfg: PruneConfig) -> torch.device:
+    """Where the layers are computed: `cfg.device`, or the model's own device."""
+    return (next(model.parameters()).device if cfg.device is None
+            else torch.device(resolve_device(str(cfg.device))))
+
+
+def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, calib_desc=None,
+         probe_ids=None, run_dir=None,
          identity: dict[str, Any] | None = None, source: LayerSource = IN_MODEL,
          allow_unsaveable: bool = False) -> PruneResult:
     """One run of the driver on `model` with the layers from `source`, finished layers to the
@@ -189,11 +196,10 @@ def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, probe_ids=None, 
         if tokenizer is None:
             raise SpapError("pass a tokenizer or calib_ids to draw calibration data")
         calib_ids, calib_desc = calibration_ids(tokenizer, cfg.calibration)
-    else:
+    elif calib_desc is None:  # (ids drawn by the caller come with their description)
         calib_desc = given_ids_description(calib_ids)
     t1 = time.perf_counter()
-    device = (next(model.parameters()).device if cfg.device is None
-              else torch.device(resolve_device(str(cfg.device))))
+    device = _compute_device(model, cfg)
     dtype = str(model.dtype).replace("torch.", "")
     dense = {"params": count_params(model), "width": adapter.width(model.config),
              "dtype": dtype, "params_non_embedding": count_non_embedding(model)}

@@ -90,13 +90,14 @@ class Shard:
         c = self.counts(n, device)
         return sum(c[: self.rank]), sum(c)
 
-    def broadcast_(self, t: torch.Tensor) -> torch.Tensor:
-        """Rank 0's `t` on every rank, in place; returns it."""
+    def broadcast_(self, *tensors: torch.Tensor | None) -> None:
+        """Rank 0's values of `tensors` on every rank, in place (None entries skipped)."""
         if self.distributed:
             import torch.distributed as dist
 
-            dist.broadcast(t, src=0)
-        return t
+            for t in tensors:
+                if t is not None:
+                    dist.broadcast(t, src=0)
 
     def barrier(self) -> None:
         if self.distributed:

@@ -17,8 +17,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..config import PARAMS_OF
-from ..config import PARAMS_SPLITS as SPLITS
 from ..errors import SpapError
 from ..models import get_attention_adapter
 from ..models.base import MLPAdapter
@@ -87,49 +85,34 @@ def _per_unit(model, adapter: MLPAdapter) -> dict[str, float]:
 
 def candidate_splits(model, adapter: MLPAdapter, params: float, of: str = "all",
                      split: str = "auto") -> list[Split]:
-    """The splits of `split` that remove a fraction `params` of the model's parameters (`of`
-    "all", or "non-embedding": without the token embeddings and the output head); SpapError
-    where none fits."""
-    if split not in SPLITS:
-        raise SpapError(f"--params-split must be one of {', '.join(SPLITS)}, got '{split}'")
-    if of not in PARAMS_OF:
-        raise SpapError(f"--params-of must be one of {', '.join(PARAMS_OF)}, got '{of}'")
+    """The splits of `split` (validated with the run's settings, `config.PARAMS_SPLITS`) that
+    remove a fraction `params` of the model's parameters (`of` "all", or "non-embedding":
+    without the token embeddings and the output head); SpapError where none fits."""
     base = count_params(model) if of == "all" else count_non_embedding(model)
     unit = _per_unit(model, adapter)
     n_layers = len(adapter.layers(model))
     n = adapter.width(model.config)
-    budget = params * base
-    wanted = []
+    # (name, heads, kv_groups, parameters the head step removes per layer)
+    wanted: list[tuple[str, float, float, float]] = []
     if split in ("auto", "mlp"):
-        wanted.append(("mlp", 0, 0))
+        wanted.append(("mlp", 0.0, 0.0, 0.0))
     if "layout" in unit:
         h, g, _ = unit["layout"]
         r = h // g
-        if split in ("auto", "heads") and r > 1:
-            wanted.append(("heads", 1, 0))  # one query head of every KV group
-        if split in ("auto", "kv") and g > 1:
-            wanted.append(("kv", 0, 1))  # one whole KV group and its query heads
+        if split in ("auto", "heads") and r > 1:  # one query head of every KV group
+            wanted.append(("heads", 1 / r, 0.0, g * unit["q_head"]))
+        if split in ("auto", "kv") and g > 1:  # one whole KV group and its query heads
+            wanted.append(("kv", 0.0, 1 / g, r * unit["q_head"] + unit["kv_head"]))
     elif split in ("heads", "kv"):
         get_attention_adapter(model.config)  # raises the family's reason
-    if split in ("heads", "kv") and len(wanted) == 0:
+    if split in ("heads", "kv") and not wanted:
         raise SpapError(f"--params-split {split}: this model has "
                         + ("one query head per KV group" if split == "heads" else
                            "a single KV group") + "; use another split")
     out = []
-    for name, q_gone, g_gone in wanted:
-        heads = kv_groups = 0.0
-        head_params = 0.0
-        if name != "mlp":
-            h, g, _ = unit["layout"]
-            r = h // g
-            if q_gone:
-                heads = q_gone / r
-                head_params = q_gone * g * unit["q_head"]
-            else:
-                kv_groups = g_gone / g
-                head_params = g_gone * (r * unit["q_head"] + unit["kv_head"])
-        mlp_params = budget - n_layers * head_params
-        channels = round(mlp_params / (n_layers * unit["channel"]))
+    for name, heads, kv_groups, head_params in wanted:
+        channels = round((params * base - n_layers * head_params)
+                         / (n_layers * unit["channel"]))
         if channels < 0 or channels > MAX_SPARSITY * n:
             continue
         removed = n_layers * (head_params + channels * unit["channel"])

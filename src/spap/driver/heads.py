@@ -114,10 +114,8 @@ def prune_layer_heads(
         b_o=o.bias.to(torch.float64) if o.bias is not None else None,
     )
     decision = solver.solve(problem, kpg, kvk)
-    if shard.distributed:  # every rank cuts the same heads with the same weights
-        for t in (decision.keep_heads, decision.keep_kv, decision.w_o, decision.b_o):
-            if t is not None:
-                shard.broadcast_(t)
+    # every rank cuts the same heads with the same weights
+    shard.broadcast_(decision.keep_heads, decision.keep_kv, decision.w_o, decision.b_o)
     heldout_error = decision_error(problem, decision, held) if held is not None else None
     del problem, stats, held
     t2 = time.perf_counter()

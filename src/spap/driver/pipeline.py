@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -355,28 +356,24 @@ def _shares(shard: Shard, fit: torch.Tensor, held: torch.Tensor,
     sums."""
     if shard.distributed:
         w = shard.world_size
-        n_batches = -(-fit.shape[0] // batch)
+        n_batches = math.ceil(fit.shape[0] / batch)
         if n_batches < w:
+            # the fewest windows whose fit part (all but the held-out rule's) fills w batches
+            enough = next(n for n in itertools.count(1)
+                          if n - heldout_windows(n) >= (w - 1) * batch + 1)
             raise SpapError(
                 f"{w} processes need at least {w} batches of fit calibration windows, one per "
-                f"process; there are {fit.shape[0]} fit windows (7/8 of --nsamples) in "
-                f"{n_batches} batches of --batch-size {batch}: use --nsamples "
-                f"{math.ceil(8 * w * batch / 7)} or more, a smaller --batch-size, or fewer "
-                "processes")
+                f"process; there are {fit.shape[0]} fit windows (--nsamples less the held-out "
+                f"ones) in {n_batches} batches of --batch-size {batch}: use --nsamples "
+                f"{enough} or more, a smaller --batch-size, or fewer processes")
     return fit[shard.share(fit.shape[0], batch)], held[shard.share(held.shape[0], batch)]
 
 
 def _broadcast_decision(shard: Shard, decision) -> None:
     """Rank 0's decision on every rank (the same statistics give the same decision; this
     makes it so whatever the device's arithmetic does)."""
-    if not shard.distributed:
-        return
-    shard.broadcast_(decision.keep)
-    shard.broadcast_(decision.w_down)
-    if decision.b_down is not None:
-        shard.broadcast_(decision.b_down)
-    for w in (decision.w_in or {}).values():
-        shard.broadcast_(w)
+    shard.broadcast_(decision.keep, decision.w_down, decision.b_down,
+                     *(decision.w_in or {}).values())
 
 
 def _ratio(err: torch.Tensor) -> float:

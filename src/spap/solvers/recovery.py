@@ -286,9 +286,10 @@ def _gather_rows(a: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, lo: int, n
     f32 = torch.float32
     mine = (idx >= lo) & (idx < lo + n)  # (b,)
     local = idx[mine] - lo
+    rows = mine.to(device)
     both = torch.zeros(idx.numel(), a.shape[1] + y.shape[1], dtype=f32, device=device)
-    both[mine.to(device), :a.shape[1]] = a[local].to(device, f32)
-    both[mine.to(device), a.shape[1]:] = y[local].to(device, f32)
+    both[rows, :a.shape[1]] = a[local].to(device, f32)
+    both[rows, a.shape[1]:] = y[local].to(device, f32)
     shard.sum_(both)
     return both[:, :a.shape[1]], both[:, a.shape[1]:]
 

@@ -16,7 +16,7 @@ from spap.driver.head_surgery import zero_heads
 from spap.errors import SpapError
 from spap.modelio.runfolder import partial_dir
 from spap.models import get_attention_adapter
-from test_large import SETTINGS, interrupt_at, saved
+from test_large import SETTINGS, interrupted_then_resumed, outputs_equal, saved
 
 
 @pytest.fixture
@@ -88,24 +88,9 @@ def test_resumed_head_pruned_run_equals_the_uninterrupted_one(tmp_path, calib_fi
     src = saved(tmp_path, family)
     kw = dict(SETTINGS, calib=str(calib_file), method="obs", heads=0.5, low_memory=low_memory)
     whole = prune_to_disk(str(src), tmp_path / "whole", 0.3, **kw)
-    out = tmp_path / "cut"
-    with monkeypatch.context() as m:
-        interrupt_at(m, 2)
-        with pytest.raises(KeyboardInterrupt):
-            prune_to_disk(str(src), out, 0.3, **kw)
-    assert partial_dir(out).exists() and not out.exists()
-    again = prune_to_disk(str(src), out, 0.3, **kw)
+    again = interrupted_then_resumed(monkeypatch, src, tmp_path / "cut", 2, **kw)
     assert again.report["resumed_from_layer"] == 2
-    from safetensors.torch import load_file
-
-    def weights(d):
-        t = {}
-        for f in sorted(d.glob("*.safetensors")):
-            t.update(load_file(str(f)))
-        return t
-
-    a, b = weights(whole.out), weights(again.out)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    outputs_equal(whole.out, again.out)  # every file byte for byte
 
 
 def test_heads_on_a_family_without_prunable_heads_is_refused(tmp_path, calib_file, capsys):

@@ -212,6 +212,17 @@ def _remove_block(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> No
     hinv[:, cols] = 0
 
 
+def _remove_cheapest(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor,
+                     costs: list[float]) -> int:
+    """One greedy OBS step over candidate blocks `cols` (c, b): remove the block of least
+    cost (in place), append its cost; returns its index among the candidates."""
+    c = _block_costs(w, hinv, cols.to(w.device))  # (c,)
+    best = int(torch.argmin(c))
+    _remove_block(w, hinv, cols[best].to(w.device))
+    costs.append(float(c[best]))
+    return best
+
+
 def obs_heads(w0: torch.Tensor, hinv: torch.Tensor, layout: HeadLayout, keep_per_group: int,
               kv_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
     """Greedy OBS over head blocks: first whole KV groups down to `kv_keep`, then query heads
@@ -227,10 +238,7 @@ def obs_heads(w0: torch.Tensor, hinv: torch.Tensor, layout: HeadLayout, keep_per
     while int(live_groups.sum()) > kv_keep:
         groups = torch.nonzero(live_groups).flatten()
         cols = torch.stack([layout.columns(layout.heads_of(g.reshape(1))) for g in groups])
-        c = _block_costs(w, h, cols.to(w.device))  # (groups,)
-        best = int(torch.argmin(c))
-        _remove_block(w, h, cols[best].to(w.device))
-        costs.append(float(c[best]))
+        best = _remove_cheapest(w, h, cols, costs)
         live_groups[groups[best]] = False
         alive[layout.heads_of(groups[best].reshape(1))] = False
     while True:
@@ -240,11 +248,7 @@ def obs_heads(w0: torch.Tensor, hinv: torch.Tensor, layout: HeadLayout, keep_per
         if cand.numel() == 0:
             break
         cols = torch.stack([layout.columns(hh.reshape(1)) for hh in cand])  # (c, hd)
-        c = _block_costs(w, h, cols.to(w.device))
-        best = int(torch.argmin(c))
-        _remove_block(w, h, cols[best].to(w.device))
-        costs.append(float(c[best]))
-        alive[cand[best]] = False
+        alive[cand[_remove_cheapest(w, h, cols, costs)]] = False
     keep = torch.nonzero(alive).flatten()
     w_keep = w[:, layout.columns(keep).to(w.device)]  # (m, k*hd)
     return keep, torch.nonzero(live_groups).flatten(), w_keep, costs

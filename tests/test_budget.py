@@ -64,6 +64,8 @@ def test_bad_budgets_are_refused(tmp_path, capsys):
     model = tiny_model("llama")
     with pytest.raises(SpapError, match="--params must be in"):
         spap.prune(copy.deepcopy(model), calib_ids=IDS, params=1.0)
+    with pytest.raises(SpapError, match="--params must be in"):
+        spap.prune(copy.deepcopy(model), calib_ids=IDS, params="0.2")
     with pytest.raises(SpapError, match="drop --heads"):
         spap.prune(copy.deepcopy(model), calib_ids=IDS, params=0.2, heads=0.5)
     with pytest.raises(SpapError, match="cannot be removed"):

@@ -99,18 +99,11 @@ class PruneConfig:
         return CalibConfig(self.calib, self.nsamples, self.seqlen, self.seed)
 
     def validate(self) -> None:
-        s = self.sparsity
-        if not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s < 1:
-            raise SpapError(f"--sparsity must be in [0, 1), got {s}; e.g. --sparsity 0.3")
-        for name in ("heads", "kv_groups"):
-            x = getattr(self, name)
-            if not isinstance(x, (int, float)) or not math.isfinite(x) or not 0 <= x < 1:
-                raise SpapError(f"--{name.replace('_', '-')} must be in [0, 1), got {x}; e.g. "
-                                f"--{name.replace('_', '-')} 0.25")
+        _check_fraction("sparsity", self.sparsity, 0.3)
+        _check_fraction("heads", self.heads, 0.25)
+        _check_fraction("kv_groups", self.kv_groups, 0.25)
         if self.params is not None:
-            p = self.params
-            if not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p < 1:
-                raise SpapError(f"--params must be in (0, 1), got {p}; e.g. --params 0.2")
+            _check_fraction("params", self.params, 0.2, zero=False)
             if self.params_split not in PARAMS_SPLITS:
                 raise SpapError(f"--params-split must be one of {', '.join(PARAMS_SPLITS)}, "
                                 f"got '{self.params_split}'")
@@ -144,6 +137,15 @@ class PruneConfig:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_fraction(name: str, x: Any, example: float, zero: bool = True) -> None:
+    """SpapError unless `x` is a number in [0, 1) (`zero=False`: in (0, 1))."""
+    if (not isinstance(x, (int, float)) or not math.isfinite(x) or not x < 1
+            or not (0 <= x if zero else 0 < x)):
+        flag = "--" + name.replace("_", "-")
+        raise SpapError(f"{flag} must be in {'[' if zero else '('}0, 1), got {x}; e.g. "
+                        f"{flag} {example:g}")
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:

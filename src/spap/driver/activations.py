@@ -37,6 +37,11 @@ DEVICE_SHARE = 0.5
 Batch = tuple[torch.Tensor, tuple, dict]
 
 
+class StopForward(Exception):
+    """Raised by a capture hook to end a forward once it has what it needs (the layer-0
+    capture, a head step's o_proj statistics)."""
+
+
 def tensor_bytes(obj: Any) -> int:
     """Bytes of every tensor in a nest of tuples, lists and dicts."""
     if isinstance(obj, torch.Tensor):

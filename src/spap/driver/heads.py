@@ -25,14 +25,8 @@ from ..errors import SpapError
 from ..models.attention import AttentionAdapter
 from ..solvers.heads import HeadLayout, HeadProblem, HeadSolver, decision_error
 from ..solvers.stats import ActStats, StatsAccumulator, reduce_stats
+from .activations import Batch, StopForward
 from .head_surgery import cut_heads, zero_heads
-
-Batch = tuple[torch.Tensor, tuple, dict]
-
-
-class _Stop(Exception):
-    """Ends a layer's forward once o_proj's input is collected."""
-
 
 @torch.no_grad()
 def collect_o_stats(attn: AttentionAdapter, layer: nn.Module, batches: Sequence[Batch],
@@ -46,7 +40,7 @@ def collect_o_stats(attn: AttentionAdapter, layer: nn.Module, batches: Sequence[
 
     def collect(_m, a):
         acc.add(a[0], heldout=state["j"] >= n - heldout_batches)
-        raise _Stop
+        raise StopForward  # o_proj's input is all this step needs
 
     hook = o.register_forward_pre_hook(collect)
     try:
@@ -54,7 +48,7 @@ def collect_o_stats(attn: AttentionAdapter, layer: nn.Module, batches: Sequence[
             state["j"] = j
             try:
                 layer(hidden, *args, **kwargs)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         hook.remove()

@@ -62,7 +62,7 @@ from ..models.base import MLPAdapter
 from ..solvers.base import LayerProblem, Solver
 from ..solvers.heads import HeadLayout, HeadSolver, keep_counts
 from ..solvers.stats import DriftAccumulator, StatsAccumulator, reduce_stats
-from .activations import ActivationStore, choose_offload, tensor_bytes
+from .activations import ActivationStore, StopForward, choose_offload, tensor_bytes
 from .heads import prune_layer_heads
 from .records import LayerRecord, n_keep_for
 from .stores import IN_MODEL, LayerSink, LayerSource
@@ -70,10 +70,6 @@ from .surgery import apply_decision
 
 log = logging.getLogger(__name__)
 
-
-
-class StopForward(Exception):
-    """Raised by a capture hook to end the model's forward once it has what it needs."""
 
 
 def forward_to_stop(model, ids: torch.Tensor, device, batch_size: int) -> Iterator[None]:

@@ -28,6 +28,7 @@ from ..solvers.stats import ActStats, StatsAccumulator, reduce_stats
 from .activations import Batch, StopForward
 from .head_surgery import cut_heads, zero_heads
 
+
 @torch.no_grad()
 def collect_o_stats(attn: AttentionAdapter, layer: nn.Module, batches: Sequence[Batch],
                     heldout_batches: int = 0) -> ActStats:

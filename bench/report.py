@@ -451,21 +451,26 @@ def params_section(model: str, d: dict) -> list[str]:
                      f"{fmt(r.get('params_non_embedding_removed_frac'), 3)} | "
                      f"{fmt(r.get('layer_error_heldout_mean'), 4)} | {herr} | "
                      f"{fmt(r['ppl'])} |")
-    by_method: dict[str, list[dict]] = {}
+    # one group per budget and method (its options but the split): the splits of one budget
+    by_method: dict[tuple, list[dict]] = {}
     for r in recs:
-        by_method.setdefault(r["base_method"] + str(r.get("options", {}).get("refit", "")),
+        t = r.get("params_target") or {}
+        opts = tuple(sorted((k, str(v)) for k, v in (r.get("options") or {}).items()))
+        by_method.setdefault((t.get("params"), t.get("of"), r["base_method"], opts),
                              []).append(r)
     lines.append("")
-    for rs in by_method.values():
+    for (budget, of, _, _), rs in sorted(by_method.items(), key=lambda kv: str(kv[0])):
         rs = [r for r in rs if r["ppl"] is not None]
         if len(rs) < 2:
             continue
         best = min(rs, key=lambda r: r["ppl"])
         mlp = next((r for r in rs if (r.get("params_target") or {}).get("chosen") == "mlp"),
                    None)
-        lines.append(f"- {best['method']}: the lowest perplexity of its splits, "
-                     f"{fmt(best['ppl'])}" + (f" (MLP only: {fmt(mlp['ppl'])})." if mlp
-                                               and mlp is not best else "."))
+        whose = "all" if of == "all" else f"the {of}"
+        lines.append(f"- {fmt(budget, 2)} of {whose} parameters, {best['method']}: the lowest "
+                     f"perplexity of its {len(rs)} splits, {fmt(best['ppl'])}"
+                     + (f" (MLP only: {fmt(mlp['ppl'])})." if mlp and mlp is not best
+                        else " (MLP only)." if mlp else "."))
     return lines
 
 

@@ -143,7 +143,8 @@ def test_head_and_budget_sections_render_a_real_compare(report):
 
     variants = parse_variants("heads-obs=obs:heads=0.5,heads-magnitude=obs:heads=0.5;"
                               "head_method=magnitude,obs-mlp=obs:params=0.2;params_split=mlp,"
-                              "obs-kv=obs:params=0.2;params_split=kv")
+                              "obs-kv=obs:params=0.2;params_split=kv,"
+                              "obs-mlp-30=obs:params=0.3;params_split=mlp")
     d = compare(tiny_model("llama"), byte_tokenizer(), variants, [0.0],
                 calib_ids=random_ids(16, 24, seed=1), eval_stream=random_ids(1, 200)[0],
                 eval_seqlen=24, probe_ids=random_ids(4, 24, seed=2))
@@ -155,3 +156,6 @@ def test_head_and_budget_sections_render_a_real_compare(report):
     assert "- heads: obs" in text
     budget = "\n".join(report.params_section("tiny", {**d, "records": d["records"][2:]}))
     assert "| obs-kv | kv |" in budget and "| obs-mlp | mlp |" in budget
+    # one summary line per budget: the 0.3 run is not one of the 0.2 budget's splits
+    assert "- 0.20 of all parameters" in budget and "of its 2 splits" in budget
+    assert "- 0.30 of all parameters" not in budget  # a budget with one split has no line

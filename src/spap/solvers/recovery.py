@@ -146,59 +146,27 @@ def recover(
         raise ValueError(f"unknown recovery mode '{mode}'; use {' or '.join(MODES)}")
     device = torch.device(device) if device is not None else w_down.device
     f32 = torch.float32
-    p = a.shape[0]
-    n_fit = p - n_val
-    # this rank's fit tokens are [fit_lo, fit_lo + n_fit) of all ranks' fit tokens in order
-    fit_lo, n_fit_all = shard.offset(n_fit, device)
-    n_val_all = shard.sum_float(float(n_val), device)
-    if n_val_all < 1 or n_fit_all < 1:
-        raise ValueError(f"recovery needs fit and held-out tokens, got {n_fit_all} and "
-                         f"{int(n_val_all)}")
+    data = LayerTokens(a, y, n_val, device, chunk, shard, b_down)
+    p, n_fit, n_fit_all = data.p, data.n_fit, data.n_fit_all
     params = {k: v.detach().to(device, f32).clone() for k, v in w_in.items()}
     params["__down"] = w_down.detach().to(device, f32).clone()
     b_in_ = {k: v.to(device, f32) for k, v in (b_in or {}).items()}
-    b_down_ = b_down.to(device, f32) if b_down is not None else None
+    b_down_ = data.b_down
     w_dense = w_down_dense.to(device, f32) if w_down_dense is not None else None
 
     def fwd(ps, aa):
         ins = {k: v for k, v in ps.items() if k != "__down"}
         return mlp_forward(aa, ins, ps["__down"], act, linear_key, b_in_, b_down_)
 
-    def chunks(lo, hi):
-        for s in range(lo, hi, chunk):
-            e = min(hi, s + chunk)
-            yield a[s:e].to(device, f32), y[s:e].to(device, f32)
-
-    def sq(t):  # float64 sums: only their order depends on how the tokens are chunked
-        return float(t.double().pow(2).sum())
-
-    y_sq_fit = shard.sum_float(sum(sq(yy) for _, yy in chunks(0, n_fit)), device) / n_fit_all
-    y_sq_val = shard.sum_float(sum(sq(yy) for _, yy in chunks(n_fit, p)), device)
-
-    @torch.no_grad()
     def val_loss(ps):
-        tot = 0.0
-        for aa, yy in chunks(n_fit, p):
-            tot += sq(fwd(ps, aa) - yy)
-        tot = shard.sum_float(tot, device)
-        return tot / y_sq_val if y_sq_val > 0 else 0.0
+        return data.val_loss(lambda aa: fwd(ps, aa))
 
     @torch.no_grad()
     def down_step(ps, hi=n_fit):
         """The down projection's closed form on tokens [0, hi) (the fit tokens unless told),
         toward the dense weights."""
         ins = {k: v for k, v in ps.items() if k != "__down"}
-        k = ps["__down"].shape[1]
-        gram = torch.zeros(k, k, dtype=torch.float64, device=device)
-        cross = torch.zeros(k, y.shape[1], dtype=torch.float64, device=device)
-        for aa, yy in chunks(0, hi):
-            x = down_input(aa, ins, act, linear_key, b_in_)  # (c, k)
-            t = yy - b_down_ if b_down_ is not None else yy
-            x, t = x.double(), t.double()  # (products in float64, as the sums: see sq)
-            gram += x.T @ x
-            cross += x.T @ t
-        shard.sum_(gram)
-        shard.sum_(cross)
+        gram, cross = data.down_sums(lambda aa: down_input(aa, ins, act, linear_key, b_in_), hi)
         if ridge is None or w_dense is None:  # the exact refit, damped (anchored at zero)
             anchor, lam = torch.zeros_like(cross.T), 0.01
         else:
@@ -235,13 +203,10 @@ def recover(
             for g, b in zip(opt.param_groups, base_lr):
                 g["lr"] = b * frac
             idx = perm[i * mb:(i + 1) * mb]
-            if shard.distributed:
-                aa, yy = _gather_rows(a, y, idx, fit_lo, n_fit, shard, device)
-            else:
-                aa, yy = a[idx].to(device, f32), y[idx].to(device, f32)
+            aa, yy = data.minibatch(idx)
             with torch.enable_grad():
                 r = fwd(params, aa) - yy
-                loss = (r * r).sum() / (y_sq_fit * idx.numel())
+                loss = (r * r).sum() / (data.y_sq_fit * idx.numel())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
@@ -275,6 +240,75 @@ def recover(
         w_down=final["__down"].detach(), epochs=best[1], heldout=history,
         shrink=shrink_info,
     )
+
+
+class LayerTokens:
+    """One layer problem's tokens on this rank (fit rows first, then the last `n_val` held-out
+    ones) and the float64 sums over all ranks that recovery's steps take of them: the
+    squared norms of the targets, a held-out loss, the down projection's Gram and cross
+    term, and a minibatch of all ranks' fit tokens (`_gather_rows`)."""
+
+    def __init__(self, a, y, n_val, device, chunk, shard: Shard = LOCAL, b_down=None):
+        self.a, self.y, self.device, self.chunk, self.shard = a, y, device, chunk, shard
+        self.p = a.shape[0]
+        self.n_fit = self.p - n_val
+        # this rank's fit tokens are [fit_lo, fit_lo + n_fit) of all ranks' fit tokens
+        self.fit_lo, self.n_fit_all = shard.offset(self.n_fit, device)
+        n_val_all = shard.sum_float(float(n_val), device)
+        if n_val_all < 1 or self.n_fit_all < 1:
+            raise ValueError(f"recovery needs fit and held-out tokens, got {self.n_fit_all} "
+                             f"and {int(n_val_all)}")
+        self.b_down = b_down.to(device, torch.float32) if b_down is not None else None
+        self.y_sq_fit = shard.sum_float(sum(_sq(yy) for _, yy in self.chunks(0, self.n_fit)),
+                                        device) / self.n_fit_all
+        self.y_sq_val = shard.sum_float(sum(_sq(yy) for _, yy in self.chunks(self.n_fit,
+                                                                             self.p)), device)
+
+    def chunks(self, lo, hi):
+        for s in range(lo, hi, self.chunk):
+            e = min(hi, s + self.chunk)
+            yield (self.a[s:e].to(self.device, torch.float32),
+                   self.y[s:e].to(self.device, torch.float32))
+
+    @torch.no_grad()
+    def val_loss(self, predict: Callable) -> float:
+        """||predict(a) - y||^2 / ||y||^2 over the held-out tokens of every rank."""
+        tot = 0.0
+        for aa, yy in self.chunks(self.n_fit, self.p):
+            tot += _sq(predict(aa) - yy)
+        tot = self.shard.sum_float(tot, self.device)
+        return tot / self.y_sq_val if self.y_sq_val > 0 else 0.0
+
+    @torch.no_grad()
+    def down_sums(self, x_of: Callable, hi: int | None = None):
+        """G = sum x x^T (k, k) and C = sum x (y - b_down)^T (k, m) in float64 over tokens
+        [0, hi) of every rank (the fit tokens unless told), x = x_of(a) the down projection's
+        input (c, k)."""
+        hi = self.n_fit if hi is None else hi
+        k = x_of(self.a[:0].to(self.device, torch.float32)).shape[1]
+        gram = torch.zeros(k, k, dtype=torch.float64, device=self.device)
+        cross = torch.zeros(k, self.y.shape[1], dtype=torch.float64, device=self.device)
+        for aa, yy in self.chunks(0, hi):
+            x = x_of(aa)  # (c, k)
+            t = yy - self.b_down if self.b_down is not None else yy
+            x, t = x.double(), t.double()  # (products in float64, as the sums: see _sq)
+            gram += x.T @ x
+            cross += x.T @ t
+        self.shard.sum_(gram)
+        self.shard.sum_(cross)
+        return gram, cross
+
+    def minibatch(self, idx: torch.Tensor):
+        """Rows `idx` of all ranks' fit tokens, on every rank, in idx's order."""
+        if self.shard.distributed:
+            return _gather_rows(self.a, self.y, idx, self.fit_lo, self.n_fit, self.shard,
+                                self.device)
+        return self.a[idx].to(self.device, torch.float32), self.y[idx].to(self.device,
+                                                                          torch.float32)
+
+
+def _sq(t):  # float64 sums: only their order depends on how the tokens are chunked
+    return float(t.double().pow(2).sum())
 
 
 @torch.no_grad()

@@ -51,6 +51,7 @@ from typing import ClassVar
 import torch
 
 from .base import Decision, LayerProblem, top_k_keep
+from .continuation import continue_penalty
 from .obs import greedy_obs
 from .recovery import MODES, recover
 from .refit import (
@@ -89,6 +90,9 @@ class SpapSolver(RefitOptions):
     swap_max_n: int = 32  # exact exchange search (1- and 2-swaps) only on layers this small
     # recovery (recovery.py): "alternating" (Adam on the input projections, closed-form down
     # projection, per epoch), "joint" (Adam on all), or "none" (decision + refit only)
+    # "continuation" (continuation.py): the cut made gradually inside recovery, a penalty on
+    # the channels to remove growing over recovery_epochs epochs, the mask re-chosen between
+    # them
     recovery: str = "alternating"
     # at most this many epochs, the count chosen on held-out windows; 2 keeps SPAP within 5x
     # wanda-sp's time on Qwen2.5-Coder (a third epoch lowered a SmolLM2 layer's held-out
@@ -114,6 +118,12 @@ class SpapSolver(RefitOptions):
     # "model", the dense model's own MLP output at this layer (so the layer also corrects the
     # drift of its inputs; the pipeline then carries the dense model's hidden states too)
     recovery_target: str = "layer"
+    # recovery=continuation: the penalty weight (relative to each channel's H_ii) of the first
+    # and the last epoch, geometric in between; and how the channels to remove are re-chosen
+    # between epochs: "loo" (the cheapest by their leave-one-out cost) or "fixed" (the
+    # decision's mask throughout)
+    continuation_mu: str = "0.1,10"
+    continuation_rechoose: str = "loo"
     # dtype of the decision and the refit: float32 halves the time on a CPU and is the native
     # speed on a GPU; on real Qwen and SmolLM2 layers it chose the same masks as float64
     solve_dtype: str = "float32"
@@ -131,9 +141,9 @@ class SpapSolver(RefitOptions):
         if self.recovery_target not in ("layer", "model"):
             raise ValueError(f"unknown recovery_target '{self.recovery_target}'; use layer or "
                              "model")
-        if self.recovery not in (*MODES, "none"):
+        if self.recovery not in (*MODES, "continuation", "none"):
             raise ValueError(f"unknown recovery '{self.recovery}'; use "
-                             f"{', '.join(MODES)} or none")
+                             f"{', '.join(MODES)}, continuation or none")
         n = problem.n
         if n_keep >= n:
             return Decision(torch.arange(n, device=problem.w_down.device),
@@ -176,6 +186,11 @@ class SpapSolver(RefitOptions):
                    else refit_toward_dense(w0, damp(h_fit, self.damp), keep, 0.0))
         targets = problem.targets
         alpha = decision.info.get("drift_alpha") or 0.0
+        if self.recovery == "continuation":
+            if alpha:
+                targets = targets + alpha * problem.drift.to(targets.dtype)
+            self._continue(problem, decision, targets, lam, dev)
+            return
         if alpha:  # the drift target (refit.py): W0 x + alpha D, for the start and the epochs
             drift = stats.drift
             c_fit = (drift.cross - drift.cross_heldout).to(dt)  # (m, n)
@@ -201,6 +216,28 @@ class SpapSolver(RefitOptions):
         if res.epochs == 0:
             return
         f64 = problem.w_down.dtype
+        decision.w_down = res.w_down.to(f64)
+        decision.w_in = {k: v.to(f64) for k, v in res.w_in.items()}
+
+    def _continue(self, problem, decision, targets, lam, dev) -> None:
+        """recovery=continuation (continuation.py) from the decision's mask. Its epoch 0 is
+        the refit of that mask on the fit windows; when no later epoch's cut beats it on the
+        held-out windows, the decision and its all-window refit stay."""
+        res = continue_penalty(
+            problem.inputs, targets, problem.w_in, problem.w_down, problem.act,
+            problem.linear_key, problem.heldout_tokens, complement(decision.keep, problem.n),
+            b_in=problem.b_in, b_down=problem.b_down, ridge=lam,
+            epochs=self.recovery_epochs, mu=_fractions(self.continuation_mu, "continuation_mu"),
+            rechoose=self.continuation_rechoose, lr=self.recovery_lr,
+            batch=self.recovery_batch, device=dev, shard=problem.shard,
+        )
+        decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout,
+                             continuation={"mu": res.mus, "shrinkage": res.shrinkage,
+                                           "changed": res.changed})
+        if res.epochs == 0:
+            return
+        f64 = problem.w_down.dtype
+        decision.keep = res.keep.to(decision.keep.device)
         decision.w_down = res.w_down.to(f64)
         decision.w_in = {k: v.to(f64) for k, v in res.w_in.items()}
 
@@ -279,15 +316,20 @@ class SpapSolver(RefitOptions):
         return best[1]
 
 
-def _fractions(grid) -> tuple[float, ...]:
-    """recovery_shrink as numbers: "0.25,0.5" (or one number, as --option parses it)."""
+def _fractions(grid, name: str = "recovery_shrink") -> tuple[float, ...]:
+    """recovery_shrink (or continuation_mu) as numbers: "0.25,0.5" (or one number, as
+    --option parses it)."""
     if isinstance(grid, (int, float)):
         return (float(grid),)
     try:
-        return tuple(float(x) for x in str(grid).split(",") if x.strip())
+        out = tuple(float(x) for x in str(grid).split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"recovery_shrink must be comma-separated fractions such as "
+        raise ValueError(f"{name} must be comma-separated numbers such as "
                          f"'0.25,0.5,0.75', got {grid!r}") from None
+    if name == "continuation_mu" and len(out) != 2:
+        raise ValueError(f"continuation_mu must be two numbers, the first and the last "
+                         f"epoch's penalty, such as '0.1,10', got {grid!r}")
+    return out
 
 
 def _dtype(name: str) -> torch.dtype:

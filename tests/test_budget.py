@@ -116,3 +116,24 @@ def test_a_budget_keeps_the_calibration_description(text_file):
     res = spap.prune(tiny_model("llama"), byte_tokenizer(), params=0.2, params_split="mlp",
                      calib=str(text_file), nsamples=4, seqlen=16, method="obs")
     assert res.report["calibration"] == drawn  # the windows' source and seed, not "given"
+
+
+def test_prune_to_disk_with_a_budget_draws_the_calibration_once(tmp_path, monkeypatch):
+    """The split's trial runs and the final run share one draw of the windows, and the report
+    still describes where they came from."""
+    import spap.api as api
+    from conftest import TEXT
+    from test_large import SETTINGS, saved
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"{i}. {TEXT * 4}" for i in range(40)))
+    src = saved(tmp_path, "llama")
+    calls = []
+    orig = api.calibration_ids
+    monkeypatch.setattr(api, "calibration_ids",
+                        lambda *a, **k: calls.append(1) or orig(*a, **k))
+    job = api.prune_to_disk(str(src), tmp_path / "o", **dict(
+        SETTINGS, calib=str(calib), method="obs", params=0.2))
+    assert len(calls) == 1
+    assert len(job.report["params_target"]["candidates"]) > 1
+    assert job.report["calibration"]["source"] == str(calib)

@@ -303,14 +303,16 @@ def prune_to_disk(model: str, out: str | os.PathLike, sparsity: float | None = N
     from .modelio.loading import load_model
 
     model_obj, tok, src = load_model(model, cfg.dtype, cfg.device)
-    budget = None
+    budget, calib_ids, calib_desc = None, None, None
     if cfg.params is not None:  # the split first: it may need the model pruned several times
-        cfg, budget = choose_split(model_obj, cfg, calibration_ids(tok, cfg.calibration)[0])
+        # (on the windows the final run uses too: drawn once)
+        calib_ids, calib_desc = calibration_ids(tok, cfg.calibration)
+        cfg, budget = choose_split(model_obj, cfg, calib_ids)
     if cfg.prunes_heads:  # refused before any long work
         head_plan(model_obj, cfg)
     timings = {"load_s": time.perf_counter() - t_start}
     ev: dict[str, Any] = {}
-    if cfg.evaluate:
+    if cfg.evaluate and shard.is_main:  # (rank 0 alone evaluates and writes)
         from .data import load_text, tokenize
 
         t0 = time.perf_counter()
@@ -320,7 +322,8 @@ def prune_to_disk(model: str, out: str | os.PathLike, sparsity: float | None = N
     params_dense = count_params(model_obj)
     identity = identity_in_memory(model_obj, get_adapter(model_obj.config), src.spec)
     t0 = time.perf_counter()
-    result = _run(model_obj, tok, cfg, run_dir=run_dir, identity=identity)
+    result = _run(model_obj, tok, cfg, calib_ids=calib_ids, calib_desc=calib_desc,
+                  run_dir=run_dir, identity=identity)
     timings["prune_s"] = time.perf_counter() - t0
     report = result.report
     report["model"]["source"] = src.spec

@@ -539,6 +539,24 @@ DP_INTRO = (
     "`--option solve_dtype=float64` keeps every channel.")
 
 
+LAB_INTRO = (
+    "`bench/layer_lab.py`: one layer problem per chosen decoder layer, built as the pipeline "
+    "builds it (the dense model's MLP inputs at that layer, r=0.5, 64 x 512 calibration "
+    "tokens, the last 8 windows held out), solved by every variant. Each cell is the layer's "
+    "relative output error on probe windows from the end of the evaluation text, which no "
+    "solver sees, and in brackets the seconds of one solve on one CPU thread. `spap-ep4` is "
+    "a hard cut followed by 4 recovery epochs; `cont4` is `recovery=continuation` with 4 "
+    "epochs (the cut made gradually, the mask re-chosen between epochs), `cont4-fixed` the "
+    "same with the decision's mask kept.")
+
+
+def lab_section(model: str, d: dict) -> list[str]:
+    from layer_lab import table  # (imports torch: only when a lab file exists)
+
+    cmds = "; ".join(f"`{c}`" for c in d.get("commands", [d["command"]]))
+    return [f"### {d.get('model', model)}", "", f"Commands: {cmds}.", "", table(d)]
+
+
 def main() -> None:
     head = (ROOT / "bench" / "HEADER.md").read_text()
     parts = [head.rstrip(), ""]
@@ -578,7 +596,12 @@ def main() -> None:
                   "`bench/compare.sh`'s protocol with `--seed N` (other calibration windows; "
                   "the same evaluation and probe windows), the drift-target variants of "
                   "spap and of the refitting baselines.", "", *seeds, ""]
-        (ROOT / "BENCHMARKS.md").write_text("\n".join(parts).rstrip() + "\n")
+    labs = load("layer-lab-*.json")
+    if labs:
+        parts += ["## One layer at a time: recovery variants on real layers", "", LAB_INTRO, ""]
+        for model, d in labs:
+            parts += [*lab_section(model, d), ""]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts).rstrip() + "\n")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ def test_each_split_removes_what_it_says_close_to_the_budget(family, split, of):
 
 def test_auto_keeps_the_lowest_heldout_perplexity_and_equals_pruning_with_that_split():
     model = tiny_model("llama")
-    res = spap.prune(model, calib_ids=IDS, params=0.2, method="obs", batch_size=4)
+    res = spap.prune(model, calib_ids=IDS, params=0.2, method="obs", batch_size=4,
+                     params_split="auto")
     target = res.report["params_target"]
     ppl = {c["name"]: c["heldout_calibration_ppl"] for c in target["candidates"]}
     assert set(ppl) == {"mlp", "heads", "kv"}
@@ -50,6 +51,22 @@ def test_auto_keeps_the_lowest_heldout_perplexity_and_equals_pruning_with_that_s
                heads=chosen["heads"], kv_groups=chosen["kv_groups"])
     sa, sb = model.state_dict(), again.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_the_default_split_is_mlp_channels_only_in_one_prune(monkeypatch):
+    """Measured on SmolLM2 and Qwen2.5-Coder (BENCHMARKS.md), MLP channels alone were best or
+    tied, so a budget by default spends it there, in one run with no trial prunes."""
+    import spap.api as api
+
+    runs = []
+    orig = api._run
+    monkeypatch.setattr(api, "_run", lambda *a, **k: runs.append(1) or orig(*a, **k))
+    res = spap.prune(tiny_model("llama"), calib_ids=IDS, params=0.2, method="obs",
+                     batch_size=4)
+    target = res.report["params_target"]
+    assert target["split"] == "mlp" and target["chosen"] == "mlp"
+    assert [c["name"] for c in target["candidates"]] == ["mlp"]
+    assert res.report["heads"] is None and len(runs) == 1
 
 
 def test_a_family_without_prunable_heads_gets_the_mlp_split_only():
@@ -86,7 +103,7 @@ def test_low_memory_takes_one_split_only(tmp_path):
     src = saved(tmp_path, "llama")
     kw = dict(SETTINGS, calib=str(calib), method="obs", low_memory=True, params=0.2)
     with pytest.raises(SpapError, match="--params-split mlp, heads or kv"):
-        prune_to_disk(str(src), tmp_path / "o", **kw)
+        prune_to_disk(str(src), tmp_path / "o", params_split="auto", **kw)
     assert not (tmp_path / "o").exists()
     job = prune_to_disk(str(src), tmp_path / "o", params_split="heads", **kw)
     assert job.report["params_target"]["chosen"] == "heads"
@@ -133,7 +150,7 @@ def test_prune_to_disk_with_a_budget_draws_the_calibration_once(tmp_path, monkey
     monkeypatch.setattr(api, "calibration_ids",
                         lambda *a, **k: calls.append(1) or orig(*a, **k))
     job = api.prune_to_disk(str(src), tmp_path / "o", **dict(
-        SETTINGS, calib=str(calib), method="obs", params=0.2))
+        SETTINGS, calib=str(calib), method="obs", params=0.2, params_split="auto"))
     assert len(calls) == 1
     assert len(job.report["params_target"]["candidates"]) > 1
     assert job.report["calibration"]["source"] == str(calib)

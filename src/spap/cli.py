@@ -81,11 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params-of", default="all", choices=("all", "non-embedding"),
                    help="what --params counts: all parameters (default) or those outside "
                         "the embeddings and the output head")
-    p.add_argument("--params-split", default="auto", choices=("auto", "mlp", "heads", "kv"),
-                   help="auto (default): try MLP channels only, one query head per KV group "
-                        "and one KV group, each with the MLP sparsity that meets the budget, "
-                        "and keep the lowest perplexity on the held-out calibration windows "
-                        "(one prune per split, plus the final one); or one of them")
+    p.add_argument("--params-split", default="mlp", choices=("mlp", "heads", "kv", "auto"),
+                   help="how --params is spent: mlp (default): MLP channels only; heads: one "
+                        "query head per KV group plus the MLP sparsity that meets the budget; "
+                        "kv: one KV group plus the rest; auto: prune a copy with each and keep "
+                        "the lowest perplexity on the held-out calibration windows (one prune "
+                        "per split, plus the final one)")
     p.add_argument("--out", required=True, help="output folder (save_pretrained format)")
     p.add_argument("--method", default="spap",
                    help="spap (default), obs, fasp, flap, wanda-sp, magnitude")

@@ -56,7 +56,7 @@ class PruneConfig:
     # (driver/budget.py); it then sets sparsity, heads and kv_groups
     params: float | None = None
     params_of: str = "all"
-    params_split: str = "auto"
+    params_split: str = "mlp"
     # calibration windows (see CalibConfig)
     calib: str = "wiki-offline"
     nsamples: int = 128

@@ -84,6 +84,31 @@ def test_compare_end_to_end(tiny_dir, text_file, tmp_path, capsys):
     assert not list(js.parent.glob(".*tmp*"))  # atomic writes leave no temporary file
 
 
+def test_also_eval_scores_every_model_on_a_second_text(tiny_dir, text_file, tmp_path, capsys):
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(f"{i} zebra quartz " * 12 for i in range(40)))
+    js = tmp_path / "cmp.json"
+    code, out, err = run(["compare", tiny_dir, "--methods", "obs", "--sparsities", "0,0.5",
+                          "--calib", text_file, "--nsamples", "4", "--seqlen", "32",
+                          "--eval-data", text_file, "--also-eval", str(other),
+                          "--eval-seqlen", "32", "--eval-windows", "2", "--device", "cpu",
+                          "--json", js], capsys)
+    assert code == 0, err
+    res = json.loads(js.read_text())
+    (src,) = res["dense_ppl_also"]
+    assert src == str(other) and res["protocol"]["also_eval"][src]["windows"] == 2
+    from spap.eval.ppl import perplexity
+
+    want = perplexity(tiny_model("llama"), byte_tokenizer(), data=str(other), seqlen=32,
+                      windows=2)["ppl"]
+    assert res["dense_ppl_also"][src] == pytest.approx(want, rel=1e-6)
+    assert res["dense_ppl_also"][src] != pytest.approx(res["dense_ppl"], rel=1e-3)
+    dense0, pruned = res["records"]
+    assert dense0["ppl_also"][src] == res["dense_ppl_also"][src]  # 0%: the dense model
+    assert pruned["ppl_also"][src] != dense0["ppl_also"][src]
+    assert src in out
+
+
 def test_unknown_method_exits_2_without_json(tiny_dir, text_file, tmp_path, capsys):
     js = tmp_path / "cmp.json"
     code, _, err = run(["compare", tiny_dir, "--methods", "spap,bogus", "--calib", text_file,
@@ -102,6 +127,8 @@ def test_unknown_method_exits_2_without_json(tiny_dir, text_file, tmp_path, caps
     (["--methods", "a=spap,a=obs"], "twice"),
     (["--plot", "cmp.nosuch"], "image type"),
     (["--probe-windows", "-1"], "--probe-windows"),
+    (["--also-eval", "no-such-text"], "unknown text source"),
+    (["--also-eval", "wiki-offline"], "--also-eval"),
 ])
 def test_bad_input_exits_2_without_json(argv, needle, tmp_path, capsys):
     js = tmp_path / "cmp.json"

@@ -108,6 +108,23 @@ def test_local_file_splits_like_wikipedia(tmp_path):
     assert load_text(str(j), "test").text.split("\n\n") == test_p
 
 
+def test_the_fiction_text_splits_by_passage_and_holds_whole_passages():
+    """lambada-offline: every passage once (the set's two repeats dropped), in one part only,
+    the held-out part every 10th passage, each passage its context plus its last word."""
+    import gzip
+
+    from spap.assets import lambada_requests
+
+    with gzip.open(lambada_requests(), "rt") as f:
+        rows = [json.loads(line)["doc"] for line in f]
+    passages = list(dict.fromkeys(f"{r['query']} {r['answers_text'][0]}" for r in rows))
+    cal, test = load_text("lambada-offline", "calib"), load_text("lambada-offline", "test")
+    cal_p, test_p = cal.text.split("\n\n"), test.text.split("\n\n")
+    assert test_p == passages[9::10] and len(cal_p) + len(test_p) == len(passages) == 5151
+    assert not set(cal_p) & set(test_p)
+    assert test.source == "lambada-offline" and "passages with index % 10 == 9" in test.split
+
+
 def test_local_file_too_short_to_split(tmp_path):
     f = tmp_path / "short.txt"
     f.write_text("one line only")

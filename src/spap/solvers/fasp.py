@@ -26,10 +26,11 @@ import torch
 from .base import Decision, LayerProblem, top_k_keep
 from .refit import RefitOptions, relative_error, scatter_columns
 from .wanda_sp import wanda_sp_scores
+from .weighting import OutputWeighting
 
 
 @dataclass
-class FaspSolver(RefitOptions):
+class FaspSolver(RefitOptions, OutputWeighting):
     """Wanda-style choice, the shared refit of the kept down-projection columns."""
 
     name: ClassVar[str] = "fasp"
@@ -39,9 +40,12 @@ class FaspSolver(RefitOptions):
     def solve(self, problem: LayerProblem, n_keep: int) -> Decision:
         if problem.stats.gram is None:
             raise ValueError("the fasp solver needs the Gram matrix (stats.gram is None)")
+        self.check_out_weight(problem)
         w0 = problem.w_down.to(torch.float64)  # (m, n)
         n = w0.shape[1]
-        keep = top_k_keep(wanda_sp_scores(w0, problem.stats.norm), n_keep)
+        # (with out_weight=fisher the score reads R W0, weighting.py)
+        keep = top_k_keep(wanda_sp_scores(self.decision_rows(w0, problem), problem.stats.norm),
+                          n_keep)
         if n_keep == n:  # nothing removed: the dense weights are already the best fit
             return Decision(keep=keep, w_down=w0, info={"rel_error": 0.0})
         w, info = self.refit_kept(w0, problem.stats, keep)  # (m, k)

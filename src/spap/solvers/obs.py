@@ -53,6 +53,7 @@ from .refit import (
     scatter_columns,
     spd_inverse,
 )
+from .weighting import OutputWeighting
 
 
 def greedy_obs(
@@ -145,7 +146,7 @@ def greedy_obs(
 
 
 @dataclass
-class ObsSolver(RefitOptions):
+class ObsSolver(RefitOptions, OutputWeighting):
     """Greedy structured OBS choice, then the shared refit of the down projection (exact least
     squares by default, as published)."""
 
@@ -163,6 +164,7 @@ class ObsSolver(RefitOptions):
         if problem.stats.gram is None:
             raise ValueError("the obs solver needs the Gram matrix (stats.gram is None)")
         self.check_refit()
+        self.check_out_weight(problem)
         if self.solve_dtype not in ("float32", "float64"):
             raise ValueError(f"solve_dtype must be float32 or float64, got {self.solve_dtype!r}")
         w64 = problem.w_down.to(torch.float64)
@@ -172,10 +174,13 @@ class ObsSolver(RefitOptions):
             return Decision(keep=keep, w_down=w64, info={"rel_error": 0.0, "obs_refit_gap": 0.0})
         w0 = w64.to(getattr(torch, self.solve_dtype))  # (m, n)
         h = damp(problem.stats.gram.to(w0), self.damp)  # (n, n)
-        _, keep, w_obs = greedy_obs(w0, spd_inverse(h), n - n_keep, self.block, self.buffer)
-        w_exact = refit_down(w0, h, keep)  # (m, k)
+        w_dec = self.decision_rows(w0, problem)  # w0, or R w0 (weighting.py)
+        _, keep, w_obs = greedy_obs(w_dec, spd_inverse(h), n - n_keep, self.block, self.buffer)
+        w_exact = refit_down(w_dec, h, keep)  # (m, k): what the OBS weights should equal
         scale = float(w_exact.abs().max()) if w_exact.numel() else 0.0
         gap = float((w_obs - w_exact).abs().max()) / scale if scale > 0 else 0.0
+        if w_dec is not w0:
+            w_exact = refit_down(w0, h, keep)
         w, info = (w_exact, {"refit": "exact"}) if self.refit == "exact" else \
             self.refit_kept(w0, problem.stats, keep, h)
         w = w.to(torch.float64)

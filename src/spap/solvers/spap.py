@@ -64,10 +64,11 @@ from .refit import (
     spd_inverse,
     spd_solve,
 )
+from .weighting import OutputWeighting
 
 
 @dataclass
-class SpapSolver(RefitOptions):
+class SpapSolver(RefitOptions, OutputWeighting):
     name: ClassVar[str] = "spap"
     needs_gram: ClassVar[bool] = True
 
@@ -138,6 +139,7 @@ class SpapSolver(RefitOptions):
 
     def solve(self, problem: LayerProblem, n_keep: int) -> Decision:
         self.check_refit()
+        self.check_out_weight(problem)
         if self.recovery_target not in ("layer", "model"):
             raise ValueError(f"unknown recovery_target '{self.recovery_target}'; use layer or "
                              "model")
@@ -152,7 +154,9 @@ class SpapSolver(RefitOptions):
         w0 = problem.w_down.to(dt)  # (m, n)
         h = damp(problem.stats.gram.to(dt), self.damp)  # (n, n)
         hinv = spd_inverse(h)
-        keep, info = self.decide(w0, h, hinv, problem, n_keep)
+        # (with out_weight=fisher the decision ranks masks by the loss-weighted error; the refit
+        # is the same for every output weighting, weighting.py)
+        keep, info = self.decide(self.decision_rows(w0, problem), h, hinv, problem, n_keep)
         w_k, refit_info = self.refit_kept(w0, problem.stats, keep, h)
         info.update(refit_info)
         decision = Decision(keep, w_k.to(problem.w_down.dtype), info=info)

@@ -1,0 +1,63 @@
+"""How much the model's loss cares about each output direction of every layer's MLP.
+
+`output_fisher` runs the dense model forward and backward on calibration windows and sums,
+per decoder layer, G = sum_t g_t g_t^T, with g_t the gradient of the summed next-token loss
+with respect to that layer's down-projection output at token t: the empirical Fisher of the
+output (solvers/weighting.py says how a decision uses it). The weights need no gradient: the
+graph is built from the embeddings' output, so memory is one batch's activations and their
+gradients, as in any backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.base import MLPAdapter
+
+
+def output_fisher(model: nn.Module, adapter: MLPAdapter, ids: torch.Tensor, *,
+                  batch_size: int = 4, device=None) -> list[torch.Tensor]:
+    """[G_l] (m, m) float64 on the CPU, one per decoder layer, summed over the windows `ids`
+    (n, L), each window's first token only context."""
+    layers = adapter.layers(model)
+    device = device or next(model.parameters()).device
+    sums: list[torch.Tensor | None] = [None] * len(layers)
+
+    def keep_grad(i):
+        def hook(_m, _a, out):
+            def on_grad(g):
+                g = g.detach().reshape(-1, g.shape[-1]).to(torch.float64)
+                s = g.T @ g
+                sums[i] = s.cpu() if sums[i] is None else sums[i] + s.cpu()
+            out.register_hook(on_grad)
+        return hook
+
+    emb = model.get_input_embeddings()
+    handles = [emb.register_forward_hook(lambda _m, _a, out: out.requires_grad_())]
+    handles += [adapter.out_linear(layer).register_forward_hook(keep_grad(i))
+                for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for batch in ids.split(batch_size):
+                batch = batch.to(device)
+                logits = model(batch, use_cache=False).logits[:, :-1].float()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                       batch[:, 1:].reshape(-1), reduction="sum")
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    missing = [i for i, s in enumerate(sums) if s is None]
+    if missing:
+        raise RuntimeError(f"no gradient reached the MLP output of layers {missing}")
+    return sums

@@ -68,7 +68,8 @@ def test_the_decision_objective_is_the_weighted_error_and_the_refit_its_minimize
 
     w_k = refit_down(w0, h, keep).requires_grad_()
     val = weighted(w_k)
-    assert float(val.detach()) == pytest.approx(mask_error(r @ w0, spd_inverse(h), pruned), rel=1e-9)
+    want = mask_error(r @ w0, spd_inverse(h), pruned)
+    assert float(val.detach()) == pytest.approx(want, rel=1e-9)
     (grad,) = torch.autograd.grad(val, w_k)
     assert float(grad.abs().max()) < 1e-8 * float(val.detach())
 

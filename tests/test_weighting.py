@@ -159,3 +159,40 @@ def test_output_fisher_is_the_sum_of_gradient_outer_products():
             gr = gr.reshape(-1, gr.shape[-1]).to(F64)
             want += gr.T @ gr
         torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-8)
+
+
+def test_the_driver_hands_each_layer_the_dense_models_fisher_on_the_fit_windows(monkeypatch):
+    import copy
+
+    import spap
+    from spap.data import heldout_windows
+    from spap.solvers.obs import ObsSolver
+
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    ids = random_ids(8, 16, seed=5)
+    seen = []
+    orig = ObsSolver.solve
+    monkeypatch.setattr(ObsSolver, "solve",
+                        lambda self, pr, k: seen.append(pr.out_weight) or orig(self, pr, k))
+    res = spap.prune(model, calib_ids=ids, sparsity=0.5, method="obs", batch_size=2,
+                     method_options={"out_weight": "fisher"})
+    assert res.report["options"]["out_weight"] == "fisher"
+    n_fit = ids.shape[0] - heldout_windows(ids.shape[0])
+    want = output_fisher(dense, get_adapter(dense.config), ids[:n_fit], batch_size=2)
+    assert len(seen) == len(want)
+    for got, g in zip(seen, want):
+        torch.testing.assert_close(got, g, rtol=1e-5, atol=1e-9)
+
+
+def test_low_memory_refuses_the_fisher_and_writes_nothing(tmp_path, text_file):
+    from spap.api import prune_to_disk
+    from spap.errors import SpapError
+    from test_large import SETTINGS, saved
+
+    src = saved(tmp_path, "llama")
+    with pytest.raises(SpapError, match="low-memory"):
+        prune_to_disk(str(src), tmp_path / "o", 0.3, low_memory=True, method="obs",
+                      method_options={"out_weight": "fisher"},
+                      **dict(SETTINGS, calib=str(text_file)))
+    assert not (tmp_path / "o").exists()

@@ -231,6 +231,10 @@ def prune_layers(
             raise SpapError("resuming a run that carries the dense model's hidden states "
                             "(recovery_target=model or refit_target=drift) is not supported; "
                             "rerun with --restart")
+        fisher = None
+        if getattr(solver, "needs_out_weight", False):
+            fisher = _output_fisher(model, adapter, layers, fit, source, device, home,
+                                    batch_size, shard)
         heads = head_plan(model, settings) if settings.prunes_heads else None
         if heads is not None and dense is not None:
             raise SpapError("head pruning is not combined with a target from the dense "
@@ -270,7 +274,8 @@ def prune_layers(
                 check = drift and not any(r.kept < r.width_before for r in records)
                 rec, batches, probes = _prune_one(adapter, layer, i, batches, solver,
                                                   settings.sparsity, settings.round_to, probes,
-                                                  heldout, dense, drift, check, shard)
+                                                  heldout, dense, drift, check, shard,
+                                                  None if fisher is None else fisher[i])
                 rec.heads = head_rec
             layers[i].to(home)
             if not done_before:
@@ -403,8 +408,27 @@ def _check_additive(layer, down: nn.Module, batch) -> None:
                         "MLP's output before adding it, so use refit_target=layer")
 
 
+def _output_fisher(model, adapter, layers, fit, source, device, home, batch_size, shard):
+    """The dense model's output Fisher of every layer (sensitivity.py) on the fit windows,
+    summed over the ranks: one forward and backward pass of the whole model on `device`."""
+    from .sensitivity import output_fisher
+
+    if source is not IN_MODEL:
+        raise SpapError("out_weight=fisher runs a backward pass of the whole model, which "
+                        "--low-memory avoids; drop one of them")
+    layers.to(device)
+    try:
+        fisher = output_fisher(model, adapter, fit, batch_size=batch_size, device=device)
+    finally:
+        layers.to(home)
+    if shard.distributed:
+        fisher = [shard.sum_(g.to(device)).cpu() for g in fisher]
+    return fisher
+
+
 def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probes=None,
-               heldout=(0, 0), dense=None, drift=False, check_additive=False, shard=LOCAL):
+               heldout=(0, 0), dense=None, drift=False, check_additive=False, shard=LOCAL,
+               out_weight=None):
     """Prune one layer; returns its record and the next layer's calibration and probe inputs
     (probes stay None when none were given). Probes run only after the cut, so calibration
     results are bit-identical with or without them. `heldout` = (number of trailing batches
@@ -413,7 +437,8 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     the dense MLP's outputs on it are then the solver's targets, or, with `drift`, the drift
     statistics compare the layer's output on it with its output on the pruned inputs
     (`check_additive`: first check that the layer adds the MLP's output to the residual).
-    `shard`: sums over the ranks of a data-parallel run (module docstring)."""
+    `shard`: sums over the ranks of a data-parallel run (module docstring). `out_weight`:
+    the layer's output Fisher, for a solver that weights its decision by it."""
     ins = adapter.in_linears(layer)
     first_in = next(iter(ins.values()))
     down = adapter.out_linear(layer)
@@ -515,6 +540,7 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
         linear_key=adapter.linear_key,
         act=adapter.activation(layer),
         shard=shard,
+        out_weight=None if out_weight is None else out_weight.to(down.weight.device),
     )
     if solver.needs_inputs:
         problem.inputs = torch.cat(inputs)  # (p, d)

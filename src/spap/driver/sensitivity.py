@@ -23,14 +23,17 @@ def output_fisher(model: nn.Module, adapter: MLPAdapter, ids: torch.Tensor, *,
     (n, L), each window's first token only context."""
     layers = adapter.layers(model)
     device = device or next(model.parameters()).device
-    sums: list[torch.Tensor | None] = [None] * len(layers)
+    sums = [torch.zeros(adapter.out_linear(layer).out_features,
+                        adapter.out_linear(layer).out_features, dtype=torch.float64)
+            for layer in layers]  # (a rank of a data-parallel run may hold no window: zeros)
+    seen = [False] * len(layers)
 
     def keep_grad(i):
         def hook(_m, _a, out):
             def on_grad(g):
                 g = g.detach().reshape(-1, g.shape[-1]).to(torch.float64)
-                s = g.T @ g
-                sums[i] = s.cpu() if sums[i] is None else sums[i] + s.cpu()
+                sums[i] += (g.T @ g).cpu()
+                seen[i] = True
             out.register_hook(on_grad)
         return hook
 
@@ -57,7 +60,7 @@ def output_fisher(model: nn.Module, adapter: MLPAdapter, ids: torch.Tensor, *,
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
-    missing = [i for i, s in enumerate(sums) if s is None]
-    if missing:
+    missing = [i for i, s in enumerate(seen) if not s]
+    if missing and ids.shape[0]:
         raise RuntimeError(f"no gradient reached the MLP output of layers {missing}")
     return sums

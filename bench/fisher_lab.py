@@ -99,7 +99,8 @@ def main(argv=None):
            "model": args.model, "layers": layers, "sparsity": args.sparsity, "data": desc,
            "what": "one layer pruned (the others dense) by each variant; perplexity on the "
                    "probe windows, the layer's unweighted relative output error on them, "
-                   "and the share of kept channels each mask has in common with obs-ridge's",
+                   "the share of kept channels each mask has in common with obs-ridge's, and "
+                   "the share of the 5% channels with the largest activation norm it keeps",
            "fisher": f"sum of g g^T over the {args.nsamples - n_held} fit windows, g the "
                      "gradient of the summed next-token loss with respect to the layer's "
                      "down-projection output, on the dense model",
@@ -136,11 +137,17 @@ def main(argv=None):
                          "probe_rel_error": rel_error(dense, pruned_weights(dense, dec),
                                                       a[p_cal:], args.chunk),
                          "seconds": secs, "ridge": dec.info.get("ridge")}
+        # the channels with the largest activations (the "massive" ones): how many each keeps
+        norm = problem.stats.norm
+        top = set(torch.topk(norm, max(1, len(norm) // 20)).indices.tolist())
+        for name in res:
+            res[name]["kept_of_top5pct_norm"] = len(keeps[name] & top) / len(top)
         ref = keeps.get("obs-ridge")
         for name, r in res.items():
             r["kept_in_common_with_obs_ridge"] = (len(keeps[name] & ref) / k if ref else None)
             print(f"layer {i:2d} {name:18s} ppl {r['probe_ppl']:.4f}  err "
-                  f"{r['probe_rel_error']:.5f}  common {r['kept_in_common_with_obs_ridge']}"
+                  f"{r['probe_rel_error']:.5f}  common {r['kept_in_common_with_obs_ridge']:.3f}"
+                  f"  top5% {r['kept_of_top5pct_norm']:.2f}"
                   f"  {r['seconds']:.1f}s", flush=True)
         doc["results"][str(i)] = res
         write_json_atomic(out, doc)

@@ -550,6 +550,33 @@ def ood_section(model: str, d: dict) -> list[str]:
     return lines
 
 
+def fisher_section(model: str, d: dict) -> list[str]:
+    """bench/fisher_lab.py: one layer pruned at a time, each variant's model perplexity on
+    the probe windows and its layer error, so a mask is judged by what it costs the model."""
+    layers = sorted(d.get("results", {}), key=int)
+    if not layers:
+        return []
+    names = list(d["variants"])
+    dense = d["dense_probe_ppl"]
+    lines = [f"### {d.get('model', model)} (sparsity {d['sparsity']:g}, dense probe "
+             f"perplexity {fmt(dense, 3)})",
+             "", f"Command: `{d['command']}`.", "",
+             "| variant | " + " | ".join(f"layer {i}: ppl rise (layer error)" for i in layers)
+             + " | mean ppl rise | kept of the top 5% activations |",
+             "|---|" + "---|" * (len(layers) + 2)]
+    for n in names:
+        rs = [d["results"][i].get(n) for i in layers]
+        if any(r is None for r in rs):
+            continue
+        rise = [r["probe_ppl"] - dense for r in rs]
+        top = [r.get("kept_of_top5pct_norm") for r in rs]
+        top_s = (f"{sum(top) / len(top):.2f}" if all(t is not None for t in top) else "n/a")
+        lines.append(f"| {n} | " + " | ".join(
+            f"{x:.4f} ({r['probe_rel_error']:.4f})" for x, r in zip(rise, rs))
+            + f" | {sum(rise) / len(rise):.4f} | {top_s} |")
+    return lines
+
+
 def dp_section(model: str, d: dict) -> list[str]:
     """Data-parallel pruning against one process (bench/dp_scaling.py)."""
     st = d.get("settings") or {}
@@ -649,6 +676,17 @@ def main() -> None:
                   "calibration domain shows as a gap ratio nearer 1 on the second text.", ""]
         for model, d in ood:
             parts += [*ood_section(model, d), ""]
+    fl = load("fisher-lab-*.json")
+    if fl:
+        parts += ["## One layer at a time: masks judged by the model's perplexity", "",
+                  "`bench/fisher_lab.py`: a single decoder layer pruned (r=0.5, all others "
+                  "dense) by each variant's mask and refit; the rise of the model's "
+                  "perplexity on probe windows from the end of the evaluation text (no solver "
+                  "sees them), and in brackets the layer's relative output error there. "
+                  "`-fisher` variants rank masks by the output error weighted by the loss's "
+                  "Fisher (`out_weight=fisher`); the refit is the same.", ""]
+        for model, d in fl:
+            parts += [*fisher_section(model, d), ""]
     labs = load("layer-lab-*.json")
     if labs:
         parts += ["## One layer at a time: recovery variants on real layers", "", LAB_INTRO, ""]

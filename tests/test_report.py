@@ -176,3 +176,17 @@ def test_ood_section_states_each_texts_gap_ratio_against_its_strongest_baseline(
     assert "lambada-offline 0.800 (against fasp-ridge)" in text
     assert "0.200 apart" in text
     assert report.ood_section("m", _result(recs)) == []  # no second text: no section
+
+
+def test_fisher_section_gives_each_variants_perplexity_rise(report):
+    r = {"obs-ridge": {"probe_ppl": 11.0, "probe_rel_error": 0.2},
+         "obs-ridge-fisher": {"probe_ppl": 10.5, "probe_rel_error": 0.25,
+                              "kept_of_top5pct_norm": 0.5}}
+    d = {"model": "m", "sparsity": 0.5, "dense_probe_ppl": 10.0, "command": "x",
+         "variants": {"obs-ridge": {}, "obs-ridge-fisher": {}},
+         "results": {"3": r, "14": {k: dict(v, probe_ppl=v["probe_ppl"] + 1)
+                                    for k, v in r.items()}}}
+    text = "\n".join(report.fisher_section("m", d))
+    assert "| obs-ridge | 1.0000 (0.2000) | 2.0000 (0.2000) | 1.5000 | n/a |" in text
+    assert "| obs-ridge-fisher | 0.5000 (0.2500) | 1.5000 (0.2500) | 1.0000 | 0.50 |" in text
+    assert text.index("layer 3:") < text.index("layer 14:")

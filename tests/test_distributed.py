@@ -88,6 +88,7 @@ CASES = [
     ("llama", "obs", {}, {"heads": 0.5}),  # heads too: their Gram summed, their cut broadcast
     ("llama", "flap", {}, {"offload": "cpu"}),  # activations in host memory, streamed
     ("opt", "fasp", {"refit": "ridge"}),
+    ("llama", "obs", {"out_weight": "fisher"}),  # the output Fisher summed over the ranks
 ]
 
 
@@ -101,7 +102,8 @@ def two_ranks(tmp_path_factory):
     return run_ranks(2, tmp_path_factory.mktemp("two"), _all_cases)
 
 
-CASE_IDS = ["-".join(c[:2]) + ("-heads" if len(c) > 3 else "") for c in CASES]
+CASE_IDS = ["-".join(c[:2]) + ("-heads" if len(c) > 3 else "")
+            + ("-fisher" if c[2].get("out_weight") else "") for c in CASES]
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)

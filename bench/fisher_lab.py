@@ -22,7 +22,6 @@ Writes bench/results/fisher-lab-<model>.json (or --out).
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import sys
 import time
@@ -49,7 +48,7 @@ from layer_lab import (  # noqa: E402
 from spap import data  # noqa: E402
 from spap.driver.records import n_keep_for  # noqa: E402
 from spap.driver.sensitivity import output_fisher  # noqa: E402
-from spap.eval.ppl import nll_of_windows  # noqa: E402
+from spap.eval.ppl import perplexity_of_windows  # noqa: E402
 from spap.files import write_json_atomic  # noqa: E402
 from spap.modelio.loading import load_model  # noqa: E402
 from spap.models import get_adapter  # noqa: E402
@@ -57,12 +56,6 @@ from spap.solvers import get_solver  # noqa: E402
 
 VARIANTS = ("obs-ridge=obs:refit=ridge,obs-ridge-fisher=obs:refit=ridge;out_weight=fisher,"
             "fasp-ridge=fasp:refit=ridge,fasp-ridge-fisher=fasp:refit=ridge;out_weight=fisher")
-
-
-@torch.no_grad()
-def probe_ppl(model, probe, batch):
-    nll, count = nll_of_windows(model, probe, batch_size=batch)
-    return math.exp(nll / count)
 
 
 def main(argv=None):
@@ -107,7 +100,7 @@ def main(argv=None):
            "variants": {n: {"method": m, "options": o} for n, (m, o) in variants},
            "torch": torch.__version__, "platform": platform.platform(), "results": {}}
     t = time.perf_counter()
-    doc["dense_probe_ppl"] = probe_ppl(model, probe, args.batch)
+    doc["dense_probe_ppl"] = perplexity_of_windows(model, probe, batch_size=args.batch)
     fisher = output_fisher(model, adapter, calib[: args.nsamples - n_held],
                            batch_size=args.batch)
     doc["fisher_seconds"] = time.perf_counter() - t
@@ -128,7 +121,7 @@ def main(argv=None):
             dec = get_solver(method, **opts).solve(problem, k)
             secs = time.perf_counter() - t
             zero_pruned(adapter, blocks[i], dense, dec)
-            ppl = probe_ppl(model, probe, args.batch)
+            ppl = perplexity_of_windows(model, probe, batch_size=args.batch)
             with torch.no_grad():
                 for n, p in blocks[i].named_parameters():
                     p.copy_(saved[n])

@@ -628,6 +628,18 @@ def lab_section(model: str, d: dict) -> list[str]:
     return [f"### {d.get('model', model)}", "", f"Commands: {cmds}.", "", table(d)]
 
 
+OOD_INTRO = ("`spap compare --also-eval lambada-offline`: the models pruned on Wikipedia "
+             "calibration windows, scored on Wikipedia's held-out windows and on as many "
+             "windows of the LAMBADA-OpenAI passages (fiction). A gain that fits only the "
+             "calibration domain shows as a gap ratio nearer 1 on the second text.")
+FISHER_INTRO = ("`bench/fisher_lab.py`: a single decoder layer pruned (r=0.5, all others "
+                "dense) by each variant's mask and refit; the rise of the model's "
+                "perplexity on probe windows from the end of the evaluation text (no solver "
+                "sees them), and in brackets the layer's relative output error there. "
+                "`-fisher` variants rank masks by the output error weighted by the loss's "
+                "Fisher (`out_weight=fisher`); the refit is the same.")
+
+
 def main() -> None:
     head = (ROOT / "bench" / "HEADER.md").read_text()
     parts = [head.rstrip(), ""]
@@ -667,31 +679,19 @@ def main() -> None:
                   "`bench/compare.sh`'s protocol with `--seed N` (other calibration windows; "
                   "the same evaluation and probe windows), the drift-target variants of "
                   "spap and of the refitting baselines.", "", *seeds, ""]
-    ood = load("ood-*.json")
-    if ood:
-        parts += ["## Out of domain: the same models on another text", "",
-                  "`spap compare --also-eval lambada-offline`: the models pruned on Wikipedia "
-                  "calibration windows, scored on Wikipedia's held-out windows and on as many "
-                  "windows of the LAMBADA-OpenAI passages (fiction). A gain that fits only the "
-                  "calibration domain shows as a gap ratio nearer 1 on the second text.", ""]
-        for model, d in ood:
-            parts += [*ood_section(model, d), ""]
-    fl = load("fisher-lab-*.json")
-    if fl:
-        parts += ["## One layer at a time: masks judged by the model's perplexity", "",
-                  "`bench/fisher_lab.py`: a single decoder layer pruned (r=0.5, all others "
-                  "dense) by each variant's mask and refit; the rise of the model's "
-                  "perplexity on probe windows from the end of the evaluation text (no solver "
-                  "sees them), and in brackets the layer's relative output error there. "
-                  "`-fisher` variants rank masks by the output error weighted by the loss's "
-                  "Fisher (`out_weight=fisher`); the refit is the same.", ""]
-        for model, d in fl:
-            parts += [*fisher_section(model, d), ""]
-    labs = load("layer-lab-*.json")
-    if labs:
-        parts += ["## One layer at a time: recovery variants on real layers", "", LAB_INTRO, ""]
-        for model, d in labs:
-            parts += [*lab_section(model, d), ""]
+    for title, intro, pattern, fn in [
+        ("## Out of domain: the same models on another text", OOD_INTRO, "ood-*.json",
+         ood_section),
+        ("## One layer at a time: masks judged by the model's perplexity", FISHER_INTRO,
+         "fisher-lab-*.json", fisher_section),
+        ("## One layer at a time: recovery variants on real layers", LAB_INTRO,
+         "layer-lab-*.json", lab_section),
+    ]:
+        found = load(pattern)
+        if found:
+            parts += [title, "", intro, ""]
+            for model, d in found:
+                parts += [*fn(model, d), ""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts).rstrip() + "\n")
 
 

@@ -234,25 +234,21 @@ def compare(
     dense = model.to("cpu")
     path = Path(json_path) if json_path is not None else None
 
-    def score(m) -> dict[str, Any]:
-        r = perplexity(m.to(device), tokenizer, data=eval_data, seqlen=eval_seqlen,
+    def score_on(m, data: str, stream: torch.Tensor, split: str | None) -> dict[str, Any]:
+        r = perplexity(m.to(device), tokenizer, data=data, seqlen=eval_seqlen,
                        windows=eval_windows, batch_size=batch_size, device=device,
-                       stream=eval_stream)
-        if eval_split is not None:
-            r["protocol"]["split"] = eval_split
+                       stream=stream)
+        if split is not None:
+            r["protocol"]["split"] = split
         return r
+
+    def score(m) -> dict[str, Any]:
+        return score_on(m, eval_data, eval_stream, eval_split)
 
     also = also_eval or {}
 
     def score_also(m) -> dict[str, dict[str, Any]]:
-        out = {}
-        for src, (stream, split) in also.items():
-            r = perplexity(m.to(device), tokenizer, data=src, seqlen=eval_seqlen,
-                           windows=eval_windows, batch_size=batch_size, device=device,
-                           stream=stream)
-            r["protocol"]["split"] = split
-            out[src] = r
-        return out
+        return {src: score_on(m, src, stream, split) for src, (stream, split) in also.items()}
 
     mode = choose_dense_copy(dense_copy, weight_bytes(dense), reload is not None)
     d = score(dense)

@@ -42,8 +42,6 @@ from .errors import SpapError
 
 WIKI = "wiki-offline"
 LAMBADA = "lambada-offline"
-#: the named offline texts (the Hub's wikitext2 and c4 and local files aside)
-OFFLINE_TEXTS = (WIKI, LAMBADA)
 HELDOUT_EVERY = 10
 #: share of the calibration windows held out (the last ones) to choose settings out of sample
 HELDOUT_SHARE = 1 / 8

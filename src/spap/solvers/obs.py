@@ -174,13 +174,15 @@ class ObsSolver(RefitOptions, OutputWeighting):
             return Decision(keep=keep, w_down=w64, info={"rel_error": 0.0, "obs_refit_gap": 0.0})
         w0 = w64.to(getattr(torch, self.solve_dtype))  # (m, n)
         h = damp(problem.stats.gram.to(w0), self.damp)  # (n, n)
-        w_dec = self.decision_rows(w0, problem)  # w0, or R w0 (weighting.py)
+        r = self.out_root(problem, w0)  # None, or R of the weighted decision (weighting.py)
+        w_dec = w0 if r is None else r @ w0
         _, keep, w_obs = greedy_obs(w_dec, spd_inverse(h), n - n_keep, self.block, self.buffer)
-        w_exact = refit_down(w_dec, h, keep)  # (m, k): what the OBS weights should equal
-        scale = float(w_exact.abs().max()) if w_exact.numel() else 0.0
-        gap = float((w_obs - w_exact).abs().max()) / scale if scale > 0 else 0.0
-        if w_dec is not w0:
-            w_exact = refit_down(w0, h, keep)
+        w_exact = refit_down(w0, h, keep)  # (m, k)
+        # what the OBS weights should equal: the exact refit, seen as the decision saw it
+        # (the refit is linear in w0's rows, so R's refit is R times it)
+        want = w_exact if r is None else r @ w_exact
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        gap = float((w_obs - want).abs().max()) / scale if scale > 0 else 0.0
         w, info = (w_exact, {"refit": "exact"}) if self.refit == "exact" else \
             self.refit_kept(w0, problem.stats, keep, h)
         w = w.to(torch.float64)

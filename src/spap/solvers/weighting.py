@@ -59,8 +59,13 @@ class OutputWeighting:
             raise ValueError("out_weight=fisher needs the layer's output Fisher "
                              "(LayerProblem.out_weight), which the driver collects")
 
+    def out_root(self, problem, like: torch.Tensor) -> torch.Tensor | None:
+        """R (m, m) in `like`'s dtype and device, or None when the decision is unweighted."""
+        if not self.needs_out_weight:
+            return None
+        return weight_root(problem.out_weight.to(like), self.out_weight_damp)
+
     def decision_rows(self, w0: torch.Tensor, problem) -> torch.Tensor:
         """What the decision sees in place of w0 (m, n): R w0, or w0 itself."""
-        if not self.needs_out_weight:
-            return w0
-        return weight_root(problem.out_weight.to(w0), self.out_weight_damp) @ w0
+        r = self.out_root(problem, w0)
+        return w0 if r is None else r @ w0

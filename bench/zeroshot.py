@@ -51,12 +51,15 @@ def main() -> None:
                     help="folder of models saved by spap compare --save-models")
     ap.add_argument("--models", default=None,
                     help="with --saved: comma-separated subfolder names (e.g. spap-0.3)")
+    ap.add_argument("--out", default=None,
+                    help="results file (default bench/results/zeroshot-<model>.json)")
     ap.add_argument("--add", action="store_true",
                     help="add these tasks to the existing results file (same limit and "
                          "calibration tokens) instead of replacing it")
     args = ap.parse_args()
 
-    out = Path(__file__).parent / "results" / f"zeroshot-{args.model}.json"
+    out = (Path(args.out) if args.out else
+           Path(__file__).parent / "results" / f"zeroshot-{args.model}.json")
     dense, tok, _ = spap.load_model(args.model)
     ids, calib = calibration_ids(tok, CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen))
     tasks = args.tasks.split(",")
@@ -95,6 +98,8 @@ def main() -> None:
                                                                   .get("token_hash")):
                 raise SystemExit(f"{folder}: other calibration tokens than the models before")
             result["calibration_saved"] = rep["calibration"].get("token_hash")
+            # the tokens the saved models were pruned on, not this script's own draw
+            result["calibration"] = rep["calibration"]
             record(name, model, {"method": rep["method"], "options": rep["options"],
                                  "sparsity": rep["sparsity_requested"],
                                  "params_removed_frac": rep["params_removed_frac"],

@@ -169,6 +169,22 @@ def _uneven_stats(n_windows: int):
     return {"seen": rec.seen, "ranks": info.get("ranks")}
 
 
+def _sharded_perplexity():
+    """The evaluation perplexity of 11 windows in batches of 2 (6 batches: 2 / 2 / 2 per rank
+    of 3), and how many windows this rank's model scored."""
+    from spap.distributed import current
+    from spap.eval.ppl import perplexity
+
+    model = tiny_model("llama")
+    rows = []
+    model.register_forward_hook(lambda m, args, kwargs, out: rows.append(args[0].shape[0])
+                                if args else rows.append(kwargs["input_ids"].shape[0]),
+                                with_kwargs=True)
+    stream = random_ids(1, 11 * SEQLEN + 5, seed=4)[0]
+    res = perplexity(model, None, seqlen=SEQLEN, batch_size=2, stream=stream, shard=current())
+    return {"ppl": res["ppl"], "windows": res["protocol"]["windows"], "scored": sum(rows)}
+
+
 def _three_rank_checks():
     from spap.errors import SpapError
 
@@ -179,18 +195,32 @@ def _three_rank_checks():
         refused = None
     except SpapError as e:
         refused = str(e)
-    return stats, refused, spap_run
+    return stats, refused, spap_run, _sharded_perplexity()
 
 
-def test_uneven_shares_give_the_one_process_statistics_and_too_few_are_refused(tmp_path):
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory):
+    return run_ranks(3, tmp_path_factory.mktemp("three"), _three_rank_checks)
+
+
+def test_evaluation_windows_are_shared_and_give_the_one_process_perplexity(three_ranks):
+    one = _sharded_perplexity()
+    assert one["scored"] == one["windows"] == 11
+    assert [r[3]["scored"] for r in three_ranks] == [4, 4, 3]  # whole batches of 2
+    for r in three_ranks:
+        assert r[3]["windows"] == 11
+        assert r[3]["ppl"] == pytest.approx(one["ppl"], rel=1e-12)
+
+
+def test_uneven_shares_give_the_one_process_statistics_and_too_few_are_refused(three_ranks):
     # 26 windows in batches of 2: 23 fit in 12 batches -> 8 / 8 / 7 windows; 3 held out in 2
     # batches -> 2 / 1 / 0 (the last rank holds none and adds zeros to the held-out sums)
     one = _uneven_stats(26)
-    ranks = run_ranks(3, tmp_path, _three_rank_checks)
+    ranks = three_ranks
     assert ranks[0][0]["ranks"]["fit_windows"] == [8, 8, 7]
     assert ranks[0][0]["ranks"]["heldout_windows"] == [2, 1, 0]
     spap_one = _prune_tiny("llama", "spap", {}, {"batch_size": 2}, n_windows=26)
-    for r, refused, spap_run in ranks:
+    for r, refused, spap_run, _ in ranks:
         _same(spap_run, spap_one)  # recovery with a rank that holds no held-out window
         assert len(r["seen"]) == len(one["seen"]) == 2
         for got, want in zip(r["seen"], one["seen"]):

@@ -312,7 +312,7 @@ def prune_to_disk(model: str, out: str | os.PathLike, sparsity: float | None = N
         head_plan(model_obj, cfg)
     timings = {"load_s": time.perf_counter() - t_start}
     ev: dict[str, Any] = {}
-    if cfg.evaluate and shard.is_main:  # (rank 0 alone evaluates and writes)
+    if cfg.evaluate:  # (every rank scores its share of the windows; rank 0 writes)
         from .data import load_text, tokenize
 
         t0 = time.perf_counter()
@@ -329,13 +329,13 @@ def prune_to_disk(model: str, out: str | os.PathLike, sparsity: float | None = N
     report["model"]["source"] = src.spec
     if budget is not None:
         report["params_target"] = budget
-    if not shard.is_main:  # rank 0 evaluates and writes; the others are done
-        return JobResult(out, report, params_dense, timings)
     if cfg.evaluate:
         t0 = time.perf_counter()
         ev["pruned"] = _perplexity(model_obj, tok, cfg, stream)
         timings["pruned_eval_s"] = time.perf_counter() - t0
         report["eval"] = ev
+    if not shard.is_main:  # rank 0 writes; the others are done
+        return JobResult(out, report, params_dense, timings)
     _job_timings(report, timings, t_start)
     t0 = time.perf_counter()
     check = result.calib_ids[:1, : min(64, result.calib_ids.shape[1])]
@@ -384,7 +384,8 @@ def _perplexity(model, tok, cfg: PruneConfig, stream: torch.Tensor) -> dict[str,
     model.to(cfg.device)
     try:
         return perplexity(model, tok, seqlen=cfg.eval_seqlen, windows=cfg.eval_windows,
-                          batch_size=cfg.batch_size, stream=stream, progress=cfg.progress)
+                          batch_size=cfg.batch_size, stream=stream, progress=cfg.progress,
+                          shard=current())
     finally:
         model.to("cpu")
 

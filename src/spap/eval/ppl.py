@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import eval_windows, load_text, token_hash, tokenize
+from ..distributed import Shard
 
 
 @torch.no_grad()
@@ -62,10 +63,13 @@ def perplexity(
     device=None,
     progress: bool = False,
     stream: torch.Tensor | None = None,
+    shard: Shard | None = None,
 ) -> dict:
     """Perplexity of `model` on the held-out text of `data`; returns the value and protocol.
 
     `stream` (pre-tokenized evaluation ids) skips tokenization when evaluating several models.
+    `shard`: in a data-parallel run every rank scores its own whole batches of the windows and
+    the sums are added over the ranks, so each rank returns the perplexity of all of them.
     """
     text = None
     if stream is None:
@@ -73,7 +77,15 @@ def perplexity(
         stream = tokenize(tokenizer, text)
     w = eval_windows(stream, seqlen, windows)
     t0 = time.perf_counter()
-    ppl = perplexity_of_windows(model, w, batch_size=batch_size, device=device, progress=progress)
+    if shard is None or not shard.distributed:
+        ppl = perplexity_of_windows(model, w, batch_size=batch_size, device=device,
+                                    progress=progress)
+    else:
+        mine = w[shard.share(w.shape[0], batch_size)]
+        nll, count = nll_of_windows(model, mine, batch_size=batch_size, device=device,
+                                    progress=progress and shard.is_main)
+        on = device or next(model.parameters()).device
+        ppl = math.exp(shard.sum_float(nll, on) / shard.sum_float(float(count), on))
     return {
         "ppl": ppl,
         "protocol": {

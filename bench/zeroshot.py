@@ -54,8 +54,10 @@ def main() -> None:
     ap.add_argument("--out", default=None,
                     help="results file (default bench/results/zeroshot-<model>.json)")
     ap.add_argument("--add", action="store_true",
-                    help="add these tasks to the existing results file (same limit and "
-                         "calibration tokens) instead of replacing it")
+                    help="add these tasks (or these models) to the existing results file "
+                         "(same limit and calibration tokens) instead of replacing it; "
+                         "models that have every task already are skipped, so a stopped "
+                         "run continues where it stopped")
     args = ap.parse_args()
 
     out = (Path(args.out) if args.out else
@@ -75,7 +77,14 @@ def main() -> None:
                                                                       calib["token_hash"]):
             raise SystemExit(f"{out}: another limit or calibration; --add refused")
 
+    def done(name) -> bool:
+        """With --add: this model already has every requested task (a resumed run)."""
+        return args.add and set(tasks) <= set(result["models"].get(name, {}).get("tasks", {}))
+
     def record(name, model, extra):
+        if done(name):
+            print(name, "already scored on", ",".join(tasks), flush=True)
+            return
         t0 = time.perf_counter()
         zs = zero_shot(model, tok, tasks, limit=args.limit, batch_size=args.batch_size)
         result["lm_eval_version"] = zs["lm_eval_version"]

@@ -131,6 +131,11 @@ def test_low_memory_equals_in_memory_and_reloads(family, tmp_path, calib_file):
             == json.loads((low.out / "config.json").read_text()))
     assert low.report["reload_check"]["ok"] and low.report["low_memory"]
     assert not list(tmp_path.glob(".*spap*"))
+    # spap.json's timings include the save itself, on both paths
+    for job in (mem, low):
+        t = json.loads((job.out / "spap.json").read_text())["timings"]
+        assert 0 < t["save_s"] < t["total_s"]
+        assert t["total_s"] >= t["load_s"] + t["save_s"]
 
 
 def test_low_memory_reads_a_sharded_checkpoint(tmp_path, calib_file):

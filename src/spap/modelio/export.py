@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,19 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
 
 
+def write_report(report: dict[str, Any], folder: Path, t_save: float) -> None:
+    """Write `report` as spap.json into `folder`, its timings completed by the save's own time
+    (from `t_save`, a `time.perf_counter()` reading taken when the save began)."""
+    timings = report.get("timings")
+    if isinstance(timings, dict):
+        save_s = time.perf_counter() - t_save
+        timings["save_s"] = save_s
+        if "total_s" in timings:
+            timings["total_s"] += save_s
+    with open(folder / REPORT_NAME, "w") as f:
+        json.dump(report, f, indent=2)
+
+
 def save_pruned(
     model,
     tokenizer,
@@ -62,6 +76,7 @@ def save_pruned(
     """Write weights (safetensors), tokenizer and spap.json to `out`, verified by a reload."""
     from transformers import AutoModelForCausalLM
 
+    t0 = time.perf_counter()
     out = check_output_dir(out, overwrite)
     _check_uniform_widths(model)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -85,8 +100,7 @@ def save_pruned(
                     "this is a bug in spap, please report it"
                 )
             del reloaded
-        with open(tmp / REPORT_NAME, "w") as f:
-            json.dump(report, f, indent=2)
+        write_report(report, tmp, t0)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

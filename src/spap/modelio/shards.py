@@ -25,13 +25,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .export import REPORT_NAME, check_output_dir
+from .export import check_output_dir, write_report
 from .reader import INDEX_FILE, empty_model, module_name, saved_names
 from .runfolder import STATE_FILE, RunFolder
 
@@ -117,6 +118,7 @@ def write_sharded(model: nn.Module, layers: nn.ModuleList, run: RunFolder, token
     """Assemble the run folder into the output folder `out` (see the module docstring)."""
     from safetensors.torch import save_file
 
+    t0 = time.perf_counter()
     out = check_output_dir(out, overwrite)
     names = saved_names(model)
     prefix = module_name(model, layers) + "."
@@ -157,8 +159,7 @@ def write_sharded(model: nn.Module, layers: nn.ModuleList, run: RunFolder, token
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     report["reload_check"] = check_structure(folder, model.dtype)
-    with open(folder / REPORT_NAME, "w") as f:
-        json.dump(report, f, indent=2)
+    write_report(report, folder, t0)
     # the run is complete: what only resuming needed goes, and the folder becomes the output
     shutil.rmtree(run.layers_dir)
     (folder / STATE_FILE).unlink()

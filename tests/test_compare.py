@@ -109,6 +109,24 @@ def test_also_eval_scores_every_model_on_a_second_text(tiny_dir, text_file, tmp_
     assert src in out
 
 
+def test_saved_models_reload_and_name_their_calibration(tiny_dir, text_file, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    js, saved = tmp_path / "cmp.json", tmp_path / "models"
+    code, _, err = run(["compare", tiny_dir, "--methods", "obs", "--sparsities", "0.5",
+                        "--calib", text_file, "--nsamples", "4", "--seqlen", "32",
+                        "--eval-data", text_file, "--eval-seqlen", "32", "--eval-windows", "2",
+                        "--device", "cpu", "--json", js, "--save-models", str(saved)], capsys)
+    assert code == 0, err
+    res = json.loads(js.read_text())
+    rep = json.loads((saved / "obs-0.5" / "spap.json").read_text())
+    # the saved model's report says where the calibration windows came from, as compare's does
+    assert rep["calibration"] == res["protocol"]["calibration"]
+    assert rep["calibration"]["source"] == str(text_file)
+    model = AutoModelForCausalLM.from_pretrained(saved / "obs-0.5")
+    assert model.config.intermediate_size == rep["model"]["width_after"]
+
+
 def test_unknown_method_exits_2_without_json(tiny_dir, text_file, tmp_path, capsys):
     js = tmp_path / "cmp.json"
     code, _, err = run(["compare", tiny_dir, "--methods", "spap,bogus", "--calib", text_file,

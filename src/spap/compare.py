@@ -308,6 +308,9 @@ def compare(
                        round_to=round_to, progress=progress, allow_unsaveable=True,
                        probe_ids=probe_ids, **v.settings)
             seconds = time.perf_counter() - t0
+            if calib_desc is not None:  # the report names where the windows came from
+                assert pr.report["calibration"]["token_hash"] == calib_desc["token_hash"]
+                pr.report["calibration"] = dict(calib_desc)
             ev = score(m)
             ev_also = score_also(m)
             saved = None

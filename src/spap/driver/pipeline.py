@@ -233,7 +233,8 @@ def prune_layers(
                             "rerun with --restart")
         fisher = None
         if getattr(solver, "needs_out_weight", False):
-            fisher = _output_fisher(model, adapter, layers, fit, source, device, home, shard)
+            fisher = _output_fisher(model, adapter, layers, fit, source, device, home, shard,
+                                    settings.progress and shard.is_main)
         heads = head_plan(model, settings) if settings.prunes_heads else None
         if heads is not None and dense is not None:
             raise SpapError("head pruning is not combined with a target from the dense "
@@ -407,7 +408,7 @@ def _check_additive(layer, down: nn.Module, batch) -> None:
                         "MLP's output before adding it, so use refit_target=layer")
 
 
-def _output_fisher(model, adapter, layers, fit, source, device, home, shard):
+def _output_fisher(model, adapter, layers, fit, source, device, home, shard, progress):
     """The dense model's output Fisher of every layer (sensitivity.py) on the fit windows,
     summed over the ranks: one forward and backward pass of the whole model on `device`."""
     from .sensitivity import output_fisher
@@ -419,7 +420,8 @@ def _output_fisher(model, adapter, layers, fit, source, device, home, shard):
     try:  # one window at a time: the sum is the same (windows are independent), and the
         # backward pass then holds one window's logits and activations, not a batch's
         # (a batch of 4 on Qwen2.5-0.5B at 512 tokens peaked near 7 GB more)
-        fisher = output_fisher(model, adapter, fit, batch_size=1, device=device)
+        fisher = output_fisher(model, adapter, fit, batch_size=1, device=device,
+                               progress=progress)
     finally:
         layers.to(home)
     if shard.distributed:

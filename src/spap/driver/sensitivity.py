@@ -18,9 +18,10 @@ from ..models.base import MLPAdapter
 
 
 def output_fisher(model: nn.Module, adapter: MLPAdapter, ids: torch.Tensor, *,
-                  batch_size: int = 4, device=None) -> list[torch.Tensor]:
+                  batch_size: int = 4, device=None,
+                  progress: bool = False) -> list[torch.Tensor]:
     """[G_l] (m, m) float64 on the CPU, one per decoder layer, summed over the windows `ids`
-    (n, L), each window's first token only context."""
+    (n, L), each window's first token only context; `progress` shows a bar over the batches."""
     layers = adapter.layers(model)
     device = device or next(model.parameters()).device
     sums = [torch.zeros(adapter.out_linear(layer).out_features,
@@ -48,7 +49,12 @@ def output_fisher(model: nn.Module, adapter: MLPAdapter, ids: torch.Tensor, *,
         for p, _ in flags:
             p.requires_grad_(False)
         with torch.enable_grad():
-            for batch in ids.split(batch_size):
+            batches = ids.split(batch_size)
+            if progress:
+                from tqdm.auto import tqdm
+
+                batches = tqdm(batches, desc="loss sensitivity", unit="batch")
+            for batch in batches:
                 batch = batch.to(device)
                 logits = model(batch, use_cache=False).logits[:, :-1].float()
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),

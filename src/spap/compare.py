@@ -237,7 +237,7 @@ def compare(
     def score_on(m, data: str, stream: torch.Tensor, split: str | None) -> dict[str, Any]:
         r = perplexity(m.to(device), tokenizer, data=data, seqlen=eval_seqlen,
                        windows=eval_windows, batch_size=batch_size, device=device,
-                       stream=stream)
+                       stream=stream, progress=progress)
         if split is not None:
             r["protocol"]["split"] = split
         return r

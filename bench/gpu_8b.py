@@ -59,7 +59,7 @@ if str(ROOT / "src") not in sys.path:  # works with or without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
 if str(ROOT / "bench") not in sys.path:  # also when loaded from a file spec (the tests)
     sys.path.insert(0, str(ROOT / "bench"))
-from gpu_results import T_START, Results, fmt, free, log, sync  # noqa: E402
+from gpu_results import T_START, Results, fmt, free, log, quiet_hub_bars, sync  # noqa: E402
 
 CONFIG = ROOT / "bench" / "configs" / "llama-3.1-8b.json"
 
@@ -359,12 +359,7 @@ def main(argv=None) -> int:
         args.layers = 8 if device.type == "cuda" and not args.tiny else 0
     if args.layers == 0:
         args.layers = None
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except Exception:
-        pass
+    quiet_hub_bars()
     results = Results(Path(args.out), "gpu_8b.json", args)
     results.data["device"] = str(device)
     if device.type == "cuda":
@@ -380,10 +375,7 @@ def main(argv=None) -> int:
         if "speed" not in skip:
             results.step("speed", lambda r: speed(r, state, args, device))
     state.clear()
-    results.write()
-    print(summary(results.data), flush=True)
-    print(f"results in {results.path}", flush=True)
-    return 0 if all(s["ok"] for s in results.data["steps"].values()) else 1
+    return results.finish(summary)
 
 
 if __name__ == "__main__":

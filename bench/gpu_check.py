@@ -60,7 +60,7 @@ if str(ROOT / "src") not in sys.path:  # works with or without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
 if str(ROOT / "bench") not in sys.path:  # also when loaded from a file spec (the tests)
     sys.path.insert(0, str(ROOT / "bench"))
-from gpu_results import T_START, Results, fmt, free, log, sync  # noqa: E402
+from gpu_results import T_START, Results, fmt, free, log, quiet_hub_bars, sync  # noqa: E402
 
 CONFIG = ROOT / "bench" / "configs" / "qwen2.5-0.5b.json"
 DEFAULT_METHODS = ("wanda-sp,spap-fast=spap:starts=obs;recovery=none,"
@@ -582,12 +582,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = Results(Path(args.out), "gpu_check.json", args)
-    try:  # the save/reload bars would crowd the log
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except Exception:
-        pass
+    quiet_hub_bars()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     state: dict[str, Any] = {}
     log(f"gpu_check: device {device}, out {results.path}")
@@ -599,10 +594,7 @@ def main(argv=None) -> int:
     if "speed" not in skip:
         results.step("speed", lambda r: step_speed(r, state, args, device))
     state.clear()
-    results.write()
-    print(summary(results.data), flush=True)
-    print(f"results in {results.path}", flush=True)
-    return 0 if all(s["ok"] for s in results.data["steps"].values()) else 1
+    return results.finish(summary)
 
 
 if __name__ == "__main__":

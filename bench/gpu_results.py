@@ -78,3 +78,20 @@ class Results:
             log(f"step {name} FAILED: {type(exc).__name__}: {exc}")
         status["seconds"] = time.perf_counter() - t0
         self.write()
+
+    def finish(self, summary: Callable[[dict[str, Any]], str]) -> int:
+        """The last write, the summary table and where the file is; 0 when every step ran."""
+        self.write()
+        print(summary(self.data), flush=True)
+        print(f"results in {self.path}", flush=True)
+        return 0 if all(s["ok"] for s in self.data["steps"].values()) else 1
+
+
+def quiet_hub_bars() -> None:
+    """Turn off transformers' download and save/reload bars: they would crowd the log."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass

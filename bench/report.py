@@ -638,8 +638,8 @@ def lab_section(model: str, d: dict) -> list[str]:
 
 CALIB64_INTRO = ("`spap compare` with SmolLM2's sizes (64 calibration windows of 512 tokens, "
                  "the last 8 held out) on Qwen2.5-Coder-0.5B, whose table above used 16 x 512: "
-                 "every method on the same tokens (three passes of one core each, side by "
-                 "side, merged). "
+                 "every method on the same tokens (passes of one core each, two or three "
+                 "side by side, merged), at 0.3 and 0.5. "
                  "`-fd` variants rank masks by the Fisher-weighted output error "
                  "(`out_weight=fisher`) and refit toward the drift target "
                  "(`refit_target=drift`); a baseline variant gets every option SPAP's does.")

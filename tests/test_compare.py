@@ -127,6 +127,15 @@ def test_saved_models_reload_and_name_their_calibration(tiny_dir, text_file, tmp
     assert model.config.intermediate_size == rep["model"]["width_after"]
 
 
+def test_prune_refuses_a_calibration_description_of_other_windows():
+    import spap
+
+    desc = {"source": "somewhere", "token_hash": token_hash(random_ids(4, 16, seed=9))}
+    with pytest.raises(SpapError, match="other windows than calib_ids"):
+        spap.prune(tiny_model("llama"), calib_ids=random_ids(4, 16), calib_desc=desc,
+                   sparsity=0.3)
+
+
 def test_unknown_method_exits_2_without_json(tiny_dir, text_file, tmp_path, capsys):
     js = tmp_path / "cmp.json"
     code, _, err = run(["compare", tiny_dir, "--methods", "spap,bogus", "--calib", text_file,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .config import PruneConfig
-from .data import calibration_ids, given_ids_description, probe_description
+from .data import calibration_ids, given_ids_description, probe_description, token_hash
 from .distributed import current, init_from_env
 from .driver.head_surgery import add_missing_attention_biases, commit_head_counts
 from .driver.pipeline import head_plan, prune_layers
@@ -72,7 +72,7 @@ def _settings(config: PruneConfig | None, sparsity: float | None,
 
 def prune(model, tokenizer=None, sparsity: float | None = None, *,
           config: PruneConfig | None = None, calib_ids: torch.Tensor | None = None,
-          probe_ids: torch.Tensor | None = None,
+          calib_desc: dict[str, Any] | None = None, probe_ids: torch.Tensor | None = None,
           checkpoint_dir: str | os.PathLike | None = None, allow_unsaveable: bool = False,
           **settings) -> PruneResult:
     """Prune the MLP channels of every decoder layer of `model` in place.
@@ -82,6 +82,9 @@ def prune(model, tokenizer=None, sparsity: float | None = None, *,
     `calib_ids` (nsamples, seqlen) must be given. `device` is where each layer is computed
     (default: the model's device). Returns the model and a report; save it with
     `spap.save_pruned`.
+
+    `calib_desc` is the report's description of `calib_ids` when the caller drew them
+    (`spap.data.calibration_ids` returns both); without it the report says "given ids".
 
     `probe_ids` (n_probe, seqlen_probe) are held-out windows that never enter any statistics:
     each layer's MLP error is also measured on them after the cut (`rel_error_heldout`). They
@@ -104,7 +107,10 @@ def prune(model, tokenizer=None, sparsity: float | None = None, *,
     memory (`spap compare` measures it that way) and the report says `"saveable": false`.
     """
     cfg = _settings(config, sparsity, settings)
-    budget, calib_desc = None, None
+    if calib_desc is not None and (
+            calib_ids is None or calib_desc.get("token_hash") != token_hash(calib_ids)):
+        raise SpapError("calib_desc describes other windows than calib_ids")
+    budget = None
     if cfg.params is not None:
         if calib_ids is None:  # every candidate and the final run share these windows
             if tokenizer is None:
@@ -337,10 +343,9 @@ def prune_to_disk(model: str, out: str | os.PathLike, sparsity: float | None = N
     if not shard.is_main:  # rank 0 writes; the others are done
         return JobResult(out, report, params_dense, timings)
     _job_timings(report, timings, t_start)
-    t0 = time.perf_counter()
     check = result.calib_ids[:1, : min(64, result.calib_ids.shape[1])]
     save_pruned(model_obj, tok, out, report, overwrite=cfg.overwrite, check_ids=check)
-    timings["save_s"] = time.perf_counter() - t0
+    timings["save_s"] = report["timings"]["save_s"]  # measured by the save itself
     RunFolder(run_dir).remove()
     return JobResult(out, report, params_dense, timings)
 
@@ -371,10 +376,9 @@ def _low_memory(spec: str, out: Path, cfg: PruneConfig, run_dir: Path,
     if not current().is_main:  # rank 0 assembles the output
         return JobResult(out, report, params_dense, timings)
     _job_timings(report, timings, t_start)
-    t0 = time.perf_counter()
     write_sharded(lazy.model, layers, RunFolder(run_dir), lazy.tokenizer,
                   lazy.generation_config, report, out, overwrite=cfg.overwrite)
-    timings["save_s"] = time.perf_counter() - t0
+    timings["save_s"] = report["timings"]["save_s"]  # measured by the save itself
     return JobResult(out, report, params_dense, timings)
 
 

@@ -304,13 +304,10 @@ def compare(
             m = copy.deepcopy(dense) if mode == "copy" else reload().to("cpu")
             t0 = time.perf_counter()
             pr = prune(m, tokenizer, s, method=v.method, method_options=v.options,
-                       calib_ids=calib_ids, device=device, batch_size=batch_size,
-                       round_to=round_to, progress=progress, allow_unsaveable=True,
-                       probe_ids=probe_ids, **v.settings)
+                       calib_ids=calib_ids, calib_desc=calib_desc, device=device,
+                       batch_size=batch_size, round_to=round_to, progress=progress,
+                       allow_unsaveable=True, probe_ids=probe_ids, **v.settings)
             seconds = time.perf_counter() - t0
-            if calib_desc is not None:  # the report names where the windows came from
-                assert pr.report["calibration"]["token_hash"] == calib_desc["token_hash"]
-                pr.report["calibration"] = dict(calib_desc)
             ev = score(m)
             ev_also = score_also(m)
             saved = None

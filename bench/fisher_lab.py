@@ -138,8 +138,10 @@ def main(argv=None):
         ref = keeps.get("obs-ridge")
         for name, r in res.items():
             r["kept_in_common_with_obs_ridge"] = (len(keeps[name] & ref) / k if ref else None)
+            common = r["kept_in_common_with_obs_ridge"]
             print(f"layer {i:2d} {name:18s} ppl {r['probe_ppl']:.4f}  err "
-                  f"{r['probe_rel_error']:.5f}  common {r['kept_in_common_with_obs_ridge']:.3f}"
+                  f"{r['probe_rel_error']:.5f}  common "
+                  f"{'n/a' if common is None else format(common, '.3f')}"
                   f"  top5% {r['kept_of_top5pct_norm']:.2f}"
                   f"  {r['seconds']:.1f}s", flush=True)
         doc["results"][str(i)] = res

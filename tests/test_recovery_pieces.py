@@ -1,6 +1,7 @@
 """The pieces of "recovery at full strength" (solvers/recovery.py), on small random gated layers:
 a step budget per epoch (`steps`), held-out early stopping (`patience`), shrinkage of gate and
-up toward their start (`shrink`), and the final down refit on all windows (`final_refit`).
+up toward their start (`shrink`), the final down refit on all windows (`final_refit`), and
+recovery's loss weighted by an output Fisher (`out_root`).
 
 Each piece: its held-out choice never ends above the start's held-out loss, and a test fails
 when its mechanism is gone."""
@@ -184,6 +185,66 @@ def test_final_refit_solves_the_down_projection_on_all_tokens():
     assert not torch.allclose(final.w_down, plain.w_down, rtol=1e-4, atol=1e-5)
 
 
+# ---- out_root -------------------------------------------------------------------------------
+def _uneven_root(m=8, seed=3):
+    """The root of a Fisher that cares for two output directions 100x more than the rest."""
+    from spap.solvers.weighting import weight_root
+
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=f64))
+    vals = torch.full((m,), 0.01, dtype=f64)
+    vals[:2] = 1.0
+    return weight_root((q * vals) @ q.T, 0.0)
+
+
+def weighted_loss(w_in, w_down, a, y, root):
+    from spap.solvers.recovery import mlp_forward
+
+    w_in = {k: v.float() for k, v in w_in.items()}
+    r = (mlp_forward(a.float(), w_in, w_down.float(), ACT, "up").double() - y) @ root
+    return float((r ** 2).sum() / ((y @ root) ** 2).sum())
+
+
+def test_out_root_weighs_every_heldout_choice_and_never_ends_above_the_start():
+    """The held-out losses recovery reports and chooses by are the weighted ones, from the
+    start on; the weighted held-out loss it ends with is not above the start's."""
+    args, kw = recover_args(p=3000, n_val=600, noise=0.3)
+    a, y, w_in, w_start, n_val = args[0], args[1], args[2], args[3], args[6]
+    root = _uneven_root()
+    res = recover(*args, **kw, out_root=root)
+    val = slice(a.shape[0] - n_val, a.shape[0])
+    want0 = weighted_loss(w_in, w_start, a[val], y[val], root)
+    assert res.heldout[0] == pytest.approx(want0, rel=1e-5)
+    assert res.epochs > 0
+    got = weighted_loss(res.w_in, res.w_down, a[val], y[val], root)
+    assert got == pytest.approx(res.heldout[res.epochs], rel=1e-5)
+    assert got <= want0
+    assert res.heldout[res.epochs] == min(res.heldout)
+
+
+def test_out_root_fits_the_weighted_directions_better_than_the_plain_loss():
+    """Gate and up fit to the weighted loss do better on it, out of sample, than the same
+    recovery fit to the plain loss (over several random layers); the down projection's
+    closed form is the same unweighted solve."""
+    root = _uneven_root()
+    wins = 0
+    for seed in range(4):
+        args, kw = recover_args(p=3000, n_val=600, seed=seed, noise=0.3)
+        a, y, n_val = args[0], args[1], args[6]
+        val = slice(a.shape[0] - n_val, a.shape[0])
+        plain = recover(*args, **kw)
+        weighted = recover(*args, **kw, out_root=root)
+        assert not torch.allclose(plain.w_in["gate"], weighted.w_in["gate"])
+        wins += (weighted_loss(weighted.w_in, weighted.w_down, a[val], y[val], root)
+                 < weighted_loss(plain.w_in, plain.w_down, a[val], y[val], root))
+        # for its own gate and up, the down projection is the plain ridge solve on fit tokens
+        fit = slice(0, a.shape[0] - n_val)
+        x = down_input(a[fit].float(), weighted.w_in, ACT, "up").double()
+        expect = solve_toward(x.T @ x, x.T @ y[fit], kw["w_down_dense"], kw["ridge"]).float()
+        torch.testing.assert_close(weighted.w_down, expect, rtol=1e-4, atol=1e-5)
+    assert wins >= 3
+
+
 # ---- through the solver ---------------------------------------------------------------------
 def _problem(seed=0, p=1200, n_val=300):
     a, y, w_in, w0 = gated_layer(p=p, seed=seed, noise=0.3)
@@ -212,3 +273,37 @@ def test_solver_options_reach_recovery():
     assert set(one.info.get("recovery_shrink_heldout_loss", {"0.5": 0})) >= {"0.5"}
     with pytest.raises(ValueError, match="recovery_shrink"):
         get_solver("spap", **base, recovery_shrink="half").solve(prob, 8)
+
+
+def test_recovery_weight_fisher_reaches_recovery_and_needs_a_fisher():
+    from spap.solvers.weighting import weight_root
+
+    prob = _problem()
+    m = prob.w_down.shape[0]
+    g = torch.Generator().manual_seed(1)
+    b = torch.randn(m, m, generator=g, dtype=f64)
+    base = dict(recovery_epochs=4, recovery_lr=0.05)
+    solver = get_solver("spap", **base, recovery_weight="fisher")
+    assert solver.needs_fisher and not solver.needs_out_weight
+    assert not get_solver("spap", **base).needs_fisher
+    assert not get_solver("spap", recovery="none", recovery_weight="fisher").needs_fisher
+    with pytest.raises(ValueError, match="output Fisher"):
+        solver.solve(prob, 8)
+    prob.out_weight = b @ b.T
+    plain = get_solver("spap", **base).solve(prob, 8)
+    dec = solver.solve(prob, 8)
+    assert torch.equal(dec.keep, plain.keep)  # the decision is not weighted
+    seen = []
+    import spap.solvers.spap as mod
+    orig = mod.recover
+    try:
+        mod.recover = lambda *a, **k: seen.append(k["out_root"]) or orig(*a, **k)
+        solver.solve(prob, 8)
+    finally:
+        mod.recover = orig
+    torch.testing.assert_close(seen[0], weight_root(prob.out_weight, solver.out_weight_damp))
+    assert dec.info["recovery_heldout_loss"] != plain.info["recovery_heldout_loss"]
+    with pytest.raises(ValueError, match="unknown recovery_weight"):
+        get_solver("spap", recovery_weight="hessian").solve(prob, 8)
+    with pytest.raises(ValueError, match="continuation"):
+        get_solver("spap", recovery="continuation", recovery_weight="fisher").solve(prob, 8)

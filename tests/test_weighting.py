@@ -185,6 +185,21 @@ def test_the_driver_hands_each_layer_the_dense_models_fisher_on_the_fit_windows(
         torch.testing.assert_close(got, g, rtol=1e-5, atol=1e-9)
 
 
+def test_recovery_weight_alone_makes_the_driver_collect_the_fisher(monkeypatch):
+    import spap
+    from spap.solvers.spap import SpapSolver
+
+    model = tiny_model("llama")
+    ids = random_ids(8, 16, seed=5)
+    seen = []
+    orig = SpapSolver.solve
+    monkeypatch.setattr(SpapSolver, "solve",
+                        lambda self, pr, k: seen.append(pr.out_weight) or orig(self, pr, k))
+    spap.prune(model, calib_ids=ids, sparsity=0.5, method="spap", batch_size=2,
+               method_options={"recovery_weight": "fisher", "recovery_epochs": 1})
+    assert seen and all(g is not None and g.shape == (g.shape[0], g.shape[0]) for g in seen)
+
+
 def test_low_memory_refuses_the_fisher_and_writes_nothing(tmp_path, text_file):
     from spap.api import prune_to_disk
     from spap.errors import SpapError

@@ -232,7 +232,7 @@ def prune_layers(
                             "(recovery_target=model or refit_target=drift) is not supported; "
                             "rerun with --restart")
         fisher = None
-        if getattr(solver, "needs_out_weight", False):
+        if getattr(solver, "needs_fisher", False):
             fisher = _output_fisher(model, adapter, layers, fit, source, device, home, shard,
                                     settings.progress and shard.is_main)
         heads = head_plan(model, settings) if settings.prunes_heads else None
@@ -414,7 +414,8 @@ def _output_fisher(model, adapter, layers, fit, source, device, home, shard, pro
     from .sensitivity import output_fisher
 
     if source is not IN_MODEL:
-        raise SpapError("out_weight=fisher runs a backward pass of the whole model, which "
+        raise SpapError("a Fisher output weighting (out_weight=fisher or recovery_weight=fisher) "
+                        "runs a backward pass of the whole model, which "
                         "--low-memory avoids; drop one of them")
     layers.to(device)
     try:  # one window at a time: the sum is the same (windows are independent), and the

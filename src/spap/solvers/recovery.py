@@ -39,6 +39,11 @@ measures each on real layers):
 - `final_refit`: once everything above is chosen, the down projection is solved once more on
   all tokens, fit and held-out, with the same ridge, as the refit without recovery is (the
   held-out windows then return to the final weights; nothing is chosen after this step).
+- `out_root`: R (m, m), the root of an output weighting (weighting.py): the loss becomes
+  ||(W h + b - y) R||^2 / ||y R||^2, for the Adam steps and for every held-out choice (epochs,
+  shrinkage), so gate and up are fit to the output directions the model's loss is sensitive
+  to. The down projection's closed form is left unweighted: for a fixed input it minimizes
+  the weighted loss too (weighting.py), so only the input projections see the weighting.
 
 Everything runs in float32 on minibatches of `batch` tokens (the activations stay where they
 are, e.g. on the CPU, and only a minibatch moves), so memory is the
@@ -135,18 +140,20 @@ def recover(
     patience: int = 0,
     shrink: Sequence[float] = (),
     final_refit: bool = False,
+    out_root: torch.Tensor | None = None,
     shard: Shard = LOCAL,
 ) -> RecoveryResult:
     """Recover the kept weights on tokens a[:p - n_val], y[:p - n_val], choosing the number of
     epochs (0..`epochs`) on the last `n_val` tokens. `w_down_dense` (m, k) and `ridge` define the
     down step of `mode="alternating"` (the refit toward the dense weights; ridge None: exact).
-    `steps`, `patience`, `shrink` and `final_refit` are the pieces of the module docstring.
+    `steps`, `patience`, `shrink`, `final_refit` and `out_root` are the pieces of the module
+    docstring.
     """
     if mode not in MODES:
         raise ValueError(f"unknown recovery mode '{mode}'; use {' or '.join(MODES)}")
     device = torch.device(device) if device is not None else w_down.device
     f32 = torch.float32
-    data = LayerTokens(a, y, n_val, device, chunk, shard, b_down)
+    data = LayerTokens(a, y, n_val, device, chunk, shard, b_down, out_root)
     p, n_fit, n_fit_all = data.p, data.n_fit, data.n_fit_all
     params = {k: v.detach().to(device, f32).clone() for k, v in w_in.items()}
     params["__down"] = w_down.detach().to(device, f32).clone()
@@ -205,7 +212,7 @@ def recover(
             idx = perm[i * mb:(i + 1) * mb]
             aa, yy = data.minibatch(idx)
             with torch.enable_grad():
-                r = fwd(params, aa) - yy
+                r = data.weigh(fwd(params, aa) - yy)
                 loss = (r * r).sum() / (data.y_sq_fit * idx.numel())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -246,10 +253,14 @@ class LayerTokens:
     """One layer problem's tokens on this rank (fit rows first, then the last `n_val` held-out
     ones) and the float64 sums over all ranks that recovery's steps take of them: the
     squared norms of the targets, a held-out loss, the down projection's Gram and cross
-    term, and a minibatch of all ranks' fit tokens (`_gather_rows`)."""
+    term, and a minibatch of all ranks' fit tokens (`_gather_rows`). With `root` (m, m) the
+    norms and losses are of outputs weighted by it (`weigh`); the Gram and cross term are
+    not."""
 
-    def __init__(self, a, y, n_val, device, chunk, shard: Shard = LOCAL, b_down=None):
+    def __init__(self, a, y, n_val, device, chunk, shard: Shard = LOCAL, b_down=None,
+                 root=None):
         self.a, self.y, self.device, self.chunk, self.shard = a, y, device, chunk, shard
+        self.root = root.to(device, torch.float32) if root is not None else None
         self.p = a.shape[0]
         self.n_fit = self.p - n_val
         # this rank's fit tokens are [fit_lo, fit_lo + n_fit) of all ranks' fit tokens
@@ -259,10 +270,14 @@ class LayerTokens:
             raise ValueError(f"recovery needs fit and held-out tokens, got {self.n_fit_all} "
                              f"and {int(n_val_all)}")
         self.b_down = b_down.to(device, torch.float32) if b_down is not None else None
-        self.y_sq_fit = shard.sum_float(sum(_sq(yy) for _, yy in self.chunks(0, self.n_fit)),
-                                        device) / self.n_fit_all
-        self.y_sq_val = shard.sum_float(sum(_sq(yy) for _, yy in self.chunks(self.n_fit,
-                                                                             self.p)), device)
+        self.y_sq_fit = shard.sum_float(sum(_sq(self.weigh(yy)) for _, yy in
+                                            self.chunks(0, self.n_fit)), device) / self.n_fit_all
+        self.y_sq_val = shard.sum_float(sum(_sq(self.weigh(yy)) for _, yy in
+                                            self.chunks(self.n_fit, self.p)), device)
+
+    def weigh(self, t: torch.Tensor) -> torch.Tensor:
+        """Outputs (c, m) in the weighted norm: t R (R symmetric), or t itself."""
+        return t if self.root is None else t @ self.root
 
     def chunks(self, lo, hi):
         for s in range(lo, hi, self.chunk):
@@ -272,10 +287,11 @@ class LayerTokens:
 
     @torch.no_grad()
     def val_loss(self, predict: Callable) -> float:
-        """||predict(a) - y||^2 / ||y||^2 over the held-out tokens of every rank."""
+        """||predict(a) - y||^2 / ||y||^2 over the held-out tokens of every rank (both
+        weighted by `root` when there is one)."""
         tot = 0.0
         for aa, yy in self.chunks(self.n_fit, self.p):
-            tot += _sq(predict(aa) - yy)
+            tot += _sq(self.weigh(predict(aa) - yy))
         tot = self.shard.sum_float(tot, self.device)
         return tot / self.y_sq_val if self.y_sq_val > 0 else 0.0
 

@@ -38,8 +38,10 @@ ends with a higher held-out error than the refit. Opt-in pieces (recovery.py's d
 measured per layer by bench/layer_lab.py, bench/results/layer-lab-*.json): `recovery_steps`
 (Adam steps per epoch whatever the token count), `recovery_patience` (held-out early stopping,
 so `recovery_epochs` is an upper bound), `recovery_shrink` (gate and up shrunk toward their
-dense rows, the strength chosen on the held-out windows) and `recovery_final_refit` (the down
-projection solved once more on all windows).
+dense rows, the strength chosen on the held-out windows), `recovery_final_refit` (the down
+projection solved once more on all windows) and `recovery_weight=fisher` (recovery's loss
+weighted by the loss's sensitivity to each output direction, as `out_weight=fisher` weights
+the decision).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ from .refit import (
     spd_inverse,
     spd_solve,
 )
-from .weighting import OutputWeighting
+from .weighting import OUT_WEIGHTS, OutputWeighting, weight_root
 
 
 @dataclass
@@ -119,6 +121,10 @@ class SpapSolver(RefitOptions, OutputWeighting):
     # "model", the dense model's own MLP output at this layer (so the layer also corrects the
     # drift of its inputs; the pipeline then carries the dense model's hidden states too)
     recovery_target: str = "layer"
+    # the output weighting of recovery's loss (recovery.py, `out_root`): "none", every output
+    # direction alike; "fisher", the loss-weighted error of out_weight=fisher (weighting.py),
+    # for gate and up and every held-out choice, whatever out_weight the decision uses
+    recovery_weight: str = "none"
     # recovery=continuation: the penalty weight (relative to each channel's H_ii) of the first
     # and the last epoch, geometric in between; and how the channels to remove are re-chosen
     # between epochs: "loo" (the cheapest by their leave-one-out cost) or "fixed" (the
@@ -134,11 +140,21 @@ class SpapSolver(RefitOptions, OutputWeighting):
         return self.recovery != "none" and self.recovery_epochs > 0
 
     @property
+    def needs_fisher(self) -> bool:
+        return self.needs_out_weight or (self.needs_inputs and self.recovery_weight == "fisher")
+
+    @property
     def needs_dense_stream(self) -> bool:
         return self.needs_inputs and self.recovery_target == "model"
 
     def solve(self, problem: LayerProblem, n_keep: int) -> Decision:
         self.check_refit()
+        if self.recovery_weight not in OUT_WEIGHTS:
+            raise ValueError(f"unknown recovery_weight '{self.recovery_weight}'; use "
+                             f"{' or '.join(OUT_WEIGHTS)}")
+        if self.recovery_weight == "fisher" and self.recovery == "continuation":
+            raise ValueError("recovery_weight=fisher is not implemented for "
+                             "recovery=continuation; use recovery=alternating")
         self.check_out_weight(problem)
         if self.recovery_target not in ("layer", "model"):
             raise ValueError(f"unknown recovery_target '{self.recovery_target}'; use layer or "
@@ -212,6 +228,9 @@ class SpapSolver(RefitOptions, OutputWeighting):
             mode=self.recovery, device=dev, steps=self.recovery_steps,
             patience=self.recovery_patience, shrink=_fractions(self.recovery_shrink),
             final_refit=self.recovery_final_refit, shard=problem.shard,
+            out_root=(weight_root(problem.out_weight.to(dev, torch.float64),
+                                  self.out_weight_damp)
+                      if self.recovery_weight == "fisher" else None),
         )
         decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout)
         if res.shrink:

@@ -49,14 +49,21 @@ class OutputWeighting:
 
     @property
     def needs_out_weight(self) -> bool:
+        """Whether the decision is weighted."""
         return self.out_weight == "fisher"
+
+    @property
+    def needs_fisher(self) -> bool:
+        """Whether the solver reads the layer's output Fisher (the driver then collects it);
+        a solver that weights more than its decision widens this."""
+        return self.needs_out_weight
 
     def check_out_weight(self, problem) -> None:
         if self.out_weight not in OUT_WEIGHTS:
             raise ValueError(f"unknown out_weight '{self.out_weight}'; use "
                              f"{' or '.join(OUT_WEIGHTS)}")
-        if self.needs_out_weight and problem.out_weight is None:
-            raise ValueError("out_weight=fisher needs the layer's output Fisher "
+        if self.needs_fisher and problem.out_weight is None:
+            raise ValueError("a Fisher output weighting needs the layer's output Fisher "
                              "(LayerProblem.out_weight), which the driver collects")
 
     def out_root(self, problem, like: torch.Tensor) -> torch.Tensor | None:

@@ -275,7 +275,7 @@ def test_solver_options_reach_recovery():
         get_solver("spap", **base, recovery_shrink="half").solve(prob, 8)
 
 
-def test_recovery_weight_fisher_reaches_recovery_and_needs_a_fisher():
+def test_recovery_weight_fisher_reaches_recovery_and_needs_a_fisher(monkeypatch):
     from spap.solvers.weighting import weight_root
 
     prob = _problem()
@@ -296,11 +296,9 @@ def test_recovery_weight_fisher_reaches_recovery_and_needs_a_fisher():
     seen = []
     import spap.solvers.spap as mod
     orig = mod.recover
-    try:
-        mod.recover = lambda *a, **k: seen.append(k["out_root"]) or orig(*a, **k)
-        solver.solve(prob, 8)
-    finally:
-        mod.recover = orig
+    monkeypatch.setattr(mod, "recover",
+                        lambda *a, **k: seen.append(k["out_root"]) or orig(*a, **k))
+    solver.solve(prob, 8)
     torch.testing.assert_close(seen[0], weight_root(prob.out_weight, solver.out_weight_damp))
     assert dec.info["recovery_heldout_loss"] != plain.info["recovery_heldout_loss"]
     with pytest.raises(ValueError, match="unknown recovery_weight"):

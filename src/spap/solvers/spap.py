@@ -66,7 +66,7 @@ from .refit import (
     spd_inverse,
     spd_solve,
 )
-from .weighting import OUT_WEIGHTS, OutputWeighting, weight_root
+from .weighting import OUT_WEIGHTS, OutputWeighting
 
 
 @dataclass
@@ -228,8 +228,7 @@ class SpapSolver(RefitOptions, OutputWeighting):
             mode=self.recovery, device=dev, steps=self.recovery_steps,
             patience=self.recovery_patience, shrink=_fractions(self.recovery_shrink),
             final_refit=self.recovery_final_refit, shard=problem.shard,
-            out_root=(weight_root(problem.out_weight.to(dev, torch.float64),
-                                  self.out_weight_damp)
+            out_root=(self.fisher_root(problem, torch.float64, dev)
                       if self.recovery_weight == "fisher" else None),
         )
         decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout)

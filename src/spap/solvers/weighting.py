@@ -70,7 +70,11 @@ class OutputWeighting:
         """R (m, m) in `like`'s dtype and device, or None when the decision is unweighted."""
         if not self.needs_out_weight:
             return None
-        return weight_root(problem.out_weight.to(like), self.out_weight_damp)
+        return self.fisher_root(problem, like.dtype, like.device)
+
+    def fisher_root(self, problem, dtype, device) -> torch.Tensor:
+        """R (m, m) of the layer's output Fisher, whoever uses it (the decision, recovery)."""
+        return weight_root(problem.out_weight.to(device, dtype), self.out_weight_damp)
 
     def decision_rows(self, w0: torch.Tensor, problem) -> torch.Tensor:
         """What the decision sees in place of w0 (m, n): R w0, or w0 itself."""

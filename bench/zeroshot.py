@@ -118,7 +118,8 @@ def main() -> None:
         for m in args.methods.split(","):
             model = copy.deepcopy(dense)
             res = spap.prune(model, sparsity=s, method=m, method_options=opts.get(m),
-                             calib_ids=ids, allow_unsaveable=True)
+                             calib_ids=ids, calib_desc=calib,
+                             allow_unsaveable=True)
             record(f"{m} {s:g}", model, {"method": m, "sparsity": s,
                                          "params_removed_frac": res.report["params_removed_frac"]})
             del model

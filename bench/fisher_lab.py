@@ -34,6 +34,7 @@ for p in (ROOT / "src", ROOT / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from layer_lab import VARIANTS as LAB_VARIANTS  # noqa: E402
 from layer_lab import (  # noqa: E402
     build_problem,
     capture_mlp_inputs,
@@ -46,6 +47,7 @@ from layer_lab import (  # noqa: E402
 )
 
 from spap import data  # noqa: E402
+from spap.compare import split_variants  # noqa: E402
 from spap.driver.records import n_keep_for  # noqa: E402
 from spap.driver.sensitivity import output_fisher  # noqa: E402
 from spap.eval.ppl import perplexity_of_windows  # noqa: E402
@@ -85,7 +87,7 @@ def main(argv=None):
     calib, probe, desc = token_windows(tok, args.nsamples, args.seqlen, args.seed,
                                        args.probe_windows)
     n_held = data.heldout_windows(args.nsamples)
-    variants = [parse_variant(v) for v in args.variants.split(",") if v]
+    variants = [parse_variant(v) for v in split_variants(args.variants, LAB_VARIANTS)]
     doc = {"script": "bench/fisher_lab.py",
            "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/fisher_lab.py "
                       + " ".join(argv if argv is not None else sys.argv[1:]),

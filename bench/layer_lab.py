@@ -45,6 +45,7 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 from spap import data  # noqa: E402
+from spap.compare import split_variants  # noqa: E402
 from spap.config import parse_options  # noqa: E402
 from spap.driver.pipeline import StopForward, capture_layer_inputs, forward_to_stop  # noqa: E402
 from spap.driver.records import n_keep_for  # noqa: E402
@@ -76,7 +77,10 @@ def parse_variant(spec: str) -> tuple[str, tuple[str, dict[str, Any]]]:
     """'name=method:key=value;key=value' (or a name of VARIANTS)."""
     if spec in VARIANTS:
         return spec, VARIANTS[spec]
-    name, _, rest = spec.partition("=")
+    name, sep, rest = spec.partition("=")
+    if not sep:
+        raise SystemExit(f"variant '{spec}': not one of {', '.join(VARIANTS)}; "
+                         "write name=method:key=value;key=value")
     method, _, opts = rest.partition(":")
     return name, (method or "spap", parse_options([o for o in opts.split(";") if o.strip()]))
 
@@ -382,17 +386,18 @@ def _ratio(num_ref, den_ref):
 # ---- main -----------------------------------------------------------------------------------
 def table(doc) -> str:
     """Markdown: probe error (and seconds) per layer and variant, with each variant's ratio to
-    plain spap and its wins against it."""
+    plain spap (or, without it, the first variant) and its wins against it."""
     layers = sorted(doc["layers_results"], key=int)
     names = list(doc["variants"])
+    base = "spap" if "spap" in names else names[0]  # the reference of the last two columns
     head = "| variant | " + " | ".join(f"layer {i} probe (s)" for i in layers) + \
-        " | mean ratio to spap | layers better than spap |"
+        f" | mean ratio to {base} | layers better than {base} |"
     rows = [head, "|" + "---|" * (len(layers) + 3)]
     for nm in names:
         cells, ratios, wins = [], [], 0
         for i in layers:
             v = doc["layers_results"][i]["variants"].get(nm)
-            ref = doc["layers_results"][i]["variants"].get("spap")
+            ref = doc["layers_results"][i]["variants"].get(base)
             if v is None:
                 cells.append("")
                 continue
@@ -452,7 +457,7 @@ def main(argv=None):
     calib, probe, desc = token_windows(tok, args.nsamples, args.seqlen, args.seed,
                                        args.probe_windows)
     n_val = data.heldout_windows(args.nsamples) * args.seqlen
-    variants = [parse_variant(v) for v in args.variants.split(",") if v]
+    variants = [parse_variant(v) for v in split_variants(args.variants, VARIANTS)]
     doc = {
         "script": "bench/layer_lab.py",
         "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/layer_lab.py "

@@ -638,14 +638,20 @@ LAB_INTRO = (
     "solver sees, and in brackets the seconds of one solve on one CPU thread. `spap-ep4` is "
     "a hard cut followed by 4 recovery epochs; `cont4` is `recovery=continuation` with 4 "
     "epochs (the cut made gradually, the mask re-chosen between epochs), `cont4-fixed` the "
-    "same with the decision's mask kept.")
+    "same with the decision's mask kept. In the `-lr-` files, `strong` is recovery at full "
+    "strength (64 Adam steps per epoch, at most 8 epochs stopped when 2 bring no held-out "
+    "gain, the down projection refit once more on all windows), `strong-lrX` the same with "
+    "Adam's rate X (0.02 in `strong`; at 0.01 and 0.005 with at most 16 epochs), `strong-s256` "
+    "with 256 steps per epoch, `strong-shrink` with `recovery_shrink=0.25`.")
 
 
 def lab_section(model: str, d: dict) -> list[str]:
     from layer_lab import table  # (imports torch: only when a lab file exists)
 
     cmds = "; ".join(f"`{c}`" for c in d.get("commands", [d["command"]]))
-    return [f"### {d.get('model', model)}", "", f"Commands: {cmds}.", "", table(d)]
+    note = [f"Note: {d['note']}.", ""] if d.get("note") else []
+    return [f"### {d.get('model', model)} (`layer-{model}.json`)", "", f"Commands: {cmds}.", "",
+            *note, table(d)]
 
 
 CALIB64_INTRO = ("`spap compare` with SmolLM2's sizes (64 calibration windows of 512 tokens, "

@@ -176,6 +176,20 @@ def test_parse_variants_and_sparsities():
         Variant("o", "obs", {"buffer": 8, "block": 4}),
     ]
     assert parse_sparsities("0.3, 0,0.3") == [0.3, 0.0]
+
+
+def test_parse_variants_keeps_a_list_value_whole():
+    """A comma inside an option's list value (recovery_shrink) stays in that value; a method
+    name after it starts the next variant."""
+    vs = parse_variants("s=spap:recovery_shrink=0.25,0.5,0.75;recovery_epochs=3,obs,"
+                        "t=spap:recovery_shrink=0.5,wanda-sp")
+    assert [(v.name, v.method, v.options) for v in vs] == [
+        ("s", "spap", {"recovery_shrink": "0.25,0.5,0.75", "recovery_epochs": 3}),
+        ("obs", "obs", {}), ("t", "spap", {"recovery_shrink": 0.5}),
+        ("wanda-sp", "wanda-sp", {}),
+    ]
+    with pytest.raises(SpapError, match="unknown method '0.5'"):
+        parse_variants("obs,0.5")  # no option before it to continue: still refused
     with pytest.raises(SpapError, match="empty"):
         parse_sparsities(" , ")
 

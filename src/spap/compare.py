@@ -73,6 +73,27 @@ def _split_settings(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     return opts, settings
 
 
+def split_variants(spec: str, standalone=()) -> list[str]:
+    """`--methods`'s comma-separated items, with a comma inside an option's list value kept in
+    that value: `a=spap:recovery_shrink=0.25,0.5,obs` is two items, `a=spap:recovery_shrink=
+    0.25,0.5` and `obs`. An item continues the one before it when that one has options (a
+    ':') and the item, up to its first ';', has no '=' or ':' and is not a method or one of
+    `standalone`'s names."""
+    from .solvers import METHODS
+
+    names = set(METHODS) | set(standalone)
+    out: list[str] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        head = item.split(";", 1)[0]  # the rest of a list value, maybe more options after it
+        if out and ":" in out[-1] and "=" not in head and ":" not in head and item not in names:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
+
+
 def parse_variants(spec: str | None, option_items: list[str] | None = None) -> list[Variant]:
     """`--methods` and `--option` into validated variants (no model needed).
 
@@ -84,7 +105,7 @@ def parse_variants(spec: str | None, option_items: list[str] | None = None) -> l
     from .config import parse_options
     from .solvers import METHODS, get_solver
 
-    items = [s.strip() for s in (spec or ",".join(METHODS)).split(",") if s.strip()]
+    items = split_variants(spec or ",".join(METHODS))
     if not items:
         raise SpapError("--methods is empty; e.g. --methods spap,obs")
     parsed: list[tuple[str, str, dict[str, Any]]] = []

@@ -298,3 +298,56 @@ def test_compare_records_heldout_errors_directly():
     assert r["layer_error_heldout_mean"] == pytest.approx(
         sum(r["layer_errors_heldout"]) / len(r["layer_errors_heldout"]))
     json.dumps(res, allow_nan=False)
+
+
+def _cmp_argv(tiny_dir, text_file, js, methods="obs,spap=spap:recovery_epochs=1"):
+    return ["compare", tiny_dir, "--methods", methods, "--sparsities", "0.25,0.5",
+            "--calib", text_file, "--nsamples", "4",
+            "--seqlen", "32", "--eval-data", text_file, "--eval-seqlen", "32",
+            "--eval-windows", "2", "--device", "cpu", "--json", js, "--resume"]
+
+
+def test_resumed_comparison_equals_an_uninterrupted_one(tiny_dir, text_file, tmp_path, capsys,
+                                                        monkeypatch):
+    """A comparison killed inside its third prune (at its second layer) and run again keeps
+    the two finished records without running them again, continues the third prune from its
+    finished layer, and ends with the records of an uninterrupted comparison."""
+    from spap.driver import pipeline
+
+    whole = tmp_path / "whole.json"
+    assert run(_cmp_argv(tiny_dir, text_file, whole), capsys)[0] == 0
+    js = tmp_path / "cmp.json"
+    real, calls = pipeline._prune_one, []
+
+    def dying(adapter, lay, index, *args, **kwargs):
+        calls.append(index)
+        if len(calls) == 6:  # the third prune's second layer (two layers per prune)
+            raise KeyboardInterrupt
+        return real(adapter, lay, index, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_prune_one", dying)
+        assert run(_cmp_argv(tiny_dir, text_file, js), capsys)[0] == 130
+    partial = tmp_path / ".cmp.json.spap-partial"
+    assert [p.name for p in partial.iterdir()] == ["obs-0.5"]
+    assert len(json.loads(js.read_text())["records"]) == 2
+    with monkeypatch.context() as m:
+        calls.clear()
+        m.setattr(pipeline, "_prune_one", dying)
+        assert run(_cmp_argv(tiny_dir, text_file, js), capsys)[0] == 0
+    assert calls == [1, 0, 1]  # the third prune's last layer, then the fourth prune
+    assert not partial.exists()
+    got, ref = json.loads(js.read_text())["records"], json.loads(whole.read_text())["records"]
+    assert [r["resumed_from_layer"] for r in got] == [0, 0, 1, 0]
+    keys = ("method", "sparsity", "ppl", "layer_errors", "layer_errors_heldout",
+            "layer_recovery_epochs", "params_removed_frac")
+    assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in ref]
+
+
+def test_resume_refuses_the_json_of_another_comparison(tiny_dir, text_file, tmp_path, capsys):
+    js = tmp_path / "cmp.json"
+    assert run(_cmp_argv(tiny_dir, text_file, js, methods="obs"), capsys)[0] == 0
+    before = js.read_text()
+    code, _, err = run(_cmp_argv(tiny_dir, text_file, js), capsys)
+    assert code == 2 and "holds another comparison (its variants differ)" in err, err
+    assert js.read_text() == before  # nothing overwritten

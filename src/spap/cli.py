@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint loaded again (reload: one model in memory, not two), or "
                         "reload only when host memory is short (auto)")
     p.add_argument("--json", required=True, help="results file, rewritten after every run")
+    p.add_argument("--resume", action="store_true",
+                   help="continuable: every prune keeps its finished layers beside --json, and "
+                        "the same command run again keeps --json's records, skips those runs "
+                        "and continues the unfinished one from its last finished layer")
     p.add_argument("--plot", default=None, help="perplexity-vs-sparsity image (e.g. cmp.png)")
     p.add_argument("--save-models", default=None, metavar="DIR",
                    help="also save every saveable pruned model as DIR/<method>-<sparsity> "

@@ -38,6 +38,7 @@ import torch
 from .errors import SpapError
 from .eval.speed import weight_bytes
 from .files import finite_or_none, write_json_atomic
+from .modelio.runfolder import PARTIAL_SUFFIX, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,7 @@ def compare(
     reload: Callable[[], Any] | None = None,
     dense_copy: str = "auto",
     also_eval: dict[str, tuple[torch.Tensor, str]] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Prune a copy of the dense `model` (left untouched, on the CPU) with every variant at
     every sparsity and score it on the same evaluation windows.
@@ -246,14 +248,25 @@ def compare(
     Wikipedia calibration) to (its held-out token stream, its split): the dense model and
     every record also get a perplexity there, on the same window size and count
     (`dense_ppl_also`, each record's `ppl_also`; protocols under `protocol.also_eval`).
+
+    `resume` (needs `json_path`) makes a killed comparison continuable: every prune keeps its
+    finished layers in a run folder beside the JSON (`.<json name>.spap-partial/<variant>-
+    <sparsity>`, removed once its record is written), and a call with the same arguments
+    keeps the records the JSON already holds, skips those runs, and continues the unfinished
+    prune from its last finished layer, bit-identical to an uninterrupted one. A JSON of
+    another comparison (model, protocol, variants, sparsities or dense perplexity) is
+    refused. A resumed record's `seconds` is this call's wall time plus the per-layer
+    seconds of the layers it took over (`resumed_from_layer` says how many).
     """
     from .api import prune
     from .eval.ppl import perplexity
     from .versions import versions
 
     device = torch.device(device)
-    dense = model.to("cpu")
     path = Path(json_path) if json_path is not None else None
+    if resume and path is None:
+        raise SpapError("a resumable comparison needs a results file (json_path / --json)")
+    dense = model.to("cpu")
 
     def score_on(m, data: str, stream: torch.Tensor, split: str | None) -> dict[str, Any]:
         r = perplexity(m.to(device), tokenizer, data=data, seqlen=eval_seqlen,
@@ -307,6 +320,10 @@ def compare(
         "sparsities": sparsities,
         "records": [],
     }
+    run_root = path.parent / f".{path.name}{PARTIAL_SUFFIX}" if resume else None
+    if resume and path.exists():
+        result["records"] = _resumable_records(path, result)
+    done = {(r["method"], r["sparsity"]) for r in result["records"]}
     if path:
         write_json_atomic(path, result)
 
@@ -322,13 +339,23 @@ def compare(
         for v, s in runs:
             if bar is not None:
                 bar.set_description(f"compare {v.name} @ {s:g}")
+            if (v.name, s) in done:  # (a resumed comparison's finished record)
+                if bar is not None:
+                    bar.update()
+                continue
             m = copy.deepcopy(dense) if mode == "copy" else reload().to("cpu")
+            run_dir = run_root / f"{v.name}-{s:g}" if run_root is not None else None
             t0 = time.perf_counter()
             pr = prune(m, tokenizer, s, method=v.method, method_options=v.options,
                        calib_ids=calib_ids, calib_desc=calib_desc, device=device,
                        batch_size=batch_size, round_to=round_to, progress=progress,
-                       allow_unsaveable=True, probe_ids=probe_ids, **v.settings)
+                       allow_unsaveable=True, probe_ids=probe_ids, checkpoint_dir=run_dir,
+                       **v.settings)
             seconds = time.perf_counter() - t0
+            resumed = pr.report.get("resumed_from_layer") or 0
+            # the layers taken over from the killed call: their own recorded seconds
+            seconds += sum(sum(layer["seconds"].values())
+                           for layer in pr.report["layers"][:resumed])
             ev = score(m)
             ev_also = score_also(m)
             saved = None
@@ -377,10 +404,13 @@ def compare(
                                           for layer in layers],
                 "layer_drift_alpha": [layer["info"].get("drift_alpha") for layer in layers],
                 "saved": saved,
+                **({"resumed_from_layer": resumed} if resume else {}),
             }
             result["records"].append(rec)
             if path:
                 write_json_atomic(path, result)
+            if run_dir is not None:
+                RunFolder(run_dir).remove()
             log.info("%s @ %g: ppl %.4g (dense %.4g), %.1f s", v.name, s, ev["ppl"], d["ppl"],
                      seconds)
             if bar is not None:
@@ -389,7 +419,32 @@ def compare(
     finally:
         if bar is not None:
             bar.close()
+    if run_root is not None and run_root.is_dir() and not any(run_root.iterdir()):
+        run_root.rmdir()
     return result
+
+
+# what must be the same for a results file's records to be kept by a resumed comparison
+_RESUME_KEYS = ("model", "protocol", "variants", "sparsities", "dense_ppl_also")
+
+
+def _resumable_records(path: Path, new: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of the comparison in `path` when it is the one `new` describes."""
+    import json
+
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SpapError(f"{path}: cannot read it to resume ({type(e).__name__}); remove it "
+                        "or give another --json") from None
+    differ = [k for k in _RESUME_KEYS if old.get(k) != new.get(k)]
+    a, b = old.get("dense_ppl"), new.get("dense_ppl")
+    if a is None or b is None or abs(a - b) > 1e-9 * abs(b):
+        differ.append("dense_ppl")
+    if differ:
+        raise SpapError(f"{path} holds another comparison (its {', '.join(differ)} differ); "
+                        "resume refused: remove it or give another --json")
+    return list(old.get("records", []))
 
 
 def _probe_protocol(probe_ids: torch.Tensor | None,
@@ -553,7 +608,7 @@ def run_cli(args) -> int:
         eval_split=eval_text.split, calib_desc=calib_desc, model_name=src.spec, device=device,
         batch_size=args.batch_size, round_to=args.round_to, json_path=args.json, progress=True,
         probe_ids=probe_ids, probe_desc=probe_desc, save_dir=args.save_models,
-        reload=reload, dense_copy=args.dense_copy, also_eval=also,
+        reload=reload, dense_copy=args.dense_copy, also_eval=also, resume=args.resume,
     )
     print()
     print(format_table(result))

@@ -482,7 +482,7 @@ def params_section(model: str, d: dict) -> list[str]:
     return lines
 
 
-SEED_VARIANTS = ("spap-drift", "spap-drift-strong")
+SEED_VARIANTS = ("spap-drift", "spap-drift-strong", "spap-drift-lr005")
 
 
 def seeds_section(files: list[tuple[str, dict]], ref: list[dict]) -> list[str]:
@@ -715,7 +715,8 @@ def main() -> None:
                   "spap and of the refitting baselines. `spap-drift-strong` is spap-drift "
                   "with recovery at full strength: 64 Adam steps per epoch, up to 8 epochs "
                   "stopped when 2 bring no held-out gain, and the down projection refit once "
-                  "more on all windows at the end.", "", *seeds, ""]
+                  "more on all windows at the end; `spap-drift-lr005` the same with Adam's "
+                  "rate 0.005 instead of 0.02 and up to 16 epochs.", "", *seeds, ""]
     for title, intro, pattern, fn in [
         ("## The larger calibration on Qwen2.5-Coder-0.5B (64 x 512)", CALIB64_INTRO,
          "calib64-*.json", lambda m, d: compare_section(m, d, plot=False, goal=QWEN64_GOAL)),

@@ -176,6 +176,8 @@ def test_parse_variants_and_sparsities():
         Variant("o", "obs", {"buffer": 8, "block": 4}),
     ]
     assert parse_sparsities("0.3, 0,0.3") == [0.3, 0.0]
+    with pytest.raises(SpapError, match="empty"):
+        parse_sparsities(" , ")
 
 
 def test_parse_variants_keeps_a_list_value_whole():
@@ -190,8 +192,6 @@ def test_parse_variants_keeps_a_list_value_whole():
     ]
     with pytest.raises(SpapError, match="unknown method '0.5'"):
         parse_variants("obs,0.5")  # no option before it to continue: still refused
-    with pytest.raises(SpapError, match="empty"):
-        parse_sparsities(" , ")
 
 
 @dataclass

@@ -89,6 +89,8 @@ CASES = [
     ("llama", "flap", {}, {"offload": "cpu"}),  # activations in host memory, streamed
     ("opt", "fasp", {"refit": "ridge"}),
     ("llama", "obs", {"out_weight": "fisher"}),  # the output Fisher summed over the ranks
+    # recovery's rerun: minibatches of all ranks' fit and held-out tokens, in one order
+    ("llama", "spap", {"recovery_rerun": True, "recovery_steps": 8}),
 ]
 
 
@@ -103,7 +105,8 @@ def two_ranks(tmp_path_factory):
 
 
 CASE_IDS = ["-".join(c[:2]) + ("-heads" if len(c) > 3 else "")
-            + ("-fisher" if c[2].get("out_weight") else "") for c in CASES]
+            + ("-fisher" if c[2].get("out_weight") else "")
+            + ("-rerun" if c[2].get("recovery_rerun") else "") for c in CASES]
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)

@@ -185,6 +185,83 @@ def test_final_refit_solves_the_down_projection_on_all_tokens():
     assert not torch.allclose(final.w_down, plain.w_down, rtol=1e-4, atol=1e-5)
 
 
+# ---- rerun ----------------------------------------------------------------------------------
+def test_rerun_keeps_the_choice_and_fits_the_heldout_tokens_too():
+    """The held-out windows choose the epochs as without the rerun; the returned weights are
+    then fit on every token: other held-out targets change them, and leave the run without
+    the rerun (whose gate and up see only the fit tokens) exactly as it was."""
+    args, kw = recover_args(p=3000, n_val=600, noise=0.3)
+    a, y = args[0], args[1]
+    y2 = y.clone()
+    y2[-600:] += 0.01 * y.std() * torch.randn(600, y.shape[1], dtype=f64,
+                                              generator=torch.Generator().manual_seed(5))
+    args2 = (a, y2, *args[2:])
+    plain, plain2 = recover(*args, **kw), recover(*args2, **kw)
+    rerun, rerun2 = recover(*args, **kw, rerun=True), recover(*args2, **kw, rerun=True)
+    assert plain.epochs == rerun.epochs == plain2.epochs == rerun2.epochs > 0
+    assert rerun.heldout == plain.heldout
+    for key in ("gate", "up"):
+        assert torch.equal(plain.w_in[key], plain2.w_in[key])
+        assert not torch.allclose(rerun.w_in[key], rerun2.w_in[key], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(rerun.w_in[key], plain.w_in[key], rtol=1e-4, atol=1e-5)
+
+
+def test_rerun_takes_adam_steps_on_every_token(monkeypatch):
+    """The rerun's epochs draw their minibatches from all 3,000 tokens; the choosing run's
+    from the 2,400 fit tokens only."""
+    from spap.solvers import recovery
+
+    drawn: list[torch.Tensor] = []
+    orig = recovery.LayerTokens.minibatch
+
+    def spy(self, idx):
+        drawn.append((self.every, idx.clone()))
+        return orig(self, idx)
+
+    monkeypatch.setattr(recovery.LayerTokens, "minibatch", spy)
+    args, kw = recover_args(p=3000, n_val=600, noise=0.3)
+    res = recover(*args, **kw, rerun=True, steps=16)
+    assert res.epochs > 0
+    choose = torch.cat([i for every, i in drawn if not every])
+    again = torch.cat([i for every, i in drawn if every])
+    assert int(choose.max()) < 2400
+    assert again.numel() >= res.epochs * 2400 and set(again.tolist()) == set(range(3000))
+
+
+def test_rerun_generalizes_better_on_a_small_noisy_layer():
+    """600 noisy tokens, 200 of them held out: a third more tokens to fit lowers the error on
+    fresh tokens of the same layer."""
+    a, y, w_in, w0 = gated_layer(p=600 + 6000, seed=2, noise=1.0)
+    keep = torch.arange(0, 16, 2)
+    args = (a[:600], y[:600], {k: v[keep] for k, v in w_in.items()}, w0[:, keep], ACT, "up",
+            200)
+    kw = dict(w_down_dense=w0[:, keep], ridge=0.01, epochs=6, lr=0.05, final_refit=True)
+    plain, rerun = recover(*args, **kw), recover(*args, **kw, rerun=True)
+    assert plain.epochs > 0
+
+    def fresh(res):
+        from spap.solvers.recovery import mlp_forward
+
+        pred = mlp_forward(a[600:].float(), res.w_in, res.w_down, ACT, "up").double()
+        return float(((pred - y[600:]) ** 2).sum() / (y[600:] ** 2).sum())
+
+    assert fresh(rerun) < fresh(plain)
+
+
+def test_rerun_with_no_epoch_kept_returns_the_start():
+    args, kw = recover_args(p=300, n_val=150, noise=5.0)
+    res = recover(*args, **{**kw, "lr": 50.0}, rerun=True)  # every epoch does worse
+    assert res.epochs == 0
+    assert torch.equal(res.w_in["up"], args[2]["up"].float())
+    assert torch.equal(res.w_down, args[3].float())
+
+
+def test_rerun_and_shrink_are_refused_together():
+    args, kw = recover_args(p=300, n_val=150)
+    with pytest.raises(ValueError, match="rerun"):
+        recover(*args, **kw, rerun=True, shrink=(0.5,))
+
+
 # ---- out_root -------------------------------------------------------------------------------
 def _uneven_root(m=8, seed=3):
     """The root of a Fisher that cares for two output directions 100x more than the rest."""
@@ -273,6 +350,19 @@ def test_solver_options_reach_recovery():
     assert set(one.info.get("recovery_shrink_heldout_loss", {"0.5": 0})) >= {"0.5"}
     with pytest.raises(ValueError, match="recovery_shrink"):
         get_solver("spap", **base, recovery_shrink="half").solve(prob, 8)
+
+
+def test_solver_rerun_reaches_recovery():
+    prob = _problem()
+    base = dict(recovery_epochs=6, recovery_lr=0.05)
+    plain = get_solver("spap", **base).solve(prob, 8)
+    rerun = get_solver("spap", **base, recovery_rerun=True).solve(prob, 8)
+    assert torch.equal(rerun.keep, plain.keep)
+    assert rerun.info["recovery_epochs"] == plain.info["recovery_epochs"] > 0
+    assert rerun.info["recovery_heldout_loss"] == plain.info["recovery_heldout_loss"]
+    assert not torch.allclose(rerun.w_in["up"], plain.w_in["up"])
+    with pytest.raises(ValueError, match="recovery_rerun"):
+        get_solver("spap", **base, recovery_rerun=True, recovery="continuation").solve(prob, 8)
 
 
 def test_recovery_weight_fisher_reaches_recovery_and_needs_a_fisher(monkeypatch):

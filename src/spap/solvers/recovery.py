@@ -39,6 +39,12 @@ measures each on real layers):
 - `final_refit`: once everything above is chosen, the down projection is solved once more on
   all tokens, fit and held-out, with the same ridge, as the refit without recovery is (the
   held-out windows then return to the final weights; nothing is chosen after this step).
+- `rerun`: once the held-out windows have chosen the number of epochs, recovery runs those
+  epochs once more from the start, at the same rates, on all tokens (every rank's fit tokens,
+  then every rank's held-out ones, one process's order), the down projection's closed form
+  on all of them too: the held-out windows choose the setting and then return to the fit, as
+  with the refit's ridge. The choice (epochs, held-out losses) is that of the run without it;
+  the cost is a second pass over the chosen epochs.
 - `out_root`: R (m, m), the root of an output weighting (weighting.py): the loss becomes
   ||(W h + b - y) R||^2 / ||y R||^2, for the Adam steps and for every held-out choice (epochs,
   shrinkage), so gate and up are fit to the output directions the model's loss is sensitive
@@ -142,12 +148,13 @@ def recover(
     final_refit: bool = False,
     out_root: torch.Tensor | None = None,
     shard: Shard = LOCAL,
+    rerun: bool = False,
 ) -> RecoveryResult:
     """Recover the kept weights on tokens a[:p - n_val], y[:p - n_val], choosing the number of
     epochs (0..`epochs`) on the last `n_val` tokens. `w_down_dense` (m, k) and `ridge` define the
     down step of `mode="alternating"` (the refit toward the dense weights; ridge None: exact).
-    `steps`, `patience`, `shrink`, `final_refit` and `out_root` are the pieces of the module
-    docstring.
+    `steps`, `patience`, `shrink`, `final_refit`, `rerun` and `out_root` are the pieces of
+    the module docstring.
     """
     if mode not in MODES:
         raise ValueError(f"unknown recovery mode '{mode}'; use {' or '.join(MODES)}")
@@ -180,6 +187,9 @@ def recover(
             anchor, lam = w_dense.double(), ridge
         ps["__down"] = solve_toward(gram, cross, anchor, lam).to(f32)  # (m, k)
 
+    if rerun and shrink:
+        raise ValueError("recovery's rerun on all tokens replays the chosen epochs, which "
+                         "shrinkage then changes; use one of rerun and shrink")
     if steps < 0 or patience < 0:
         raise ValueError(f"recovery steps and patience must be >= 0, got {steps}, {patience}")
     trainable = [k for k in params if k != "__down" or mode == "joint"]
@@ -194,30 +204,43 @@ def recover(
         steps_per_epoch = max(steps, math.ceil(n_fit_all / batch))
         mb = max(1, n_fit_all // steps_per_epoch)
     total = steps_per_epoch * max(epochs, 1)
-    leaves = {k: params[k].requires_grad_(True) for k in trainable}
-    opt = torch.optim.Adam([{"params": [leaves[k]], "lr": lr * scale[k]} for k in trainable])
-    base_lr = [g["lr"] for g in opt.param_groups]
-    step = 0
-    recovered = None  # (loss, epoch, weights) of the best epoch >= 1, for the shrinkage
-    for ep in range(epochs):
-        perm = torch.randperm(n_fit_all, generator=gen)
-        if steps and steps_per_epoch * mb > n_fit_all:  # few tokens: several passes
-            perm = torch.cat([perm] + [torch.randperm(n_fit_all, generator=gen) for _ in
-                                       range(math.ceil(steps_per_epoch * mb / n_fit_all) - 1)])
-        for i in range(steps_per_epoch):
-            # cosine decay to a tenth of the rate over all epochs
-            frac = 0.1 + 0.45 * (1 + math.cos(math.pi * step / total))
-            for g, b in zip(opt.param_groups, base_lr):
-                g["lr"] = b * frac
-            idx = perm[i * mb:(i + 1) * mb]
-            aa, yy = data.minibatch(idx)
+
+    def adam(ps):
+        leaves = {k: ps[k].requires_grad_(True) for k in trainable}
+        return torch.optim.Adam([{"params": [leaves[k]], "lr": lr * scale[k]}
+                                 for k in trainable])
+
+    def train_epoch(ps, opt, tokens, mb_, fracs):
+        """One pass over `tokens`' fit rows in len(fracs) minibatches of `mb_`, step i at
+        Adam's rate times fracs[i]."""
+        n_all = tokens.n_fit_all
+        perm = torch.randperm(n_all, generator=gen)
+        if len(fracs) * mb_ > n_all:  # few tokens: several passes
+            perm = torch.cat([perm] + [torch.randperm(n_all, generator=gen) for _ in
+                                       range(math.ceil(len(fracs) * mb_ / n_all) - 1)])
+        for i, frac in enumerate(fracs):
+            for g, k in zip(opt.param_groups, trainable):
+                g["lr"] = lr * scale[k] * frac
+            idx = perm[i * mb_:(i + 1) * mb_]
+            aa, yy = tokens.minibatch(idx)
             with torch.enable_grad():
-                r = data.weigh(fwd(params, aa) - yy)
-                loss = (r * r).sum() / (data.y_sq_fit * idx.numel())
+                r = tokens.weigh(fwd(ps, aa) - yy)
+                loss = (r * r).sum() / (tokens.y_sq_fit * idx.numel())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
-            step += 1
+
+    opt = adam(params)
+    step = 0
+    rates: list[list[float]] = []  # each epoch's rates, for the rerun
+    recovered = None  # (loss, epoch, weights) of the best epoch >= 1, for the shrinkage
+    for ep in range(epochs):
+        # cosine decay to a tenth of the rate over all epochs
+        fracs = [0.1 + 0.45 * (1 + math.cos(math.pi * (step + i) / total))
+                 for i in range(steps_per_epoch)]
+        train_epoch(params, opt, data, mb, fracs)
+        step += steps_per_epoch
+        rates.append(fracs)
         if mode == "alternating":
             down_step(params)
         cur = val_loss(params)
@@ -238,6 +261,17 @@ def recover(
                                      down_step, val_loss)
         best = ((history[0], 0, start) if shrink_info["chosen"] == 0.0 else
                 (min(shrink_info["heldout"].values()), recovered[1], final))
+    if rerun and best[1] > 0:
+        # the chosen epochs, at their rates, once more from the start on all tokens
+        every = LayerTokens(a, y, n_val, device, chunk, shard, b_down, out_root, every=True)
+        mb_all = max(1, every.n_fit_all // steps_per_epoch)
+        ps = {k: v.detach().clone() for k, v in start.items()}
+        opt = adam(ps)
+        for fracs in rates[:best[1]]:
+            train_epoch(ps, opt, every, mb_all, fracs)
+            if mode == "alternating":
+                down_step(ps, hi=p)
+        final = {k: v.detach() for k, v in ps.items()}
     if final_refit and best[1] > 0:
         # the held-out windows return to the final down projection, as in the plain refit
         final = {k: v.detach().clone() for k, v in final.items()}
@@ -258,7 +292,7 @@ class LayerTokens:
     not."""
 
     def __init__(self, a, y, n_val, device, chunk, shard: Shard = LOCAL, b_down=None,
-                 root=None):
+                 root=None, every=False):
         self.a, self.y, self.device, self.chunk, self.shard = a, y, device, chunk, shard
         self.root = root.to(device, torch.float32) if root is not None else None
         self.p = a.shape[0]
@@ -269,9 +303,15 @@ class LayerTokens:
         if n_val_all < 1 or self.n_fit_all < 1:
             raise ValueError(f"recovery needs fit and held-out tokens, got {self.n_fit_all} "
                              f"and {int(n_val_all)}")
+        # every=True: the tokens to fit are all of them, all ranks' fit tokens first, then all
+        # ranks' held-out ones (the order of one process's rows)
+        self.every = every
+        self.val_lo, self.n_fit_only = shard.offset(n_val, device)[0], self.n_fit_all
+        if every:
+            self.n_fit_all += int(n_val_all)
         self.b_down = b_down.to(device, torch.float32) if b_down is not None else None
-        self.y_sq_fit = shard.sum_float(sum(_sq(self.weigh(yy)) for _, yy in
-                                            self.chunks(0, self.n_fit)), device) / self.n_fit_all
+        self.y_sq_fit = shard.sum_float(sum(_sq(self.weigh(yy)) for _, yy in self.chunks(
+            0, self.p if every else self.n_fit)), device) / self.n_fit_all
         self.y_sq_val = shard.sum_float(sum(_sq(self.weigh(yy)) for _, yy in
                                             self.chunks(self.n_fit, self.p)), device)
 
@@ -315,10 +355,17 @@ class LayerTokens:
         return gram, cross
 
     def minibatch(self, idx: torch.Tensor):
-        """Rows `idx` of all ranks' fit tokens, on every rank, in idx's order."""
+        """Rows `idx` of all ranks' fit tokens (with `every`, of all ranks' fit tokens then
+        all ranks' held-out ones), on every rank, in idx's order."""
         if self.shard.distributed:
-            return _gather_rows(self.a, self.y, idx, self.fit_lo, self.n_fit, self.shard,
-                                self.device)
+            mine = (idx >= self.fit_lo) & (idx < self.fit_lo + self.n_fit)
+            local = torch.where(mine, idx - self.fit_lo, 0)
+            if self.every:
+                j = idx - self.n_fit_only - self.val_lo  # among this rank's held-out tokens
+                val = (j >= 0) & (j < self.p - self.n_fit)
+                local = torch.where(val, self.n_fit + j, local)
+                mine = mine | val
+            return _gather_rows(self.a, self.y, idx, mine, local, self.shard, self.device)
         return self.a[idx].to(self.device, torch.float32), self.y[idx].to(self.device,
                                                                           torch.float32)
 
@@ -328,14 +375,14 @@ def _sq(t):  # float64 sums: only their order depends on how the tokens are chun
 
 
 @torch.no_grad()
-def _gather_rows(a: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, lo: int, n: int,
-                 shard: Shard, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows `idx` (of all ranks' fit tokens, in order) of a and y on every rank, in idx's
-    order: each rank writes the rows it holds (its tokens are [lo, lo + n)) into zeros and
-    one sum over ranks fills the rest; x + 0 is exact, so the rows are the ranks' own bits."""
+def _gather_rows(a: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, mine: torch.Tensor,
+                 local: torch.Tensor, shard: Shard, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `idx` (of all ranks' tokens, in order) of a and y on every rank, in idx's order:
+    each rank writes the rows it holds (`mine` (b,), at its own rows `local` (b,)) into zeros
+    and one sum over ranks fills the rest; x + 0 is exact, so the rows are the ranks' own
+    bits."""
     f32 = torch.float32
-    mine = (idx >= lo) & (idx < lo + n)  # (b,)
-    local = idx[mine] - lo
+    local = local[mine]
     rows = mine.to(device)
     both = torch.zeros(idx.numel(), a.shape[1] + y.shape[1], dtype=f32, device=device)
     both[rows, :a.shape[1]] = a[local].to(device, f32)

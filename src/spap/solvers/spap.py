@@ -39,7 +39,8 @@ measured per layer by bench/layer_lab.py, bench/results/layer-lab-*.json): `reco
 (Adam steps per epoch whatever the token count), `recovery_patience` (held-out early stopping,
 so `recovery_epochs` is an upper bound), `recovery_shrink` (gate and up shrunk toward their
 dense rows, the strength chosen on the held-out windows), `recovery_final_refit` (the down
-projection solved once more on all windows) and `recovery_weight=fisher` (recovery's loss
+projection solved once more on all windows), `recovery_rerun` (the chosen epochs run once more
+on all windows) and `recovery_weight=fisher` (recovery's loss
 weighted by the loss's sensitivity to each output direction, as `out_weight=fisher` weights
 the decision).
 """
@@ -110,6 +111,9 @@ class SpapSolver(RefitOptions, OutputWeighting):
     # stop once the held-out loss has not improved for this many epochs (0: run all
     # recovery_epochs), so recovery_epochs becomes an upper bound on the time spent
     recovery_patience: int = 0
+    # once the held-out windows have chosen the epochs (and their rates), run them once more
+    # from the start on all windows, fit and held-out, as the refit does with its ridge
+    recovery_rerun: bool = False
     # shrinkage of the recovered gate and up toward their dense rows: fractions t of the
     # update to try, e.g. "0.25,0.5,0.75" (t = 0 and 1 always compete), each with its own
     # down step, t chosen on the held-out windows; "" (default): off
@@ -152,6 +156,9 @@ class SpapSolver(RefitOptions, OutputWeighting):
         if self.recovery_weight not in OUT_WEIGHTS:
             raise ValueError(f"unknown recovery_weight '{self.recovery_weight}'; use "
                              f"{' or '.join(OUT_WEIGHTS)}")
+        if self.recovery_rerun and self.recovery == "continuation":
+            raise ValueError("recovery_rerun is not implemented for recovery=continuation; "
+                             "use recovery=alternating")
         if self.recovery_weight == "fisher" and self.recovery == "continuation":
             raise ValueError("recovery_weight=fisher is not implemented for "
                              "recovery=continuation; use recovery=alternating")
@@ -228,6 +235,7 @@ class SpapSolver(RefitOptions, OutputWeighting):
             mode=self.recovery, device=dev, steps=self.recovery_steps,
             patience=self.recovery_patience, shrink=_fractions(self.recovery_shrink),
             final_refit=self.recovery_final_refit, shard=problem.shard,
+            rerun=self.recovery_rerun,
             out_root=(self.fisher_root(problem, torch.float64, dev)
                       if self.recovery_weight == "fisher" else None),
         )

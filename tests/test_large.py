@@ -204,10 +204,18 @@ def outputs_equal(a: Path, b: Path) -> None:
     assert ra == rb
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_resume_is_bit_identical(low_memory, tmp_path, calib_file, monkeypatch):
+@pytest.mark.parametrize("low_memory,options", [
+    (False, {}), (True, {}),
+    # targets from the dense model's own hidden states: the resumed layers must carry that
+    # stream too (the dense layer runs on it before the pruned one is restored)
+    (False, {"refit": "ridge", "refit_target": "drift"}),
+    (True, {"refit": "ridge", "refit_target": "drift"}),
+    (False, {"recovery_target": "model"}),
+], ids=["memory", "low-memory", "drift", "drift-low-memory", "model-target"])
+def test_resume_is_bit_identical(low_memory, options, tmp_path, calib_file, monkeypatch):
     src = saved(tmp_path, "llama")
-    kw = dict(SETTINGS, calib=str(calib_file), method="spap", low_memory=low_memory)
+    kw = dict(SETTINGS, calib=str(calib_file), method="spap", low_memory=low_memory,
+              method_options=options)
     whole = prune_to_disk(str(src), tmp_path / "whole", 0.3, **kw)
     out = tmp_path / "cut"
     with monkeypatch.context() as m:
@@ -222,6 +230,34 @@ def test_resume_is_bit_identical(low_memory, tmp_path, calib_file, monkeypatch):
     assert whole.report["resumed_from_layer"] == 0
     outputs_equal(whole.out, again.out)
     assert not run.exists()
+
+
+def test_an_error_of_the_settings_keeps_the_layers_an_earlier_call_finished(
+        tmp_path, calib_file, monkeypatch):
+    """A SpapError keeps a run folder that held an earlier call's layers (and what the failing
+    call added to it); a fresh call's folder is removed."""
+    from spap.errors import SpapError
+
+    src = saved(tmp_path, "llama")
+    kw = dict(SETTINGS, calib=str(calib_file), method="obs")
+    out = tmp_path / "o"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            prune_to_disk(str(src), out, 0.3, **kw)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3, SpapError)
+        with pytest.raises(SpapError):
+            prune_to_disk(str(src), out, 0.3, **kw)
+    state = json.loads((partial_dir(out) / "state.json").read_text())
+    assert [r["index"] for r in state["layers"]] == [0, 1, 2]
+    # a fresh call that fails leaves nothing behind
+    fresh = tmp_path / "f"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 1, SpapError)
+        with pytest.raises(SpapError):
+            prune_to_disk(str(src), fresh, 0.3, **kw)
+    assert not partial_dir(fresh).exists() and not fresh.exists()
 
 
 def test_resume_is_automatic_and_survives_a_crash(tmp_path, calib_file, monkeypatch):

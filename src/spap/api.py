@@ -245,9 +245,10 @@ def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, calib_desc=None,
                                    info=info, shard=shard)
     except SpapError:
         # A problem of these settings (e.g. non-finite activations) recurs on every resume:
-        # their run folder is of no use. Anything else (Ctrl-C, out of memory, a crash) keeps
-        # it for a resume.
-        if run_dir is not None and shard.is_main:
+        # a folder this call started is of no use. Anything else (Ctrl-C, out of memory, a
+        # crash) keeps it for a resume, and a folder with layers an earlier call finished is
+        # never thrown away here.
+        if run_dir is not None and shard.is_main and not sink.finished():
             run.remove()
         raise
     _set_width(model, adapter, records, cfg, unsaveable)

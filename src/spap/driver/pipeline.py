@@ -227,10 +227,6 @@ def prune_layers(
             raise SpapError("recovery_target=model and refit_target=drift are two targets; "
                             "choose one")
         dense = batches.clone() if model_targets or drift else None
-        if dense is not None and finished:
-            raise SpapError("resuming a run that carries the dense model's hidden states "
-                            "(recovery_target=model or refit_target=drift) is not supported; "
-                            "rerun with --restart")
         fisher = None
         if getattr(solver, "needs_fisher", False):
             fisher = _output_fisher(model, adapter, layers, fit, source, device, home, shard,
@@ -251,6 +247,10 @@ def prune_layers(
         for i in bar:
             done_before = i < len(finished)
             if done_before:
+                if dense is not None:  # the dense stream passes the dense layer first
+                    source.load(i, layers[i])
+                    _propagate(layers[i].to(device), dense)
+                    layers[i].to(home)
                 sink.restore(i, layers[i])
                 if heads is not None:  # its tensors are cut; its attention module learns so
                     heads.attn.sync_module_counts(layers[i], model.config)

@@ -482,7 +482,7 @@ def params_section(model: str, d: dict) -> list[str]:
     return lines
 
 
-SEED_VARIANTS = ("spap-drift", "spap-drift-strong", "spap-drift-lr005")
+SEED_VARIANTS = ("spap-drift", "spap-drift-strong", "spap-drift-lr005", "spap-drift-lr005-rr")
 
 
 def seeds_section(files: list[tuple[str, dict]], ref: list[dict]) -> list[str]:
@@ -642,7 +642,10 @@ LAB_INTRO = (
     "strength (64 Adam steps per epoch, at most 8 epochs stopped when 2 bring no held-out "
     "gain, the down projection refit once more on all windows), `strong-lrX` the same with "
     "Adam's rate X (0.02 in `strong`; at 0.01 and 0.005 with at most 16 epochs), `strong-s256` "
-    "with 256 steps per epoch, `strong-shrink` with `recovery_shrink=0.25`.")
+    "with 256 steps per epoch, `strong-shrink` with `recovery_shrink=0.25`. In the `-rerun-` "
+    "files, `rerun-lrX` is `strong-lrX` (at most 16 epochs) with `recovery_rerun=true`: the "
+    "epochs the held-out windows chose run once more from the start on all 64 windows, so "
+    "its held-out column is in-sample; the probe column is not.")
 
 
 def lab_section(model: str, d: dict) -> list[str]:
@@ -716,7 +719,9 @@ def main() -> None:
                   "with recovery at full strength: 64 Adam steps per epoch, up to 8 epochs "
                   "stopped when 2 bring no held-out gain, and the down projection refit once "
                   "more on all windows at the end; `spap-drift-lr005` the same with Adam's "
-                  "rate 0.005 instead of 0.02 and up to 16 epochs.", "", *seeds, ""]
+                  "rate 0.005 instead of 0.02 and up to 16 epochs; `spap-drift-lr005-rr` that with "
+                  "`recovery_rerun=true` (the chosen epochs run once more from the start on "
+                  "all 64 windows).", "", *seeds, ""]
     for title, intro, pattern, fn in [
         ("## The larger calibration on Qwen2.5-Coder-0.5B (64 x 512)", CALIB64_INTRO,
          "calib64-*.json", lambda m, d: compare_section(m, d, plot=False, goal=QWEN64_GOAL)),

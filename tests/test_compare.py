@@ -344,10 +344,17 @@ def test_resumed_comparison_equals_an_uninterrupted_one(tiny_dir, text_file, tmp
     assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in ref]
 
 
-def test_resume_refuses_the_json_of_another_comparison(tiny_dir, text_file, tmp_path, capsys):
+def test_resume_refuses_the_json_of_another_comparison(tiny_dir, text_file, tmp_path, capsys,
+                                                        monkeypatch):
     js = tmp_path / "cmp.json"
     assert run(_cmp_argv(tiny_dir, text_file, js, methods="obs"), capsys)[0] == 0
     before = js.read_text()
+    import spap.eval.ppl as ppl
+
+    scored = []
+    real = ppl.perplexity
+    monkeypatch.setattr(ppl, "perplexity", lambda *a, **k: scored.append(1) or real(*a, **k))
     code, _, err = run(_cmp_argv(tiny_dir, text_file, js), capsys)
     assert code == 2 and "holds another comparison (its variants differ)" in err, err
     assert js.read_text() == before  # nothing overwritten
+    assert not scored  # refused before the dense model was scored

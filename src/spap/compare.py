@@ -285,6 +285,12 @@ def compare(
         return {src: score_on(m, src, stream, split) for src, (stream, split) in also.items()}
 
     mode = choose_dense_copy(dense_copy, weight_bytes(dense), reload is not None)
+    variant_desc = [{"name": v.name, "method": v.method, "options": v.options,
+                     **({"settings": v.settings} if v.settings else {})} for v in variants]
+    if resume and path.exists():  # what is known before the dense model is scored
+        _resumable_records(path, {
+            "model": model_name or getattr(dense.config, "_name_or_path", ""),
+            "variants": variant_desc, "sparsities": sparsities}, early=True)
     d = score(dense)
     d_also = score_also(dense)
     dense.to("cpu")
@@ -314,9 +320,7 @@ def compare(
                   "seconds_eval": d["seconds"]},
         **({"dense_ppl_also": {k: finite_or_none(r["ppl"]) for k, r in d_also.items()}}
            if also else {}),
-        "variants": [{"name": v.name, "method": v.method, "options": v.options,
-                      **({"settings": v.settings} if v.settings else {})}
-                     for v in variants],
+        "variants": variant_desc,
         "sparsities": sparsities,
         "records": [],
     }
@@ -428,8 +432,10 @@ def compare(
 _RESUME_KEYS = ("model", "protocol", "variants", "sparsities", "dense_ppl_also")
 
 
-def _resumable_records(path: Path, new: dict[str, Any]) -> list[dict[str, Any]]:
-    """The records of the comparison in `path` when it is the one `new` describes."""
+def _resumable_records(path: Path, new: dict[str, Any],
+                       early: bool = False) -> list[dict[str, Any]]:
+    """The records of the comparison in `path` when it is the one `new` describes (`early`:
+    only the keys `new` has, checked before the dense model is scored)."""
     import json
 
     try:
@@ -437,9 +443,9 @@ def _resumable_records(path: Path, new: dict[str, Any]) -> list[dict[str, Any]]:
     except (OSError, ValueError) as e:
         raise SpapError(f"{path}: cannot read it to resume ({type(e).__name__}); remove it "
                         "or give another --json") from None
-    differ = [k for k in _RESUME_KEYS if old.get(k) != new.get(k)]
+    differ = [k for k in _RESUME_KEYS if (k in new or not early) and old.get(k) != new.get(k)]
     a, b = old.get("dense_ppl"), new.get("dense_ppl")
-    if a is None or b is None or abs(a - b) > 1e-9 * abs(b):
+    if not early and (a is None or b is None or abs(a - b) > 1e-9 * abs(b)):
         differ.append("dense_ppl")
     if differ:
         raise SpapError(f"{path} holds another comparison (its {', '.join(differ)} differ); "

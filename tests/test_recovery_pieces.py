@@ -262,6 +262,70 @@ def test_rerun_and_shrink_are_refused_together():
         recover(*args, **kw, rerun=True, shrink=(0.5,))
 
 
+# ---- augment --------------------------------------------------------------------------------
+def test_mixup_tokens_are_mixes_of_two_inputs_at_their_size():
+    from spap.solvers.recovery import _mixup
+
+    g = torch.Generator().manual_seed(0)
+    aa = torch.randn(64, 6, generator=g) * torch.linspace(0.5, 3, 64)[:, None]
+    syn = _mixup(aa, 200, torch.Generator().manual_seed(1))
+    assert syn.shape == (200, 6) and torch.isfinite(syn).all()
+    lo, hi = aa.norm(dim=1).min(), aa.norm(dim=1).max()
+    assert ((syn.norm(dim=1) >= lo - 1e-5) & (syn.norm(dim=1) <= hi + 1e-5)).all()
+    # each lies in the span of two of the inputs: its residual after the best pair is ~0
+    gram = aa @ aa.T
+    best = []
+    for v in syn[:20]:
+        res = min(float(torch.linalg.lstsq(aa[[i, j]].T, v[:, None]).residuals.sum())
+                  for i in range(64) for j in range(i + 1, 64)
+                  if gram[i, i] > 0)
+        best.append(res)
+    assert max(best) < 1e-6
+
+
+def test_augment_trains_on_the_teachers_outputs_and_changes_the_result():
+    """With a teacher the minibatches carry synthetic tokens; the held-out choice is still
+    never above the start; a different teacher gives other weights (the synthetic targets
+    come from it)."""
+    from spap.solvers.recovery import mlp_forward
+
+    args, kw = recover_args(p=3000, n_val=600, noise=0.3)
+    a, y, w_in, w0 = gated_layer(p=3000, seed=0, noise=0.3)
+
+    def teacher(aa, scale=1.0):
+        return scale * mlp_forward(aa, {k: v.float() for k, v in w_in.items()}, w0.float(),
+                                   ACT, "up")
+
+    plain = recover(*args, **kw)
+    aug = recover(*args, **kw, augment=1.0, teacher=teacher)
+    other = recover(*args, **kw, augment=1.0, teacher=lambda aa: teacher(aa, 0.5))
+    assert aug.heldout[aug.epochs] <= aug.heldout[0]
+    assert not torch.allclose(aug.w_in["up"], plain.w_in["up"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(aug.w_in["up"], other.w_in["up"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="teacher"):
+        recover(*args, **kw, augment=1.0)
+
+
+def test_solver_augment_teaches_with_the_dense_mlp(monkeypatch):
+    from spap.solvers import recovery, spap as spap_mod
+
+    seen = {}
+    real = recovery.recover
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(spap_mod, "recover", spy)
+    prob = _problem()
+    get_solver("spap", recovery_epochs=2, recovery_augment=0.5).solve(prob, 8)
+    assert seen["augment"] == 0.5
+    # the teacher is the dense MLP: on the problem's inputs, its noise-free outputs
+    clean = gated_layer(p=1200, seed=0, noise=0.0)[1]
+    torch.testing.assert_close(seen["teacher"](prob.inputs.float()).double(), clean,
+                               rtol=1e-4, atol=1e-3)
+
+
 # ---- out_root -------------------------------------------------------------------------------
 def _uneven_root(m=8, seed=3):
     """The root of a Fisher that cares for two output directions 100x more than the rest."""

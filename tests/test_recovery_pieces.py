@@ -268,8 +268,7 @@ def test_mixup_tokens_are_mixes_of_two_inputs_at_their_size():
 
     g = torch.Generator().manual_seed(0)
     aa = torch.randn(64, 6, generator=g) * torch.linspace(0.5, 3, 64)[:, None]
-    syn, (i, j, t) = _mixup(aa, 200, torch.Generator().manual_seed(1))
-    assert i.shape == j.shape == (200,) and ((t >= 0.5) & (t <= 1)).all()
+    syn = _mixup(aa, 200, torch.Generator().manual_seed(1))
     assert syn.shape == (200, 6) and torch.isfinite(syn).all()
     lo, hi = aa.norm(dim=1).min(), aa.norm(dim=1).max()
     assert ((syn.norm(dim=1) >= lo - 1e-5) & (syn.norm(dim=1) <= hi + 1e-5)).all()

@@ -229,10 +229,9 @@ def recover(
             idx = perm[i * mb_:(i + 1) * mb_]
             aa, yy = tokens.minibatch(idx)
             if augment:
-                a_s, (i_s, j_s, t_s) = _mixup(aa, int(round(augment * idx.numel())), gen)
-                with torch.no_grad():  # the teacher's output, plus the mix of what the real
-                    off = yy - teacher(aa)  # targets add to it (the drift target's alpha D)
-                    y_s = teacher(a_s) + t_s * off[i_s] + (1 - t_s) * off[j_s]
+                a_s = _mixup(aa, int(round(augment * idx.numel())), gen)
+                with torch.no_grad():
+                    y_s = teacher(a_s)
             with torch.enable_grad():
                 r = tokens.weigh(fwd(ps, aa) - yy)
                 loss = (r * r).sum() / (tokens.y_sq_fit * idx.numel())
@@ -383,17 +382,17 @@ class LayerTokens:
                                                                           torch.float32)
 
 
-def _mixup(aa: torch.Tensor, n: int, gen: torch.Generator):
+def _mixup(aa: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     """n synthetic inputs (n, d) near the minibatch's: t a_i + (1 - t) a_j for random token
     pairs and t ~ U(0.5, 1) per token, rescaled to the interpolated norm (so that a mix of two
-    near-orthogonal hidden states keeps a hidden state's size). Returns them and (i, j, t)."""
+    near-orthogonal hidden states keeps a hidden state's size)."""
     b = aa.shape[0]
     i = torch.randint(b, (n,), generator=gen).to(aa.device)
     j = torch.randint(b, (n,), generator=gen).to(aa.device)
     t = (0.5 + 0.5 * torch.rand(n, 1, generator=gen)).to(aa.device, aa.dtype)
     mix = t * aa[i] + (1 - t) * aa[j]
     norm = t * aa[i].norm(dim=1, keepdim=True) + (1 - t) * aa[j].norm(dim=1, keepdim=True)
-    return mix * (norm / mix.norm(dim=1, keepdim=True).clamp_min(1e-12)), (i, j, t)
+    return mix * (norm / mix.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 def _sq(t):  # float64 sums: only their order depends on how the tokens are chunked

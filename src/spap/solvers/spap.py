@@ -116,8 +116,7 @@ class SpapSolver(RefitOptions, OutputWeighting):
     # from the start on all windows, fit and held-out, as the refit does with its ridge
     recovery_rerun: bool = False
     # synthetic tokens per real one in every Adam minibatch (0: off): mixes of two of the
-    # minibatch's inputs; their targets the dense MLP's outputs on them plus the same mix of
-    # what the two real targets add to the dense MLP's outputs (the drift target's alpha D)
+    # minibatch's inputs, the dense MLP's outputs on them their targets
     recovery_augment: float = 0.0
     # shrinkage of the recovered gate and up toward their dense rows: fractions t of the
     # update to try, e.g. "0.25,0.5,0.75" (t = 0 and 1 always compete), each with its own

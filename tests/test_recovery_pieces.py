@@ -307,8 +307,7 @@ def test_augment_trains_on_the_teachers_outputs_and_changes_the_result():
 
 
 def test_solver_augment_teaches_with_the_dense_mlp(monkeypatch):
-    from spap.solvers import recovery
-    from spap.solvers import spap as spap_mod
+    from spap.solvers import recovery, spap as spap_mod
 
     seen = {}
     real = recovery.recover

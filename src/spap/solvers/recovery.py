@@ -149,8 +149,6 @@ def recover(
     out_root: torch.Tensor | None = None,
     shard: Shard = LOCAL,
     rerun: bool = False,
-    augment: float = 0.0,
-    teacher: Callable | None = None,
 ) -> RecoveryResult:
     """Recover the kept weights on tokens a[:p - n_val], y[:p - n_val], choosing the number of
     epochs (0..`epochs`) on the last `n_val` tokens. `w_down_dense` (m, k) and `ridge` define the
@@ -189,9 +187,6 @@ def recover(
             anchor, lam = w_dense.double(), ridge
         ps["__down"] = solve_toward(gram, cross, anchor, lam).to(f32)  # (m, k)
 
-    if augment < 0 or (augment > 0 and teacher is None):
-        raise ValueError("recovery's augmentation needs augment >= 0 and, when on, the dense "
-                         "MLP as teacher")
     if rerun and shrink:
         raise ValueError("recovery's rerun on all tokens replays the chosen epochs, which "
                          "shrinkage then changes; use one of rerun and shrink")
@@ -228,16 +223,9 @@ def recover(
                 g["lr"] = lr * scale[k] * frac
             idx = perm[i * mb_:(i + 1) * mb_]
             aa, yy = tokens.minibatch(idx)
-            if augment:
-                a_s = _mixup(aa, int(round(augment * idx.numel())), gen)
-                with torch.no_grad():
-                    y_s = teacher(a_s)
             with torch.enable_grad():
                 r = tokens.weigh(fwd(ps, aa) - yy)
                 loss = (r * r).sum() / (tokens.y_sq_fit * idx.numel())
-                if augment:  # synthetic tokens, the dense MLP's outputs their targets
-                    r_s = tokens.weigh(fwd(ps, a_s) - y_s)
-                    loss = loss + (r_s * r_s).sum() / (tokens.y_sq_fit * idx.numel())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
@@ -380,19 +368,6 @@ class LayerTokens:
             return _gather_rows(self.a, self.y, idx, mine, local, self.shard, self.device)
         return self.a[idx].to(self.device, torch.float32), self.y[idx].to(self.device,
                                                                           torch.float32)
-
-
-def _mixup(aa: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """n synthetic inputs (n, d) near the minibatch's: t a_i + (1 - t) a_j for random token
-    pairs and t ~ U(0.5, 1) per token, rescaled to the interpolated norm (so that a mix of two
-    near-orthogonal hidden states keeps a hidden state's size)."""
-    b = aa.shape[0]
-    i = torch.randint(b, (n,), generator=gen).to(aa.device)
-    j = torch.randint(b, (n,), generator=gen).to(aa.device)
-    t = (0.5 + 0.5 * torch.rand(n, 1, generator=gen)).to(aa.device, aa.dtype)
-    mix = t * aa[i] + (1 - t) * aa[j]
-    norm = t * aa[i].norm(dim=1, keepdim=True) + (1 - t) * aa[j].norm(dim=1, keepdim=True)
-    return mix * (norm / mix.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 def _sq(t):  # float64 sums: only their order depends on how the tokens are chunked

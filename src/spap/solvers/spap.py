@@ -48,7 +48,6 @@ the decision).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,7 +56,7 @@ import torch
 from .base import Decision, LayerProblem, top_k_keep
 from .continuation import continue_penalty
 from .obs import greedy_obs
-from .recovery import MODES, mlp_forward, recover
+from .recovery import MODES, recover
 from .refit import (
     RefitOptions,
     complement,
@@ -115,9 +114,6 @@ class SpapSolver(RefitOptions, OutputWeighting):
     # once the held-out windows have chosen the epochs (and their rates), run them once more
     # from the start on all windows, fit and held-out, as the refit does with its ridge
     recovery_rerun: bool = False
-    # synthetic tokens per real one in every Adam minibatch (0: off): mixes of two of the
-    # minibatch's inputs, the dense MLP's outputs on them their targets
-    recovery_augment: float = 0.0
     # shrinkage of the recovered gate and up toward their dense rows: fractions t of the
     # update to try, e.g. "0.25,0.5,0.75" (t = 0 and 1 always compete), each with its own
     # down step, t chosen on the held-out windows; "" (default): off
@@ -192,17 +188,6 @@ class SpapSolver(RefitOptions, OutputWeighting):
         return decision
 
     # ---- recovery -----------------------------------------------------------------------
-    @staticmethod
-    def _teacher(problem: LayerProblem, dev) -> Callable:
-        """The dense MLP (every channel), float32 on `dev`: (c, d) -> (c, m)."""
-        f32 = torch.float32
-        w_in = {k: v.to(dev, f32) for k, v in problem.w_in.items()}
-        b_in = {k: v.to(dev, f32) for k, v in problem.b_in.items()}
-        w_down = problem.w_down.to(dev, f32)
-        b_down = problem.b_down.to(dev, f32) if problem.b_down is not None else None
-        return lambda a: mlp_forward(a, w_in, w_down, problem.act, problem.linear_key, b_in,
-                                     b_down)
-
     def recover(self, problem: LayerProblem, decision: Decision, dt: torch.dtype) -> None:
         """Recovery from the refit, the number of epochs chosen on the held-out windows.
         Updates `decision` in place.
@@ -250,8 +235,7 @@ class SpapSolver(RefitOptions, OutputWeighting):
             mode=self.recovery, device=dev, steps=self.recovery_steps,
             patience=self.recovery_patience, shrink=_fractions(self.recovery_shrink),
             final_refit=self.recovery_final_refit, shard=problem.shard,
-            rerun=self.recovery_rerun, augment=float(self.recovery_augment),
-            teacher=self._teacher(problem, dev) if self.recovery_augment else None,
+            rerun=self.recovery_rerun,
             out_root=(self.fisher_root(problem, torch.float64, dev)
                       if self.recovery_weight == "fisher" else None),
         )

@@ -287,16 +287,15 @@ def compare(
     mode = choose_dense_copy(dense_copy, weight_bytes(dense), reload is not None)
     variant_desc = [{"name": v.name, "method": v.method, "options": v.options,
                      **({"settings": v.settings} if v.settings else {})} for v in variants]
+    name = model_name or getattr(dense.config, "_name_or_path", "")
     if resume and path.exists():  # what is known before the dense model is scored
-        _resumable_records(path, {
-            "model": model_name or getattr(dense.config, "_name_or_path", ""),
-            "variants": variant_desc, "sparsities": sparsities}, early=True)
+        _resumable_records(path, {"model": name, "variants": variant_desc,
+                                  "sparsities": sparsities}, early=True)
     d = score(dense)
     d_also = score_also(dense)
     dense.to("cpu")
     dtype = str(dense.dtype).replace("torch.", "")
     dense_params = sum(p.numel() for p in dense.parameters())
-    name = model_name or getattr(dense.config, "_name_or_path", "")
     if mode == "reload":
         del model, dense  # the caller passed its only reference: one model in memory, not two
     result: dict[str, Any] = {

@@ -230,17 +230,15 @@ def recover(
                 loss.backward()
             opt.step()
 
+    def rates(ep):
+        """Epoch ep's rates: a cosine decay to a tenth of the rate over all epochs."""
+        return [0.1 + 0.45 * (1 + math.cos(math.pi * (ep * steps_per_epoch + i) / total))
+                for i in range(steps_per_epoch)]
+
     opt = adam(params)
-    step = 0
-    rates: list[list[float]] = []  # each epoch's rates, for the rerun
     recovered = None  # (loss, epoch, weights) of the best epoch >= 1, for the shrinkage
     for ep in range(epochs):
-        # cosine decay to a tenth of the rate over all epochs
-        fracs = [0.1 + 0.45 * (1 + math.cos(math.pi * (step + i) / total))
-                 for i in range(steps_per_epoch)]
-        train_epoch(params, opt, data, mb, fracs)
-        step += steps_per_epoch
-        rates.append(fracs)
+        train_epoch(params, opt, data, mb, rates(ep))
         if mode == "alternating":
             down_step(params)
         cur = val_loss(params)
@@ -267,12 +265,13 @@ def recover(
         mb_all = max(1, every.n_fit_all // steps_per_epoch)
         ps = {k: v.detach().clone() for k, v in start.items()}
         opt = adam(ps)
-        for fracs in rates[:best[1]]:
-            train_epoch(ps, opt, every, mb_all, fracs)
+        for ep in range(best[1]):
+            train_epoch(ps, opt, every, mb_all, rates(ep))
             if mode == "alternating":
                 down_step(ps, hi=p)
         final = {k: v.detach() for k, v in ps.items()}
-    if final_refit and best[1] > 0:
+    if final_refit and best[1] > 0 and not (rerun and mode == "alternating"):
+        # (after the rerun's alternating epochs the down projection is that solve already)
         # the held-out windows return to the final down projection, as in the plain refit
         final = {k: v.detach().clone() for k, v in final.items()}
         down_step(final, hi=p)
@@ -306,8 +305,9 @@ class LayerTokens:
         # every=True: the tokens to fit are all of them, all ranks' fit tokens first, then all
         # ranks' held-out ones (the order of one process's rows)
         self.every = every
-        self.val_lo, self.n_fit_only = shard.offset(n_val, device)[0], self.n_fit_all
-        if every:
+        self.n_fit_only = self.n_fit_all
+        if every:  # this rank's held-out tokens start at val_lo of all ranks' held-out ones
+            self.val_lo = shard.offset(n_val, device)[0]
             self.n_fit_all += int(n_val_all)
         self.b_down = b_down.to(device, torch.float32) if b_down is not None else None
         self.y_sq_fit = shard.sum_float(sum(_sq(self.weigh(yy)) for _, yy in self.chunks(

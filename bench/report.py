@@ -536,9 +536,9 @@ def ood_section(model: str, d: dict) -> list[str]:
     main = d["protocol"]["eval"]["data"]
     lines = [f"### {model}: {main} and {', '.join(texts)}", "", protocol_line(d), "",
              "| method | sparsity | " + " | ".join(f"{t} ppl" for t in [main, *texts])
-             + " |", "|---|---|" + "---|" * (1 + len(texts))]
+             + " | prune s |", "|---|---|" + "---|" * (2 + len(texts))]
     dense = [d["dense_ppl"], *(d["dense_ppl_also"][t] for t in texts)]
-    lines.append("| dense |  | " + " | ".join(fmt(x) for x in dense) + " |")
+    lines.append("| dense |  | " + " | ".join(fmt(x) for x in dense) + " |  |")
 
     def ppl(r, t):
         return r["ppl"] if t == main else (r.get("ppl_also") or {}).get(t)
@@ -546,7 +546,8 @@ def ood_section(model: str, d: dict) -> list[str]:
     recs = [r for r in d["records"] if r["ppl"] is not None]
     for r in recs:
         lines.append(f"| {r['method']} | {r['sparsity']:g} | "
-                     + " | ".join(fmt(ppl(r, t)) for t in [main, *texts]) + " |")
+                     + " | ".join(fmt(ppl(r, t)) for t in [main, *texts])
+                     + f" | {r['seconds']:.0f} |")
     lines.append("")
     for s in sorted({r["sparsity"] for r in recs}):
         at = [r for r in recs if r["sparsity"] == s]
@@ -565,8 +566,12 @@ def ood_section(model: str, d: dict) -> list[str]:
                 continue
             parts = [f"{t} {v:.3f} (against {n})" for t, (v, n) in ratios.items()]
             far = [abs(ratios[t][0] - ratios[main][0]) for t in texts if t in ratios]
+            wanda = next((r for r in at if r["method"] == "wanda-sp"), None)
+            took = (f"; prune time {sp['seconds'] / wanda['seconds']:.1f}x wanda-sp's (the "
+                    f"goal: at most 5x)" if wanda else "")
             lines.append(f"- {sp['method']} at {s:g}: gap ratio " + ", ".join(parts)
-                         + (f"; {max(far):.3f} apart (the goal: within 0.05)." if far else "."))
+                         + (f"; {max(far):.3f} apart (the goal: within 0.05)" if far else "")
+                         + took + ".")
     return lines
 
 

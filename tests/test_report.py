@@ -176,6 +176,13 @@ def test_ood_section_states_each_texts_gap_ratio_against_its_strongest_baseline(
     assert "lambada-offline 0.800 (against fasp-ridge)" in text
     assert "0.200 apart" in text
     assert report.ood_section("m", _result(recs)) == []  # no second text: no section
+    assert "wanda-sp's" not in text  # no wanda-sp run at that sparsity: no time ratio
+    wanda = dict(_record("wanda-sp", [0.3]), sparsity=0.5, ppl=90.0, seconds=4.0,
+                 ppl_also={"lambada-offline": 200.0})
+    timed = "\n".join(report.ood_section("m", dict(_result(recs + [wanda]),
+                                                      dense_ppl_also={"lambada-offline": 50.0})))
+    assert "prune time 2.5x wanda-sp's" in timed  # spap-drift's 10 s against 4 s
+    assert "| spap-drift | 0.5 | 30.00 | 70.00 | 10 |" in timed
 
 
 def test_fisher_section_gives_each_variants_perplexity_rise(report):

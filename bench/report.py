@@ -672,7 +672,10 @@ CALIB64_INTRO = ("`spap compare` with SmolLM2's sizes (64 calibration windows of
 OOD_INTRO = ("`spap compare --also-eval lambada-offline`: the models pruned on Wikipedia "
              "calibration windows, scored on Wikipedia's held-out windows and on as many "
              "windows of the LAMBADA-OpenAI passages (fiction). A gain that fits only the "
-             "calibration domain shows as a gap ratio nearer 1 on the second text.")
+             "calibration domain shows as a gap ratio nearer 1 on the second text. Prune "
+             "seconds are of one CPU thread, each run a job of its own with one other job "
+             "on the machine's two cores, so a time ratio is between jobs, not within one "
+             "process.")
 FISHER_INTRO = ("`bench/fisher_lab.py`: a single decoder layer pruned (r=0.5, all others "
                 "dense) by each variant's mask and refit; the rise of the model's "
                 "perplexity on probe windows from the end of the evaluation text (no solver "

@@ -29,13 +29,37 @@ def same_protocol(a: dict, b: dict) -> bool:
     return a["model"] == b["model"] and close and same_tokens(a, b)
 
 
+def fill_second_texts(a: dict, b: dict, have: dict) -> dict[str, str]:
+    """A run of EXTRA that MAIN already holds (same method and sparsity) and that gave the same
+    perplexity (so the same pruned model, run again with `--also-eval`) lends MAIN's record its
+    perplexities on the second texts MAIN lacks, and MAIN takes EXTRA's dense perplexities on
+    them. Returns {record: text} of what was filled."""
+    filled = {}
+    for r in b["records"]:
+        mine = have.get((r["method"], r["sparsity"]))
+        if mine is None or r["ppl"] is None or mine["ppl"] is None:
+            continue
+        if abs(mine["ppl"] - r["ppl"]) > DENSE_RTOL * abs(mine["ppl"]):
+            continue  # another model: its second-text figures are not MAIN's
+        for text, ppl in (r.get("ppl_also") or {}).items():
+            if text in (mine.get("ppl_also") or {}) or text not in (b.get("dense_ppl_also") or {}):
+                continue
+            mine["ppl_also"] = {**(mine.get("ppl_also") or {}), text: ppl}
+            a["dense_ppl_also"] = {text: b["dense_ppl_also"][text], **(a.get("dense_ppl_also")
+                                                                       or {})}
+            filled[f"{r['method']} @ {r['sparsity']:g}"] = text
+    return filled
+
+
 def main(main_path: str, extra_path: str) -> int:
     a, b = json.loads(Path(main_path).read_text()), json.loads(Path(extra_path).read_text())
     if not same_protocol(a, b):
         print(f"{extra_path}: another protocol than {main_path}; not merged", file=sys.stderr)
         return 2
-    have = {(r["method"], r["sparsity"]) for r in a["records"]}
+    have = {(r["method"], r["sparsity"]): r for r in a["records"]}
     a["records"] += [r for r in b["records"] if (r["method"], r["sparsity"]) not in have]
+    for name, text in fill_second_texts(a, b, have).items():
+        print(f"{main_path}: {name}'s {text} perplexity taken from {extra_path}")
     names = {x["name"] for x in a["variants"]}
     a["variants"] += [v for v in b["variants"] if v["name"] not in names]
     a["sparsities"] = sorted(set(a["sparsities"]) | set(b["sparsities"]))

@@ -197,3 +197,31 @@ def test_fisher_section_gives_each_variants_perplexity_rise(report):
     assert "| obs-ridge | 1.0000 (0.2000) | 2.0000 (0.2000) | 1.5000 | n/a |" in text
     assert "| obs-ridge-fisher | 0.5000 (0.2500) | 1.5000 (0.2500) | 1.0000 | 0.50 |" in text
     assert text.index("layer 3:") < text.index("layer 14:")
+
+
+def test_seeds_section_gives_the_out_of_domain_ratio_where_a_seed_has_it(report):
+    def seed_file(seed, spap_ppl, obs_ppl, also=None):
+        recs = [dict(_record("spap-drift", [0.1]), base_method="spap", sparsity=0.5,
+                     ppl=spap_ppl, gap=spap_ppl - 18.0),
+                dict(_record("obs-ridge-drift", [0.1]), base_method="obs", sparsity=0.5,
+                     ppl=obs_ppl, gap=obs_ppl - 18.0)]
+        d = _result(recs)
+        d["protocol"]["calibration"].update(seed=seed, token_hash=str(seed) * 64)
+        if also:
+            for r, ppl in zip(recs, also):
+                r["ppl_also"] = {"lambada": ppl}
+            d["dense_ppl_also"] = {"lambada": 50.0}
+        return d
+
+    # seed 0: in domain 12 / 20 = 0.6; lambada (dense 50) 30 / 40 = 0.75. Seed 1: no lambada.
+    # The seed-0 reference file lacks the second text; a later file with the same model's
+    # perplexity lends it, one with another perplexity would not.
+    ref = seed_file(0, 30.0, 38.0)
+    later = seed_file(0, 30.0 * (1 + 1e-7), 38.0, also=(80.0, 90.0))
+    text = "\n".join(report.seeds_section([("m", seed_file(1, 28.0, 38.0))], [ref, later]))
+    assert "mean gap ratio over 2 seed(s) **0.550**" in text
+    assert "mean gap ratio over 1 seed(s) 0.750, against 0.600 in domain" in text
+    assert "0.150 apart" in text
+    other = seed_file(0, 31.0, 38.0, also=(80.0, 90.0))
+    text = "\n".join(report.seeds_section([("m", seed_file(1, 28.0, 38.0))], [ref, other]))
+    assert "On lambada" not in text  # another spap model at seed 0: no second-text ratio

@@ -29,6 +29,13 @@ def same_protocol(a: dict, b: dict) -> bool:
     return a["model"] == b["model"] and close and same_tokens(a, b)
 
 
+def same_model(r: dict, q: dict) -> bool:
+    """Two records of one method and sparsity on the same tokens are one pruned model (a run
+    repeated, e.g. with `--also-eval`) when they gave the same perplexity."""
+    return (r["ppl"] is not None and q["ppl"] is not None
+            and abs(r["ppl"] - q["ppl"]) <= DENSE_RTOL * abs(r["ppl"]))
+
+
 def fill_second_texts(a: dict, b: dict, have: dict) -> dict[str, str]:
     """A run of EXTRA that MAIN already holds (same method and sparsity) and that gave the same
     perplexity (so the same pruned model, run again with `--also-eval`) lends MAIN's record its
@@ -37,16 +44,14 @@ def fill_second_texts(a: dict, b: dict, have: dict) -> dict[str, str]:
     filled = {}
     for r in b["records"]:
         mine = have.get((r["method"], r["sparsity"]))
-        if mine is None or r["ppl"] is None or mine["ppl"] is None:
-            continue
-        if abs(mine["ppl"] - r["ppl"]) > DENSE_RTOL * abs(mine["ppl"]):
-            continue  # another model: its second-text figures are not MAIN's
+        if mine is None or not same_model(mine, r):
+            continue  # not in MAIN, or another model: its second-text figures are not MAIN's
+        dense = b.get("dense_ppl_also") or {}
         for text, ppl in (r.get("ppl_also") or {}).items():
-            if text in (mine.get("ppl_also") or {}) or text not in (b.get("dense_ppl_also") or {}):
+            if text in (mine.get("ppl_also") or {}) or text not in dense:
                 continue
             mine["ppl_also"] = {**(mine.get("ppl_also") or {}), text: ppl}
-            a["dense_ppl_also"] = {text: b["dense_ppl_also"][text], **(a.get("dense_ppl_also")
-                                                                       or {})}
+            a["dense_ppl_also"] = {text: dense[text], **(a.get("dense_ppl_also") or {})}
             filled[f"{r['method']} @ {r['sparsity']:g}"] = text
     return filled
 

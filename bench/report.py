@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "bench") not in sys.path:  # also when loaded from a file spec (the tests)
     sys.path.insert(0, str(ROOT / "bench"))
-from merge_compare import same_tokens  # noqa: E402
+from merge_compare import same_model, same_tokens  # noqa: E402
 
 RES = ROOT / "bench" / "results"
 BASELINES = ("obs", "fasp", "flap", "wanda-sp", "magnitude")
@@ -502,11 +502,11 @@ def seeds_section(files: list[tuple[str, dict]], ref: list[dict]) -> list[str]:
                 # table); a later run of the same model (the same perplexity) lends it the
                 # second texts it lacks
                 if (have is not r and r.get("ppl_also") and not have.get("ppl_also")
-                        and abs(have["ppl"] - r["ppl"]) <= 1e-4 * abs(have["ppl"])):
+                        and same_model(have, r)):
                     recs[r["method"]] = {**have, "ppl_also": r["ppl_also"]}
     names = [m for m in SEED_VARIANTS if any(m in recs for _, recs in by_seed.values())]
     rows, ratios = [], {m: [] for m in names}
-    outside: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (m, text) -> [(in, out)]
+    outside: dict[str, dict[str, list]] = {m: {} for m in names}  # m -> text -> [(in, out)]
     for h, (seed, recs) in sorted(by_seed.items(), key=lambda x: x[1][0]):
         base = [r for r in recs.values() if _is_baseline(r) and r["method"].endswith("-drift")]
         if not base or not any(m in recs for m in names):
@@ -524,7 +524,7 @@ def seeds_section(files: list[tuple[str, dict]], ref: list[dict]) -> list[str]:
                 theirs = [(b.get("ppl_also") or {}).get(text) for b in base]
                 theirs = [x for x in theirs if x is not None]
                 if mine is not None and theirs:
-                    outside.setdefault((m, text), []).append(
+                    outside[m].setdefault(text, []).append(
                         (ratio, (mine - dn) / (min(theirs) - dn)))
             cells += [fmt(recs[m]["ppl"]), f"{ratio:.3f}"]
         rows.append(f"| {seed} | {h[:12]} | {best['method']} | {fmt(best['ppl'])} | "
@@ -539,9 +539,7 @@ def seeds_section(files: list[tuple[str, dict]], ref: list[dict]) -> list[str]:
         spread = (max(r) - min(r)) if len(r) > 1 else 0.0
         lines.append(f"- {m}: mean gap ratio over {len(r)} seed(s) **{sum(r) / len(r):.3f}** "
                      f"(spread {spread:.3f}); the goal is 0.75.")
-        for (name, text), pairs in outside.items():
-            if name != m:
-                continue
+        for text, pairs in outside[m].items():
             inside = sum(x for x, _ in pairs) / len(pairs)
             out = sum(y for _, y in pairs) / len(pairs)
             lines.append(f"  On {text} (the strongest drift baseline there; seeds that have "

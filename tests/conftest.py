@@ -10,8 +10,21 @@ merges) lets the CLI run end to end without any downloaded tokenizer.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def bench_script(name: str):
+    """bench/<name>.py loaded as a module (the bench scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def tiny_config(family: str):

@@ -3,18 +3,13 @@ the GPU run reports (no test asserts a time)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_8b.py"
+from conftest import bench_script
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bench_gpu_8b", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script("gpu_8b")
 
 
 def test_the_real_config_is_llama_3_1_8b():

@@ -3,21 +3,16 @@ already holds lends MAIN its second-text perplexities only when it gave the same
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-MERGE = Path(__file__).resolve().parent.parent / "bench" / "merge_compare.py"
+from conftest import bench_script
 
 
 @pytest.fixture(scope="module")
 def merge():
-    spec = importlib.util.spec_from_file_location("bench_merge_compare", MERGE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script("merge_compare")
 
 
 def _file(records, also=None):

@@ -4,21 +4,17 @@ its memory figure sees an allocation of known size made during the solve."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "recovery_memory.py"
+from conftest import bench_script
+
 MIB = 2**20
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_recovery_memory", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script("recovery_memory")
 
 
 def test_recovery_memory_script_records_each_token_count(tmp_path):

@@ -3,21 +3,16 @@ existed (no held-out fields) show "n/a", newer ones the held-out layer-error goa
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-REPORT = Path(__file__).resolve().parent.parent / "bench" / "report.py"
+from conftest import bench_script
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("bench_report", REPORT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script("report")
 
 
 def _record(method, errs, held=None):

@@ -13,7 +13,8 @@ from .config import PruneConfig
 from .errors import SpapError
 from .modelio.export import save_pruned
 from .modelio.loading import load_model
+from .solvers import list_options as options
 
 __version__ = "0.1.0"
-__all__ = ["JobResult", "PruneConfig", "PruneResult", "SpapError", "load_model", "prune",
-           "prune_to_disk", "save_pruned", "__version__"]
+__all__ = ["JobResult", "PruneConfig", "PruneResult", "SpapError", "load_model", "options",
+           "prune", "prune_to_disk", "save_pruned", "__version__"]

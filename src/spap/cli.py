@@ -1,4 +1,4 @@
-"""Command line: `spap prune`, `spap eval`, `spap compare`, `spap bench`.
+"""Command line: `spap prune`, `spap eval`, `spap compare`, `spap bench`, `spap options`.
 
 Every user error is a `SpapError`, printed as one line with exit status 2; the output folder
 is only created by the final rename, so a failed run leaves nothing behind.
@@ -49,7 +49,8 @@ def _add_head_flags(p: argparse.ArgumentParser) -> None:
                    help="head decision: obs (default: least squares over head blocks, o_proj "
                         "refit with the held-out ridge), wanda-sp, flap, magnitude")
     p.add_argument("--head-option", action="append", metavar="KEY=VALUE",
-                   help="head option, repeatable (e.g. --head-option refit=exact)")
+                   help="head option, repeatable (e.g. --head-option refit=exact); "
+                        "`spap options heads` lists them")
 
 
 def _add_eval_window_flags(p: argparse.ArgumentParser) -> None:
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="spap",
                    help="spap (default), obs, fasp, flap, wanda-sp, magnitude")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="method option, repeatable (e.g. --option recovery=none)")
+                   help="method option, repeatable (e.g. --option recovery=none); "
+                        "`spap options METHOD` lists them with their defaults and meaning")
     _add_head_flags(p)
     _add_calib_flags(p)
     _add_model_flags(p)
@@ -155,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", default="0.2,0.3,0.4,0.5",
                    help="comma-separated fractions in [0, 1) (default 0.2,0.3,0.4,0.5)")
     p.add_argument("--option", action="append", metavar="METHOD:KEY=VALUE",
-                   help="method option, repeatable (e.g. --option spap:recovery=none)")
+                   help="method option, repeatable (e.g. --option spap:recovery=none); "
+                        "`spap options METHOD` lists them")
     _add_calib_flags(p)
     _add_model_flags(p)
     _add_shape_flags(p)
@@ -204,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write the result here")
     _add_model_flags(p)
+
+    p = sub.add_parser("options", help="every method option and head option: type, default, "
+                                       "allowed values and meaning")
+    p.add_argument("method", nargs="?", default=None,
+                   help="spap, obs, fasp, flap, wanda-sp, magnitude, or heads (default: all)")
     return ap
 
 
@@ -360,7 +368,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "bench": cmd_bench}
+def cmd_options(args) -> int:
+    from .solvers import list_options
+    from .solvers.options import format_options
+
+    print(format_options(list_options(args.method)), end="")
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "bench": cmd_bench,
+            "options": cmd_options}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,6 @@ from rank 0, so every rank's model stays the same model. With one process nothin
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import logging
 import math
@@ -59,6 +58,7 @@ from ..distributed import LOCAL, Shard
 from ..errors import SpapError
 from ..models import get_attention_adapter
 from ..models.base import MLPAdapter
+from ..solvers import HEAD_DEFAULTS, get_head_solver  # noqa: F401 (HEAD_DEFAULTS: report.py)
 from ..solvers.base import LayerProblem, Solver
 from ..solvers.heads import HeadLayout, HeadSolver, keep_counts
 from ..solvers.stats import DriftAccumulator, StatsAccumulator, reduce_stats
@@ -317,11 +317,6 @@ def _propagate(layer, batches):
     return batches
 
 
-#: the head solver's options unless told otherwise: the shared refit, its ridge chosen on the
-#: held-out windows
-HEAD_DEFAULTS: dict[str, Any] = {"refit": "ridge"}
-
-
 @dataclass
 class HeadPlan:
     """What every layer's head step does: the family's attention adapter, the query heads
@@ -339,14 +334,7 @@ def head_plan(model, settings: PruneConfig) -> HeadPlan:
     attn = get_attention_adapter(model.config)
     kpg, kvk = keep_counts(HeadLayout(*attn.head_layout(model.config)), settings.heads,
                            settings.kv_groups)
-    options = {**HEAD_DEFAULTS, **settings.head_options}
-    try:
-        solver = HeadSolver(method=settings.head_method, **options)
-    except TypeError:
-        known = sorted(f.name for f in dataclasses.fields(HeadSolver) if f.name != "method")
-        raise SpapError(f"unknown head option(s) {', '.join(sorted(options))}; the head "
-                        f"options are {', '.join(known)}") from None
-    solver.check()
+    solver = get_head_solver(settings.head_method, **settings.head_options)
     return HeadPlan(attn, kpg, kvk, solver)
 
 

@@ -199,6 +199,96 @@ def choose_dense_copy(mode: str, model_bytes: int, can_reload: bool,
     return "reload" if can_reload and available < COPY_HEADROOM * model_bytes else "copy"
 
 
+class _Scorer:
+    """Perplexity of a model on the comparison's evaluation text (`main`) and on every second
+    text (`also`), all on the same window size and count."""
+
+    def __init__(self, tokenizer, device: torch.device, seqlen: int, windows: int | None,
+                 batch_size: int, progress: bool, text: tuple[str, torch.Tensor, str | None],
+                 also: dict[str, tuple[torch.Tensor, str | None]]) -> None:
+        self.tokenizer, self.device, self.progress = tokenizer, device, progress
+        self.seqlen, self.windows, self.batch_size = seqlen, windows, batch_size
+        self.text, self.others = text, also
+
+    def _on(self, m, data: str, stream: torch.Tensor, split: str | None) -> dict[str, Any]:
+        from .eval.ppl import perplexity
+
+        r = perplexity(m.to(self.device), self.tokenizer, data=data, seqlen=self.seqlen,
+                       windows=self.windows, batch_size=self.batch_size, device=self.device,
+                       stream=stream, progress=self.progress)
+        if split is not None:
+            r["protocol"]["split"] = split
+        return r
+
+    def main(self, m) -> dict[str, Any]:
+        return self._on(m, *self.text)
+
+    def also(self, m) -> dict[str, dict[str, Any]]:
+        return {src: self._on(m, src, stream, split)
+                for src, (stream, split) in self.others.items()}
+
+
+def _prune_run(m, tokenizer, v: Variant, s: float, run_dir: Path | None, *,
+               probe_ids: torch.Tensor | None, **prune_args):
+    """Prune `m` in place with variant `v` at sparsity `s`: (the PruneResult, its seconds).
+    A resumed prune's seconds add the recorded seconds of the layers it took over."""
+    from .api import prune
+
+    t0 = time.perf_counter()
+    pr = prune(m, tokenizer, s, method=v.method, method_options=v.options,
+               allow_unsaveable=True, probe_ids=probe_ids, checkpoint_dir=run_dir,
+               **prune_args, **v.settings)
+    seconds = time.perf_counter() - t0
+    resumed = pr.report.get("resumed_from_layer") or 0
+    # the layers taken over from the killed call: their own recorded seconds
+    seconds += sum(sum(layer["seconds"].values()) for layer in pr.report["layers"][:resumed])
+    return pr, seconds
+
+
+def _record(v: Variant, s: float, rep: dict[str, Any], ev: dict[str, Any],
+            ev_also: dict[str, dict[str, Any]], dense_ppl: float, seconds: float,
+            saved: str | None, *, heldout: bool, resume: bool) -> dict[str, Any]:
+    """One run's line of the results file, from its prune report and its scores."""
+    layers = rep["layers"]
+    return {
+        "method": v.name,
+        "base_method": v.method,
+        "sparsity": s,
+        "ppl": finite_or_none(ev["ppl"]),
+        "dense_ppl": finite_or_none(dense_ppl),
+        "gap": finite_or_none(ev["ppl"] - dense_ppl),
+        **({"ppl_also": {k: finite_or_none(r["ppl"]) for k, r in ev_also.items()}}
+           if ev_also else {}),
+        "params_removed_frac": rep["params_removed_frac"],
+        "params_non_embedding_removed_frac": rep["params_non_embedding_removed_frac"],
+        "heads": rep.get("heads"),
+        "params_target": rep.get("params_target"),
+        "sparsity_achieved": rep["sparsity_achieved"],
+        "width_after": rep["model"]["width_after"],
+        "saveable": rep.get("saveable", True),
+        "layer_error_mean": rep["layer_error_mean"],
+        "layer_errors": [layer["rel_error"] for layer in layers],
+        "layer_error_heldout_mean": rep["layer_error_heldout_mean"],
+        "layer_errors_heldout": ([layer["rel_error_heldout"] for layer in layers]
+                                 if heldout else None),
+        "seconds": seconds,
+        "seconds_solve": sum(layer["seconds"]["solve"] for layer in layers),
+        # layer forwards on calibration data (statistics + replay); the layer-0
+        # capture is in "seconds" only
+        "seconds_forward": sum(layer["seconds"]["collect"] + layer["seconds"]["replay"]
+                               for layer in layers),
+        "seconds_eval": ev["seconds"],
+        "options": rep["options"],
+        # what each layer chose out of sample (None where the method chooses nothing)
+        "layer_ridge": [layer["info"].get("ridge") for layer in layers],
+        "layer_recovery_epochs": [layer["info"].get("recovery_epochs")
+                                  for layer in layers],
+        "layer_drift_alpha": [layer["info"].get("drift_alpha") for layer in layers],
+        "saved": saved,
+        **({"resumed_from_layer": rep.get("resumed_from_layer") or 0} if resume else {}),
+    }
+
+
 def compare(
     model,
     tokenizer,
@@ -258,8 +348,6 @@ def compare(
     refused. A resumed record's `seconds` is this call's wall time plus the per-layer
     seconds of the layers it took over (`resumed_from_layer` says how many).
     """
-    from .api import prune
-    from .eval.ppl import perplexity
     from .versions import versions
 
     device = torch.device(device)
@@ -267,22 +355,10 @@ def compare(
     if resume and path is None:
         raise SpapError("a resumable comparison needs a results file (json_path / --json)")
     dense = model.to("cpu")
-
-    def score_on(m, data: str, stream: torch.Tensor, split: str | None) -> dict[str, Any]:
-        r = perplexity(m.to(device), tokenizer, data=data, seqlen=eval_seqlen,
-                       windows=eval_windows, batch_size=batch_size, device=device,
-                       stream=stream, progress=progress)
-        if split is not None:
-            r["protocol"]["split"] = split
-        return r
-
-    def score(m) -> dict[str, Any]:
-        return score_on(m, eval_data, eval_stream, eval_split)
-
     also = also_eval or {}
-
-    def score_also(m) -> dict[str, dict[str, Any]]:
-        return {src: score_on(m, src, stream, split) for src, (stream, split) in also.items()}
+    scorer = _Scorer(tokenizer, device, eval_seqlen, eval_windows, batch_size, progress,
+                     (eval_data, eval_stream, eval_split), also)
+    score, score_also = scorer.main, scorer.also
 
     mode = choose_dense_copy(dense_copy, weight_bytes(dense), reload is not None)
     variant_desc = [{"name": v.name, "method": v.method, "options": v.options,
@@ -346,19 +422,12 @@ def compare(
                 if bar is not None:
                     bar.update()
                 continue
-            m = copy.deepcopy(dense) if mode == "copy" else reload().to("cpu")
             run_dir = run_root / f"{v.name}-{s:g}" if run_root is not None else None
-            t0 = time.perf_counter()
-            pr = prune(m, tokenizer, s, method=v.method, method_options=v.options,
-                       calib_ids=calib_ids, calib_desc=calib_desc, device=device,
-                       batch_size=batch_size, round_to=round_to, progress=progress,
-                       allow_unsaveable=True, probe_ids=probe_ids, checkpoint_dir=run_dir,
-                       **v.settings)
-            seconds = time.perf_counter() - t0
-            resumed = pr.report.get("resumed_from_layer") or 0
-            # the layers taken over from the killed call: their own recorded seconds
-            seconds += sum(sum(layer["seconds"].values())
-                           for layer in pr.report["layers"][:resumed])
+            m = copy.deepcopy(dense) if mode == "copy" else reload().to("cpu")
+            pr, seconds = _prune_run(m, tokenizer, v, s, run_dir, calib_ids=calib_ids,
+                                     calib_desc=calib_desc, device=device,
+                                     batch_size=batch_size, round_to=round_to,
+                                     progress=progress, probe_ids=probe_ids)
             ev = score(m)
             ev_also = score_also(m)
             saved = None
@@ -370,45 +439,8 @@ def compare(
                                         overwrite=True, check_ids=calib_ids[:1, :64]))
             del m, pr.model
             _free(device)
-            rep = pr.report
-            layers = rep["layers"]
-            rec = {
-                "method": v.name,
-                "base_method": v.method,
-                "sparsity": s,
-                "ppl": finite_or_none(ev["ppl"]),
-                "dense_ppl": result["dense_ppl"],
-                "gap": finite_or_none(ev["ppl"] - d["ppl"]),
-                **({"ppl_also": {k: finite_or_none(r["ppl"]) for k, r in ev_also.items()}}
-                   if also else {}),
-                "params_removed_frac": rep["params_removed_frac"],
-                "params_non_embedding_removed_frac": rep["params_non_embedding_removed_frac"],
-                "heads": rep.get("heads"),
-                "params_target": rep.get("params_target"),
-                "sparsity_achieved": rep["sparsity_achieved"],
-                "width_after": rep["model"]["width_after"],
-                "saveable": rep.get("saveable", True),
-                "layer_error_mean": rep["layer_error_mean"],
-                "layer_errors": [layer["rel_error"] for layer in layers],
-                "layer_error_heldout_mean": rep["layer_error_heldout_mean"],
-                "layer_errors_heldout": ([layer["rel_error_heldout"] for layer in layers]
-                                         if probe_ids is not None else None),
-                "seconds": seconds,
-                "seconds_solve": sum(layer["seconds"]["solve"] for layer in layers),
-                # layer forwards on calibration data (statistics + replay); the layer-0
-                # capture is in "seconds" only
-                "seconds_forward": sum(layer["seconds"]["collect"] + layer["seconds"]["replay"]
-                                       for layer in layers),
-                "seconds_eval": ev["seconds"],
-                "options": rep["options"],
-                # what each layer chose out of sample (None where the method chooses nothing)
-                "layer_ridge": [layer["info"].get("ridge") for layer in layers],
-                "layer_recovery_epochs": [layer["info"].get("recovery_epochs")
-                                          for layer in layers],
-                "layer_drift_alpha": [layer["info"].get("drift_alpha") for layer in layers],
-                "saved": saved,
-                **({"resumed_from_layer": resumed} if resume else {}),
-            }
+            rec = _record(v, s, pr.report, ev, ev_also, d["ppl"], seconds, saved,
+                          heldout=probe_ids is not None, resume=resume)
             result["records"].append(rec)
             if path:
                 write_json_atomic(path, result)

@@ -26,7 +26,8 @@ from transformers import (
     OPTForCausalLM,
 )
 
-import spap.eval.speed as speed
+import spap.eval.speed.rss as rss
+import spap.eval.speed.timing as timing
 from conftest import ALL_FAMILIES, tiny_model
 from spap.driver.surgery import apply_decision
 from spap.errors import SpapError
@@ -247,8 +248,8 @@ def test_bench_every_family(family):
 def timing_calls(monkeypatch):
     """Every call of the timing and running functions, recorded; none of them runs."""
     calls = []
-    for name in ("_timed", "_prefill", "_generate", "_rss_in_subprocess", "_cuda_peak"):
-        monkeypatch.setattr(speed, name, lambda *a, _n=name, **k: calls.append(_n))
+    for name in ("_timed", "prefill", "generate", "rss_in_subprocess", "_cuda_peak"):
+        monkeypatch.setattr(timing, name, lambda *a, _n=name, **k: calls.append(_n))
     return calls
 
 
@@ -302,7 +303,7 @@ def test_defaults_are_sized_to_the_device(monkeypatch, capsys):
     assert default_grid("cuda:0") == CUDA_GRID and default_grid("cpu") == CPU_GRID
     assert CPU_GRID.batch_sizes == (1,) and len(CPU_GRID.prompt_lens) == 1
     ticks = itertools.count(1)
-    monkeypatch.setattr(speed, "_timed", lambda fn, device: float(next(ticks)))  # no run
+    monkeypatch.setattr(timing, "_timed", lambda fn, device: float(next(ticks)))  # no run
     longer = CPU_GRID.gen_tokens + max(CPU_GRID.prompt_lens) + 1
     pruned, base = (_llama(w, max_position_embeddings=longer) for w in (96, 128))
     res = bench(pruned, base, cpu_memory=False, progress=True)
@@ -369,7 +370,7 @@ def test_bench_result_shape(result):
 
 def test_rss_subprocess_reports_what_the_report_reads():
     model = _llama(96)
-    m = speed._rss_in_subprocess(model, 1, 16, 4, True, 0)
+    m = rss.rss_in_subprocess(model, 1, 16, 4, True, 0)
     assert "error" not in m, m
     # the keys bench/report.py reads
     assert m["weight_bytes"] == weight_bytes(model)

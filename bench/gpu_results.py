@@ -1,4 +1,4 @@
-"""What bench/gpu_check.py and bench/gpu_8b.py share: a timestamped log and the results
+"""What bench/labs/gpu_check.py and bench/gpu_8b.py share: a timestamped log and the results
 document, a JSON file rewritten atomically after every step, where a failed step is recorded
 (error and traceback) and the next one runs. On the GPU machine a run may be cut off at its
 time limit; whatever finished is then already on disk."""

@@ -1,10 +1,14 @@
-"""Write BENCHMARKS.md from the JSON files in bench/results/ (never typed by hand).
+"""Write BENCHMARKS.md and the README's generated tables from bench/results/*.json (never
+typed by hand).
 
     .venv/bin/python bench/report.py
 
-Sections appear for the result files that exist: compare-<model>.json (spap compare),
-ablation-<model>.json (spap compare over SPAP variants), zeroshot-<model>.json
-(bench/zeroshot.py) and speed-<model>.json (spap bench).
+BENCHMARKS.md: bench/HEADER.md (what the tables measure, their protocol), then a section per
+kind of result file that exists (compare-<model>.json from spap compare, ablation-, sweep-,
+seeds-, zeroshot-, speed-, heads-, params-, dp-scaling-, ood-, fisher-lab-, layer-lab-...),
+then where to find the commands (bench/README.md) and one provenance line per file
+(bench/provenance.json). README.md: the blocks between `<!-- NAME:begin -->` and
+`<!-- NAME:end -->` (README_BLOCKS) are rewritten, the rest of it is left as it is.
 """
 
 from __future__ import annotations
@@ -707,7 +711,8 @@ FISHER_INTRO = ("`bench/fisher_lab.py`: a single decoder layer pruned (r=0.5, al
                 "Fisher (`out_weight=fisher`); the refit is the same.")
 
 
-def main() -> None:
+def benchmarks_text() -> str:
+    """BENCHMARKS.md: the header, every table, then reproduction and provenance."""
     head = (ROOT / "bench" / "HEADER.md").read_text()
     parts = [head.rstrip(), ""]
     for title, pattern, fn in [
@@ -768,7 +773,131 @@ def main() -> None:
             parts += [title, "", intro, ""]
             for model, d in found:
                 parts += [*fn(model, d), ""]
-    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts).rstrip() + "\n")
+    parts += ["## Reproducing these numbers", "",
+              "The commands that produce every file of `bench/results/`, and how their passes "
+              "were merged, are in [bench/README.md](bench/README.md); "
+              "`python bench/report.py` then rewrites this file.", "",
+              *provenance_lines()]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+PROVENANCE = ROOT / "bench" / "provenance.json"
+
+
+def results_files() -> list[str]:
+    """The names of the result files the tables read (a pass still running excluded)."""
+    return [p.name for p in sorted(RES.glob("*.json"))
+            if not (p.name.startswith("compare-") and p.name.endswith(PENDING))]
+
+
+def provenance_lines() -> list[str]:
+    """One line per result file: the script and the commit that produced it."""
+    prov = json.loads(PROVENANCE.read_text())
+    lines = ["## Where each file comes from", "", prov["note"], ""]
+    for name in results_files():
+        line = prov["files"].get(name, "no line in bench/provenance.json yet.")
+        lines.append(f"- `{name}`: {line}")
+    return lines
+
+
+# ---- the README's generated blocks ----------------------------------------------------------
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def _calib(d: dict) -> str:
+    c = d["protocol"]["calibration"]
+    return f"{c['nsamples']} x {c['seqlen']}"
+
+
+def _level(r: dict) -> str:
+    """An effort record's level: its own field, its run settings', or the variant's name."""
+    return r.get("effort") or (r.get("settings") or {}).get("effort") or r["method"]
+
+
+def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
+    """The README's effort table: every record of every effort-<model>.json, with its
+    perplexity, its gap ratio against the strongest baseline of the same file (where the
+    file has one) and its prune time."""
+    if not files:
+        return ["Not yet measured: no `bench/results/effort-*.json` exists, so there is no "
+                "figure to give here yet."]
+    lines = ["| model | effort | sparsity | perplexity (dense) | gap ratio | prune time | "
+             "calibration, device |", "|---|---|---|---|---|---|---|"]
+    for model, d in files:
+        base = [r for r in d["records"] if _is_baseline(r) and r["ppl"] is not None]
+        for r in d["records"]:
+            if _is_baseline(r):
+                continue
+            best = min((b for b in base if b["sparsity"] == r["sparsity"]),
+                       key=lambda b: b["ppl"], default=None)
+            ratio = (f"{r['gap'] / best['gap']:.3f} (vs {best['method']})"
+                     if best and r["ppl"] is not None and best["gap"] > 0 else "n/a")
+            lines.append(f"| {model} | `{_level(r)}` | {r['sparsity']:g} | {fmt(r['ppl'])} "
+                         f"({fmt(d['dense_ppl'])}) | {ratio} | {_minutes(r['seconds'])} | "
+                         f"{_calib(d)}, {d['protocol']['device']} |")
+    lines += ["", "From " + ", ".join(f"`bench/results/effort-{m}.json`" for m, _ in files)
+              + "; gap ratio: the level's gap to dense over the strongest baseline's in the "
+              "same file (below 1 is better)."]
+    return lines
+
+
+def results_lines(files: list[tuple[str, dict]]) -> list[str]:
+    """The README's summary of the compare tables: per model and sparsity, `spap` against
+    the strongest baseline variant and wanda-sp of the same run."""
+    lines = ["| model | sparsity (params removed) | dense | spap | strongest baseline | "
+             "gap ratio | wanda-sp | spap prune time | calibration |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model, d in files:
+        by = {(r["method"], r["sparsity"]): r for r in d["records"]}
+        for s in sorted({r["sparsity"] for r in d["records"]}):
+            sp = by.get(("spap", s))
+            base = [r for (_, ss), r in by.items() if ss == s and _is_baseline(r)
+                    and r["ppl"] is not None]
+            if sp is None or sp["ppl"] is None or not base:
+                continue
+            best = min(base, key=lambda r: r["ppl"])
+            wanda = by.get(("wanda-sp", s))
+            lines.append(f"| {model} | {s:g} ({sp['params_removed_frac']:.1%}) | "
+                         f"{fmt(d['dense_ppl'])} | {fmt(sp['ppl'])} | {best['method']} "
+                         f"{fmt(best['ppl'])} | {sp['gap'] / best['gap']:.3f} | "
+                         f"{fmt(wanda['ppl']) if wanda else 'n/a'} | "
+                         f"{_minutes(sp['seconds'])} | {_calib(d)} |")
+    lines += ["", "Perplexity on held-out Wikipedia windows (lower is better), one CPU thread; "
+              "from " + ", ".join(f"`bench/results/compare-{m}.json`" for m, _ in files)
+              + ", where every method and variant is listed ([BENCHMARKS.md](BENCHMARKS.md))."]
+    return lines
+
+
+# block name -> (result files it reads, the function that writes its lines)
+README_BLOCKS = {
+    "effort-table": ("effort-*.json", effort_lines),
+    "results-table": ("compare-*.json", results_lines),
+}
+
+
+def fill_blocks(text: str, blocks: dict[str, list[str]]) -> str:
+    """`text` with the lines between each block's begin and end markers replaced."""
+    for name, lines in blocks.items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        i, j = text.find(begin), text.find(end)
+        if i < 0 or j < i:
+            raise SystemExit(f"README.md has no {begin} ... {end} block; add the two markers "
+                             "where the table belongs")
+        text = text[:i + len(begin)] + "\n" + "\n".join(lines) + "\n" + text[j:]
+    return text
+
+
+def readme_text(text: str) -> str:
+    return fill_blocks(text, {name: fn(load(pattern))
+                              for name, (pattern, fn) in README_BLOCKS.items()})
+
+
+def main() -> None:
+    (ROOT / "BENCHMARKS.md").write_text(benchmarks_text())
+    readme = ROOT / "README.md"
+    readme.write_text(readme_text(readme.read_text()))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ existed (no held-out fields) show "n/a", newer ones the held-out layer-error goa
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -220,3 +221,63 @@ def test_seeds_section_gives_the_out_of_domain_ratio_where_a_seed_has_it(report)
     other = seed_file(0, 31.0, 38.0, also=(80.0, 90.0))
     text = "\n".join(report.seeds_section([("m", seed_file(1, 28.0, 38.0))], [ref, other]))
     assert "On lambada" not in text  # another spap model at seed 0: no second-text ratio
+
+
+# ---- the layout of BENCHMARKS.md and the README's generated blocks ---------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmarks_md_is_what_report_writes(report):
+    """The committed BENCHMARKS.md is the generator's output: tables and their protocol
+    first, then the pointer to the commands, then one provenance line per result file."""
+    text = report.benchmarks_text()
+    assert (ROOT / "BENCHMARKS.md").read_text() == text, "run `python bench/report.py`"
+    first_table = text.index("\n| ")
+    assert first_table < text.index("## Reproducing these numbers") < text.index(
+        "## Where each file comes from")
+    assert "```bash" not in text  # the commands live in bench/README.md
+    assert "bench/README.md" in text
+
+
+def test_every_result_file_has_one_provenance_line(report):
+    prov = json.loads((ROOT / "bench" / "provenance.json").read_text())["files"]
+    files = report.results_files()
+    missing = sorted(set(files) - set(prov))
+    assert missing == [], f"add a line for each to bench/provenance.json: {missing}"
+    assert sorted(set(prov) - set(files)) == []  # no line for a file that is gone
+    lines = [line for line in report.provenance_lines() if line.startswith("- `")]
+    assert [line.split("`")[1] for line in lines] == files
+
+
+def test_effort_table_says_when_nothing_is_measured(report):
+    (line,) = report.effort_lines([])
+    assert line.startswith("Not yet measured")
+
+
+def test_effort_table_gives_each_level_against_the_strongest_baseline(report):
+    fast = _record("fast", [0.1])
+    fast.update(base_method="spap", ppl=21.0, gap=3.0, seconds=120.0)
+    best = _record("default", [0.1])
+    best.update(base_method="spap", settings={"effort": "max"}, ppl=20.0, gap=2.0, seconds=30.0)
+    d = _result([fast, best, _record("obs", [0.2])])
+    rows = [line for line in report.effort_lines([("tiny", d)]) if line.startswith("| tiny")]
+    assert rows == ["| tiny | `fast` | 0.3 | 21.00 (18.00) | 0.750 (vs obs) | 2 min | "
+                    "4 x 32, cpu |",
+                    "| tiny | `max` | 0.3 | 20.00 (18.00) | 0.500 (vs obs) | 30 s | 4 x 32, cpu |"]
+
+
+def test_readme_blocks_are_replaced_between_their_markers_only(report):
+    text = ("intro 1.5\n<!-- effort-table:begin -->\nold 9.9\n<!-- effort-table:end -->\n"
+            "outro\n")
+    out = report.fill_blocks(text, {"effort-table": ["new"]})
+    assert out == "intro 1.5\n<!-- effort-table:begin -->\nnew\n<!-- effort-table:end -->\noutro\n"
+    with pytest.raises(SystemExit, match="results-table"):
+        report.fill_blocks(text, {"results-table": ["x"]})
+
+
+def test_readme_generated_blocks_are_current(report):
+    readme = (ROOT / "README.md").read_text()
+    assert report.readme_text(readme) == readme, "run `python bench/report.py`"
+    for name in report.README_BLOCKS:
+        assert f"<!-- {name}:begin -->" in readme

@@ -3,11 +3,11 @@
 Run on the GPU machine from the repository root (no internet, no Hub, no asset packages;
 the package is used from the working tree):
 
-    PYTHONPATH=src python3 bench/gpu_check.py --out $OUT
+    PYTHONPATH=src python3 bench/labs/gpu_check.py --out $OUT
 
 and here, on CPU with tiny sizes, to test the script itself (under 2 minutes on 2 cores):
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/gpu_check.py --device cpu --tiny --out /tmp/gpucheck
+    OMP_NUM_THREADS=1 .venv/bin/python bench/labs/gpu_check.py --device cpu --tiny --out /tmp/gpucheck
 
 Steps (each guarded: a failure is recorded with its traceback and the next step still runs;
 `<out>/gpu_check.json` is rewritten after every step and every pruning run):
@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT / "src") not in sys.path:  # works with or without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
 if str(ROOT / "bench") not in sys.path:  # also when loaded from a file spec (the tests)

@@ -7,7 +7,8 @@ the package is used from the working tree):
 
 and here, on CPU with tiny sizes, to test the script itself (under 2 minutes on 2 cores):
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/labs/gpu_check.py --device cpu --tiny --out /tmp/gpucheck
+    OMP_NUM_THREADS=1 .venv/bin/python bench/labs/gpu_check.py --device cpu --tiny \
+        --out /tmp/gpucheck
 
 Steps (each guarded: a failure is recorded with its traceback and the next step still runs;
 `<out>/gpu_check.json` is rewritten after every step and every pruning run):

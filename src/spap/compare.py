@@ -245,6 +245,18 @@ def _prune_run(m, tokenizer, v: Variant, s: float, run_dir: Path | None, *,
     return pr, seconds
 
 
+def _save(m, tokenizer, folder: Path, report: dict[str, Any],
+          calib_ids: torch.Tensor) -> str | None:
+    """Save the pruned model `m` (reload-checked) to `folder`; None for a model that stock
+    transformers could not reload (`report["saveable"]` False)."""
+    if not report.get("saveable", True):
+        return None
+    from .modelio.export import save_pruned
+
+    return str(save_pruned(m.to("cpu"), tokenizer, folder, report, overwrite=True,
+                           check_ids=calib_ids[:1, :64]))
+
+
 def _record(v: Variant, s: float, rep: dict[str, Any], ev: dict[str, Any],
             ev_also: dict[str, dict[str, Any]], dense_ppl: float, seconds: float,
             saved: str | None, *, heldout: bool, resume: bool) -> dict[str, Any]:
@@ -409,18 +421,13 @@ def compare(
     # sparsity-major: the methods of one sparsity run back to back, so their wall times are
     # taken under the same machine load
     runs = [(v, s) for s in sparsities for v in variants]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(runs), desc="compare", unit="run")
-    try:
+    with tqdm(total=len(runs), desc="compare", unit="run", disable=not progress) as bar:
         for v, s in runs:
-            if bar is not None:
-                bar.set_description(f"compare {v.name} @ {s:g}")
+            bar.set_description(f"compare {v.name} @ {s:g}")
             if (v.name, s) in done:  # (a resumed comparison's finished record)
-                if bar is not None:
-                    bar.update()
+                bar.update()
                 continue
             run_dir = run_root / f"{v.name}-{s:g}" if run_root is not None else None
             m = copy.deepcopy(dense) if mode == "copy" else reload().to("cpu")
@@ -430,13 +437,8 @@ def compare(
                                      progress=progress, probe_ids=probe_ids)
             ev = score(m)
             ev_also = score_also(m)
-            saved = None
-            if save_dir is not None and pr.report.get("saveable", True):
-                from .modelio.export import save_pruned
-
-                saved = str(save_pruned(m.to("cpu"), tokenizer,
-                                        Path(save_dir) / f"{v.name}-{s:g}", pr.report,
-                                        overwrite=True, check_ids=calib_ids[:1, :64]))
+            saved = (_save(m, tokenizer, Path(save_dir) / f"{v.name}-{s:g}", pr.report,
+                           calib_ids) if save_dir is not None else None)
             del m, pr.model
             _free(device)
             rec = _record(v, s, pr.report, ev, ev_also, d["ppl"], seconds, saved,
@@ -448,12 +450,8 @@ def compare(
                 RunFolder(run_dir).remove()
             log.info("%s @ %g: ppl %.4g (dense %.4g), %.1f s", v.name, s, ev["ppl"], d["ppl"],
                      seconds)
-            if bar is not None:
-                bar.set_postfix(ppl=f"{ev['ppl']:.4g}")
-                bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.set_postfix(ppl=f"{ev['ppl']:.4g}")
+            bar.update()
     if run_root is not None and run_root.is_dir() and not any(run_root.iterdir()):
         run_root.rmdir()
     return result

@@ -229,24 +229,9 @@ def bench(
             bar.update()
         for batch, prompt_len in grid_points:
             ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
-            ops: dict[str, Callable[[Any], None]] = {
-                "prefill": lambda m, ids=ids: prefill(m, ids, keep),
-                "gen_1": lambda m, ids=ids: generate(m, ids, 1),
-                "gen_long": lambda m, ids=ids: generate(m, ids, gen_tokens + 1),
-            }
             logger.info("bench batch=%d prompt_len=%d gen_tokens=%d", batch, prompt_len, gen_tokens)
             bar.set_postfix_str(f"batch {batch} prompt {prompt_len}")
-            for _ in range(warmup):
-                for op in ops.values():
-                    for m in models.values():
-                        op(m)
-                bar.update()
-            times = {op: {name: [] for name in models} for op in ops}
-            for _ in range(reps):
-                for op_name, op in ops.items():
-                    for name, m in models.items():  # A B A B ...: drift hits both alike
-                        times[op_name][name].append(_timed(lambda m=m, op=op: op(m), device))
-                bar.update()
+            times = _rounds(models, ids, keep, gen_tokens, warmup, reps, device, bar)
             decode_times = {
                 name: [
                     long - short
@@ -278,28 +263,8 @@ def bench(
                     name: _cuda_peak(m, ids, gen_tokens, keep, device) for name, m in models.items()
                 }
 
-        if device.type == "cuda":
-            memory: dict[str, Any] = {
-                "method": "cuda_max_memory_allocated, one untimed prefill+decode per model",
-                **{
-                    name: max((s["memory"][name] for s in settings), key=lambda x: x["peak_bytes"])
-                    for name in models
-                },
-            }
-        elif rss_runs:
-            big = (max(batch_sizes), max(prompt_lens))
-            memory = {
-                "method": "peak RSS of a fresh subprocess per model (largest setting)",
-                "batch": big[0],
-                "prompt_len": big[1],
-            }
-            for name, m in models.items():
-                bar.set_postfix_str(f"memory of the {name} model")
-                memory[name] = rss_in_subprocess(m, big[0], big[1], gen_tokens, keep, seed)
-                bar.update()
-        else:
-            why = "cpu_memory=False" if device.type == "cpu" else f"not measured on {device.type}"
-            memory = {"method": f"skipped ({why})"}
+        memory = _memory(models, settings, device, rss_runs, batch_sizes, prompt_lens,
+                         gen_tokens, keep, seed, bar)
     memory["weight_bytes"] = wbytes
     memory["process_peak_rss_bytes"] = process_max_rss_bytes()  # whole process: all runs
 
@@ -327,6 +292,59 @@ def bench(
         "settings": settings,
         "memory": memory,
     }
+
+
+def _rounds(models: dict[str, Any], ids: torch.Tensor, keep: bool, gen_tokens: int,
+            warmup: int, reps: int, device: torch.device, bar) -> dict[str, dict[str, list]]:
+    """`warmup` untimed rounds, then `reps` timed ones, of every op on every model, the
+    models interleaved (A B A B ...: drift hits both alike): op -> model -> seconds."""
+    ops: dict[str, Callable[[Any], None]] = {
+        "prefill": lambda m: prefill(m, ids, keep),
+        "gen_1": lambda m: generate(m, ids, 1),
+        "gen_long": lambda m: generate(m, ids, gen_tokens + 1),
+    }
+    for _ in range(warmup):
+        for op in ops.values():
+            for m in models.values():
+                op(m)
+        bar.update()
+    times: dict[str, dict[str, list]] = {op: {name: [] for name in models} for op in ops}
+    for _ in range(reps):
+        for op_name, op in ops.items():
+            for name, m in models.items():
+                times[op_name][name].append(_timed(lambda m=m, op=op: op(m), device))
+        bar.update()
+    return times
+
+
+def _memory(models: dict[str, Any], settings: list[dict[str, Any]], device: torch.device,
+            rss_runs: bool, batch_sizes: Sequence[int], prompt_lens: Sequence[int],
+            gen_tokens: int, keep: bool, seed: int, bar) -> dict[str, Any]:
+    """The memory report: on CUDA the settings' largest peaks, on CPU (`rss_runs`) a fresh
+    subprocess per model at the largest setting (rss.py), else why it was skipped."""
+    if device.type == "cuda":
+        memory: dict[str, Any] = {
+            "method": "cuda_max_memory_allocated, one untimed prefill+decode per model",
+            **{
+                name: max((s["memory"][name] for s in settings), key=lambda x: x["peak_bytes"])
+                for name in models
+            },
+        }
+    elif rss_runs:
+        big = (max(batch_sizes), max(prompt_lens))
+        memory = {
+            "method": "peak RSS of a fresh subprocess per model (largest setting)",
+            "batch": big[0],
+            "prompt_len": big[1],
+        }
+        for name, m in models.items():
+            bar.set_postfix_str(f"memory of the {name} model")
+            memory[name] = rss_in_subprocess(m, big[0], big[1], gen_tokens, keep, seed)
+            bar.update()
+    else:
+        why = "cpu_memory=False" if device.type == "cpu" else f"not measured on {device.type}"
+        memory = {"method": f"skipped ({why})"}
+    return memory
 
 
 def _summarise(

@@ -20,7 +20,8 @@ log = logging.getLogger("spap")
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16")
+                   help="auto (the checkpoint's own dtype; float32 for GGUF files), float32, "
+                        "bfloat16, float16")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
 
 

@@ -1,0 +1,129 @@
+"""The reload check of a saved model (modelio.export) and the dtype a model loads in
+(modelio.loading): a planted defect in the saved folder is caught in float32 and in bfloat16,
+an honest save is not, and `load_model` keeps the checkpoint's own dtype."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import spap
+from conftest import byte_tokenizer, random_ids, tiny_model
+from spap.modelio import export
+from spap.modelio.loading import load_model, resolve_dtype
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def pruned(family: str, dtype: torch.dtype):
+    """A tiny model of `family` in `dtype`, pruned by wanda-sp (fast, no recovery)."""
+    model = tiny_model(family).to(dtype)
+    res = spap.prune(model, sparsity=0.25, method="wanda-sp", calib_ids=random_ids(4, 16),
+                     device="cpu", batch_size=2)
+    return res.model, res.report
+
+
+def plant(monkeypatch, defect):
+    """Make `save_pretrained` write the folder and then let `defect(folder)` alter it, as a
+    faulty writer would, before the reload check reads it."""
+    from transformers import PreTrainedModel
+
+    honest = PreTrainedModel.save_pretrained
+
+    def faulty(self, folder, *a, **kw):
+        honest(self, folder, *a, **kw)
+        defect(folder)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", faulty)
+
+
+def nudge_one_weight(folder, ulps: int = 1) -> str:
+    """Move one element of the first layer's down projection by `ulps` units in its last
+    place: the smallest change a weight can have."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    sd = load_file(str(path))
+    name = next(n for n in sorted(sd) if "layers.0." in n and "down_proj.weight" in n)
+    w = sd[name].clone()
+    x = w[0, 0].float()
+    for _ in range(ulps):
+        x = torch.nextafter(x.to(w.dtype), torch.tensor(float("inf"), dtype=w.dtype)).float()
+    w[0, 0] = x.to(w.dtype)
+    sd[name] = w
+    save_file(sd, str(path), metadata={"format": "pt"})
+    return name
+
+
+def break_config(folder) -> None:
+    """A config the model's code reads differently from the pruned model: a final-norm epsilon
+    far above the hidden states' scale (the weights stay the same)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1.0
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_weight_changed_after_save_is_caught(dtype, tmp_path, monkeypatch):
+    model, report = pruned("llama", dtype)
+    plant(monkeypatch, nudge_one_weight)
+    with pytest.raises(RuntimeError, match=r"saved tensor .*down_proj.weight differs"):
+        spap.save_pruned(model, byte_tokenizer(), tmp_path / "out", report,
+                         check_ids=random_ids(1, 16, seed=5))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*spap-tmp*"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_config_that_changes_the_logits_is_caught(dtype, tmp_path, monkeypatch):
+    model, report = pruned("llama", dtype)
+    plant(monkeypatch, break_config)
+    with pytest.raises(RuntimeError, match="logits differ .* saved config does not describe"):
+        spap.save_pruned(model, byte_tokenizer(), tmp_path / "out", report,
+                         check_ids=random_ids(1, 16, seed=5))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "gemma3_text"])
+def test_an_honest_save_passes_in_its_own_dtype(family, dtype, tmp_path):
+    model, report = pruned(family, dtype)
+    out = spap.save_pruned(model, byte_tokenizer(), tmp_path / "out", report,
+                           check_ids=random_ids(1, 16, seed=5))
+    check = json.loads((out / "spap.json").read_text())["reload_check"]
+    assert check["dtype"] == str(dtype).replace("torch.", "") and check["device"] == "cpu"
+    assert check["max_abs_logit_diff"] <= check["tolerance"]
+    assert check["tolerance"] == export.logit_tolerance(dtype, check["logit_scale"])
+    assert json.loads((out / "config.json").read_text())["dtype"] == check["dtype"]
+
+
+def test_tolerance_follows_the_dtype():
+    # a bfloat16 comparison allows 2**16 times float32's difference at the same scale
+    assert export.logit_tolerance(torch.bfloat16, 10.0) == pytest.approx(
+        2**16 * export.logit_tolerance(torch.float32, 10.0))
+    assert export.logit_tolerance(torch.float32, 10.0) == pytest.approx(
+        10 * export.logit_tolerance(torch.float32, 0.5))
+
+
+# ---- the dtype a model loads in --------------------------------------------------------------
+@pytest.mark.parametrize("saved_as", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_load_model_keeps_the_checkpoints_dtype(saved_as, tmp_path):
+    d = tmp_path / "m"
+    tiny_model("llama").to(saved_as).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    model, _, _ = load_model(str(d))  # the default: the checkpoint's own dtype
+    assert model.dtype == saved_as
+    assert load_model(str(d), "auto", "cuda")[0].dtype == saved_as  # on any device
+    assert load_model(str(d), "float32")[0].dtype == torch.float32  # forced
+    assert load_model(str(d), "bfloat16")[0].dtype == torch.bfloat16
+
+
+def test_auto_without_a_recorded_dtype_is_float32():
+    from transformers import LlamaConfig
+
+    assert LlamaConfig().dtype is None  # as a GGUF file's config comes
+    assert resolve_dtype("auto", LlamaConfig()) == torch.float32
+    assert resolve_dtype("auto", LlamaConfig(dtype="bfloat16")) == torch.bfloat16
+    with pytest.raises(spap.SpapError, match="unknown dtype 'int8'; use auto"):
+        resolve_dtype("int8", LlamaConfig())

@@ -127,3 +127,71 @@ def test_auto_without_a_recorded_dtype_is_float32():
     assert resolve_dtype("auto", LlamaConfig(dtype="bfloat16")) == torch.bfloat16
     with pytest.raises(spap.SpapError, match="unknown dtype 'int8'; use auto"):
         resolve_dtype("int8", LlamaConfig())
+
+
+# ---- the structural check of a low-memory output ---------------------------------------------
+@pytest.fixture(scope="module")
+def low_memory_out(tmp_path_factory):
+    """A finished low-memory output of a tiny LLaMA (tied head) in bfloat16."""
+    from conftest import TEXT
+
+    tmp = tmp_path_factory.mktemp("low")
+    src = tmp / "src"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    calib = tmp / "calib.txt"
+    calib.write_text("\n\n".join(f"{i}. {TEXT * 4}" for i in range(40)))
+    job = spap.prune_to_disk(str(src), tmp / "out", 0.25, method="wanda-sp", calib=str(calib),
+                             nsamples=4, seqlen=16, device="cpu", low_memory=True)
+    assert job.report["reload_check"]["dtype"] == "bfloat16"
+    return job.out
+
+
+def _alter_shard(folder, change) -> None:
+    """Apply `change(tensors) -> tensors` to the shard holding layer 0, and re-index."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = index["weight_map"]["model.layers.0.mlp.down_proj.weight"]
+    tensors = change(load_file(str(folder / shard)))
+    save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+    index["weight_map"] = {n: f for n, f in index["weight_map"].items() if f != shard}
+    index["weight_map"].update(dict.fromkeys(tensors, shard))
+    index_path.write_text(json.dumps(index))
+
+
+DOWN = "model.layers.0.mlp.down_proj.weight"
+
+
+def _renamed(t):
+    t["model.layers.0.mlp.down_projection.weight"] = t.pop(DOWN)
+    return t
+
+
+def _reshaped(t):
+    t[DOWN] = t[DOWN][:, :-1].contiguous()
+    return t
+
+
+def _recast(t):
+    t[DOWN] = t[DOWN].to(torch.float16)
+    return t
+
+
+@pytest.mark.parametrize("change,needle", [
+    (_renamed, "down_proj.weight missing; model.layers.0.mlp.down_projection.weight not in"),
+    (_reshaped, "down_proj.weight shape"),
+    (_recast, "down_proj.weight dtype F16, config BF16"),
+], ids=["name", "shape", "dtype"])
+def test_structure_check_catches_each_mismatch(low_memory_out, change, needle, tmp_path):
+    import shutil
+
+    from spap.modelio.shards import check_structure
+
+    folder = tmp_path / "copy"
+    shutil.copytree(low_memory_out, folder)
+    assert check_structure(folder, torch.bfloat16)["tensors"] > 0  # as written: no mismatch
+    _alter_shard(folder, change)
+    with pytest.raises(RuntimeError, match=needle.replace("[", r"\[")):
+        check_structure(folder, torch.bfloat16)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import SpapError
+from .card import write_card
 
 REPORT_NAME = "spap.json"
 
@@ -135,8 +136,8 @@ def save_pruned(
     overwrite: bool = False,
     check_ids: torch.Tensor | None = None,
 ) -> Path:
-    """Write weights (safetensors), tokenizer and spap.json to `out`, verified by a reload
-    (`reload_check`) on `check_ids` when given."""
+    """Write weights (safetensors), tokenizer, spap.json and a model card (README.md,
+    `card.py`) to `out`, verified by a reload (`reload_check`) on `check_ids` when given."""
     t0 = time.perf_counter()
     out = check_output_dir(out, overwrite)
     _check_uniform_widths(model)
@@ -149,6 +150,7 @@ def save_pruned(
             tokenizer.save_pretrained(tmp)
         if check_ids is not None:
             report["reload_check"] = reload_check(model, tmp, check_ids)
+        write_card(tmp, report, model.config)
         write_report(report, tmp, t0)
         if out.exists():
             shutil.rmtree(out)

@@ -6,8 +6,8 @@ they become the shards of the output as `save_pretrained` would name them:
 final norm, an untied head; a tied head is not written, as save_pretrained leaves it out) and
 shard i + 2 holds layer i. `model.safetensors.index.json` maps every name to its shard, with
 the same metadata save_pretrained writes (total_parameters, total_size), and config.json
-(carrying the new MLP width), generation_config.json, the tokenizer and spap.json complete the
-folder, so stock `AutoModelForCausalLM.from_pretrained(out)` loads it.
+(carrying the new MLP width), generation_config.json, the tokenizer, spap.json and the model
+card complete the folder, so stock `AutoModelForCausalLM.from_pretrained(out)` loads it.
 
 Shards are hard links to the layer files (copies where the file system has none), so until
 the final rename the run folder still resumes; a layer that needs zero biases added (a method
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .card import write_card
 from .export import check_output_dir, write_report
 from .reader import INDEX_FILE, empty_model, module_name, saved_names
 from .runfolder import STATE_FILE, RunFolder
@@ -176,6 +177,7 @@ def write_sharded(model: nn.Module, layers: nn.ModuleList, run: RunFolder, token
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     report["reload_check"] = check_structure(folder, model.dtype)
+    write_card(folder, report, model.config)
     write_report(report, folder, t0)
     # the run is complete: what only resuming needed goes, and the folder becomes the output
     shutil.rmtree(run.layers_dir)

@@ -46,7 +46,7 @@ def test_bf16_prune_save_reload_compare(family, method, tmp_path):
         assert {f.get_slice(n).get_dtype() for n in f.keys()} == {"BF16"}  # noqa: SIM118
     back = AutoModelForCausalLM.from_pretrained(out).eval()  # stock: the config's own dtype
     assert back.dtype == torch.bfloat16
-    mine, theirs = model.state_dict(), back.state_dict()
+    theirs = back.state_dict()
     for name, p in model.named_parameters():
         assert torch.equal(theirs[name], p), name
     with torch.no_grad():
@@ -59,7 +59,6 @@ def test_bf16_prune_save_reload_compare(family, method, tmp_path):
     rep = json.loads((out / "spap.json").read_text())
     assert rep["model"]["dtype"] == "bfloat16" and rep["reload_check"]["dtype"] == "bfloat16"
     assert rep["model"]["width_after"] < rep["model"]["width_before"]
-    del mine
 
 
 @pytest.mark.parametrize("method", METHODS)

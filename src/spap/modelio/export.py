@@ -58,8 +58,9 @@ LOGIT_TOLERANCE_EPS = 8
 
 def logit_tolerance(dtype: torch.dtype, scale: float) -> float:
     """Largest max-abs logit difference accepted between a model and its reload in `dtype`,
-    for logits of largest magnitude `scale`: `LOGIT_TOLERANCE_EPS` units of the dtype's
-    machine epsilon at that scale (float32: 9.5e-7 * scale, bfloat16: 6.3e-2 * scale)."""
+    for logits of largest magnitude `scale` (taken as at least 1): `LOGIT_TOLERANCE_EPS`
+    units of the dtype's machine epsilon at that scale (float32: 9.5e-7 * scale, bfloat16:
+    6.3e-2 * scale)."""
     return LOGIT_TOLERANCE_EPS * torch.finfo(dtype).eps * max(scale, 1.0)
 
 

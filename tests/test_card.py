@@ -179,3 +179,19 @@ def test_failed_upload_is_one_line_and_keeps_the_folder(src, calib, tmp_path, mo
                            push_to_hub="me/x", **SETTINGS)
     assert "\n" not in str(e.value)
     assert (tmp_path / "out" / "README.md").exists()
+
+
+def test_card_of_a_head_cut_from_given_ids(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from conftest import random_ids
+
+    model = tiny_model("llama")  # 4 query heads in 2 KV groups
+    res = spap.prune(model, sparsity=0.25, heads=0.5, method="wanda-sp",
+                     calib_ids=random_ids(4, 16))
+    out = spap.save_pruned(res.model, byte_tokenizer(), tmp_path / "out", res.report)
+    text = ModelCard.load(out / "README.md").text
+    assert "cut to 2 query heads and 2 KV heads per layer (from 4 and 2)" in text
+    assert "| calibration | 4 windows of 16 tokens given as token ids |" in text
+    assert "--heads 0.5 --head-method obs --nsamples 4 --seqlen 16\n" in text
+    assert "--calib" not in text  # token ids name no text to calibrate on

@@ -18,6 +18,7 @@ from typing import Any
 
 CARD_NAME = "README.md"
 TAGS = ["pruned", "spap", "structured-pruning", "mlp-pruning"]
+GIVEN_IDS = "given ids"  # data.given_ids_description's source
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -72,9 +73,10 @@ def prune_command(report: dict[str, Any], source: str | None) -> str:
         parts += ["--head-method", str(heads.get("method"))]
     if report.get("round_to", 1) != 1:
         parts += ["--round-to", str(report["round_to"])]
+    given = calib.get("source") == GIVEN_IDS  # (spap.prune with calib_ids: no text to name)
     for flag, key in (("--calib", "source"), ("--nsamples", "nsamples"),
                       ("--seqlen", "seqlen"), ("--seed", "seed")):
-        if calib.get(key) is not None:
+        if calib.get(key) is not None and not (given and key in ("source", "seed")):
             parts += [flag, str(calib[key])]
     if report.get("eval"):
         parts.append("--eval")
@@ -96,8 +98,8 @@ def _effort(report: dict[str, Any]) -> str | None:
 
 def _body(report: dict[str, Any], base: str | None, source: str | None) -> str:
     model = report.get("model") or {}
-    name = base or (Path(source).name if source else None) or "the base model"
-    lines = [f"# {name}, pruned with spap", ""]
+    name = base or (Path(source).name if source else None)
+    lines = [f"# {name}, pruned with spap" if name else "# Pruned with spap", ""]
     what = (f"{report.get('sparsity_achieved', 0):.0%} of the MLP channels of every decoder "
             f"layer removed ({model.get('width_key', 'width')} {model.get('width_before')} -> "
             f"{model.get('width_after')})")
@@ -106,10 +108,13 @@ def _body(report: dict[str, Any], base: str | None, source: str | None) -> str:
         what += (f" and attention heads cut to {heads['heads_after']} query heads and "
                  f"{heads['kv_heads_after']} KV heads per layer (from {heads['heads_before']} "
                  f"and {heads['kv_heads_before']})")
-    lines += [f"This is {f'[{base}](https://huggingface.co/{base})' if base else f'`{name}`'} "
-              f"with {what}, by the `{report.get('method')}` method of spap (one-shot "
-              "structured pruning: the kept channels are chosen and the remaining weights "
-              "refit on calibration text, no training). "
+    if base:
+        this = f"[{base}](https://huggingface.co/{base})"
+    else:
+        this = f"`{name}`" if source else "the base model"
+    lines += [f"This is {this} with {what}, by the `{report.get('method')}` method of spap "
+              "(one-shot structured pruning: whole channels chosen on calibration text are "
+              "removed, no training). "
               "It is a standard checkpoint: `AutoModelForCausalLM.from_pretrained` loads it "
               "with stock transformers.", ""]
 
@@ -131,7 +136,10 @@ def _body(report: dict[str, Any], base: str | None, source: str | None) -> str:
     if report.get("round_to", 1) != 1:
         lines.append(f"| kept width a multiple of | {report['round_to']} |")
     calib = report.get("calibration") or {}
-    if calib:
+    if calib.get("source") == GIVEN_IDS:
+        lines.append(f"| calibration | {calib.get('nsamples')} windows of "
+                     f"{calib.get('seqlen')} tokens given as token ids |")
+    elif calib:
         lines.append(f"| calibration | {calib.get('nsamples')} windows of "
                      f"{calib.get('seqlen')} tokens from `{calib.get('source')}`, "
                      f"seed {calib.get('seed')} |")

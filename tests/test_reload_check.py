@@ -123,10 +123,10 @@ def test_auto_without_a_recorded_dtype_is_float32():
     from transformers import LlamaConfig
 
     assert LlamaConfig().dtype is None  # as a GGUF file's config comes
-    assert resolve_dtype("auto", LlamaConfig()) == torch.float32
-    assert resolve_dtype("auto", LlamaConfig(dtype="bfloat16")) == torch.bfloat16
+    assert resolve_dtype("auto", config=LlamaConfig()) == torch.float32
+    assert resolve_dtype("auto", config=LlamaConfig(dtype="bfloat16")) == torch.bfloat16
     with pytest.raises(spap.SpapError, match="unknown dtype 'int8'; use auto"):
-        resolve_dtype("int8", LlamaConfig())
+        resolve_dtype("int8", config=LlamaConfig())
 
 
 # ---- the structural check of a low-memory output ---------------------------------------------

@@ -60,7 +60,7 @@ def checkpoint_dtype(config) -> torch.dtype | None:
     return None
 
 
-def resolve_dtype(dtype: str | torch.dtype, config=None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, *, config=None) -> torch.dtype:
     """`dtype` as a torch dtype; "auto" is the checkpoint's own dtype (`checkpoint_dtype`),
     or float32 where it records none (GGUF files, whose weights are dequantized on load)."""
     if isinstance(dtype, torch.dtype):
@@ -197,7 +197,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str = "cpu"
     src = resolve_model(spec)
     config = load_config(src)
     get_adapter(config)  # fail fast on an unsupported architecture
-    torch_dtype = resolve_dtype(dtype, config)
+    torch_dtype = resolve_dtype(dtype, config=config)
     if src.gguf_file:
         model, tok = _load_gguf(Path(src.path), src.gguf_file, torch_dtype)
     else:
@@ -234,7 +234,7 @@ def open_lazy(spec: str, dtype: str | torch.dtype, device: str) -> LazyModel:
     adapter = get_adapter(config)  # fail fast on an unsupported architecture
     reader = CheckpointReader(folder)
     tok = AutoTokenizer.from_pretrained(folder)
-    model = empty_model(config, resolve_dtype(dtype, config))
+    model = empty_model(config, resolve_dtype(dtype, config=config))
     layers = adapter.layers(model)
     load_outside_layers(model, layers, reader)
     gen = (GenerationConfig.from_pretrained(folder)

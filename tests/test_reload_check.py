@@ -195,3 +195,12 @@ def test_structure_check_catches_each_mismatch(low_memory_out, change, needle, t
     _alter_shard(folder, change)
     with pytest.raises(RuntimeError, match=needle.replace("[", r"\[")):
         check_structure(folder, torch.bfloat16)
+
+
+@pytest.mark.real
+def test_an_offline_alias_from_gguf_loads_in_float32():
+    try:
+        model, _, src = load_model("smollm2-135m")  # a Q4_1 GGUF, dequantized once
+    except spap.SpapError as e:
+        pytest.skip(str(e))
+    assert src.kind == "alias" and model.dtype == torch.float32

@@ -190,14 +190,16 @@ def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str = "cpu"
     """Load (model on CPU in `dtype`, tokenizer, ModelSource). Checks the family first.
 
     `dtype` "auto" keeps the checkpoint's own dtype (a bfloat16 checkpoint stays bfloat16, so
-    its pruned copy is saved at its own size); GGUF files record none and load in float32.
+    its pruned copy is saved at its own size); GGUF files load dequantized in float32, and
+    the offline aliases (converted from GGUF once) are float32 folders.
     The model is returned on the CPU; `device` is where the caller will compute."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_model(spec)
     config = load_config(src)
     get_adapter(config)  # fail fast on an unsupported architecture
-    torch_dtype = resolve_dtype(dtype, config=config)
+    # (GGUF weights are quantized or stored in their own formats: dequantized to float32)
+    torch_dtype = resolve_dtype(dtype, config=None if src.gguf_file else config)
     if src.gguf_file:
         model, tok = _load_gguf(Path(src.path), src.gguf_file, torch_dtype)
     else:

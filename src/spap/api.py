@@ -59,6 +59,7 @@ class JobResult:
     report: dict[str, Any]
     params_dense: int
     timings: dict[str, float] = field(default_factory=dict)
+    hub_url: str | None = None  # the upload's commit, with `push_to_hub`
 
 
 def _settings(config: PruneConfig | None, sparsity: float | None,
@@ -295,12 +296,18 @@ def prune_to_disk(model: str, out: str | os.PathLike, sparsity: float | None = N
     is built on the meta device, one decoder layer at a time is read from the checkpoint, and
     the output is assembled from the run folder as a standard sharded checkpoint. `evaluate`
     adds the dense and pruned perplexity (`report["eval"]`). Each step is timed on its own.
+    The folder holds a model card (README.md, `modelio.card`); `push_to_hub` (a Hub
+    repository id) uploads the finished folder there (`modelio.hub`).
     """
     from .modelio.export import check_output_dir, save_pruned
 
     t_start = time.perf_counter()
     cfg = _settings(config, sparsity, settings)
     get_solver(cfg.method, **cfg.method_options)  # everything checked before the model loads
+    if cfg.push_to_hub is not None:
+        from .modelio.hub import check_repo_id
+
+        check_repo_id(cfg.push_to_hub)
     out = check_output_dir(out, cfg.overwrite)
     shard, device = init_from_env(resolve_device(cfg.device or "auto"))
     cfg = dataclasses.replace(cfg, device=device)
@@ -348,7 +355,7 @@ def prune_to_disk(model: str, out: str | os.PathLike, sparsity: float | None = N
     save_pruned(model_obj, tok, out, report, overwrite=cfg.overwrite, check_ids=check)
     timings["save_s"] = report["timings"]["save_s"]  # measured by the save itself
     RunFolder(run_dir).remove()
-    return JobResult(out, report, params_dense, timings)
+    return JobResult(out, report, params_dense, timings, _push(out, cfg))
 
 
 def _low_memory(spec: str, out: Path, cfg: PruneConfig, run_dir: Path,
@@ -380,7 +387,16 @@ def _low_memory(spec: str, out: Path, cfg: PruneConfig, run_dir: Path,
     write_sharded(lazy.model, layers, RunFolder(run_dir), lazy.tokenizer,
                   lazy.generation_config, report, out, overwrite=cfg.overwrite)
     timings["save_s"] = report["timings"]["save_s"]  # measured by the save itself
-    return JobResult(out, report, params_dense, timings)
+    return JobResult(out, report, params_dense, timings, _push(out, cfg))
+
+
+def _push(out: Path, cfg: PruneConfig) -> str | None:
+    """Upload the finished folder `out` to `cfg.push_to_hub`, if asked."""
+    if cfg.push_to_hub is None:
+        return None
+    from .modelio.hub import push_folder
+
+    return push_folder(out, cfg.push_to_hub)
 
 
 def _perplexity(model, tok, cfg: PruneConfig, stream: torch.Tensor) -> dict[str, Any]:

@@ -20,7 +20,8 @@ log = logging.getLogger("spap")
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16")
+                   help="auto (the checkpoint's own dtype; float32 for GGUF files), float32, "
+                        "bfloat16, float16")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
 
 
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder of the same settings is resumed even without this flag)")
     p.add_argument("--restart", action="store_true",
                    help="discard an interrupted run for --out and start again")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="upload the saved folder (with its model card) to this Hugging Face "
+                        "Hub repository, created if needed (needs `hf auth login`)")
 
     p = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model")
     p.add_argument("model", help="folder written by spap prune, or any model spec")
@@ -261,6 +265,8 @@ def cmd_prune(args) -> int:
         print(f"\nresumed an interrupted run: layers 0-{resumed - 1} were already pruned")
     print(f"\nsaved {out} ({report['model']['width_key']} {report['model']['width_before']} -> "
           f"{report['model']['width_after']}); report in {out / 'spap.json'}")
+    if job.hub_url:
+        print(f"uploaded to the Hub: {job.hub_url}")
     rows = [("parameters", f"{job.params_dense:,}", f"{report['params_after']:,}",
              f"{report['params_after'] / job.params_dense:.3f}x")]
     heads = report.get("heads")

@@ -75,6 +75,7 @@ class PruneConfig:
     eval_seqlen: int = 2048
     eval_windows: int | None = None
     progress: bool = False
+    push_to_hub: str | None = None  # a Hub repository id the saved folder is uploaded to
 
     @classmethod
     def build(cls, config: PruneConfig | None = None, **settings: Any) -> PruneConfig:

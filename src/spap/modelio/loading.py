@@ -37,22 +37,39 @@ class ModelSource:
     kind: str = "folder"  # alias | folder | gguf | hub
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def checkpoint_dtype(config) -> torch.dtype | None:
+    """The dtype the checkpoint records in its config (`dtype`, which transformers also reads
+    from an older config's `torch_dtype`; else a multimodal config's text part), or None
+    where it records no float32, bfloat16 or float16 (GGUF files record none)."""
+    for c in (config, getattr(config, "text_config", None)):
+        d = getattr(c, "dtype", None)
+        if isinstance(d, str):
+            d = _DTYPES.get(d)
+        if isinstance(d, torch.dtype) and d in _DTYPES.values():
+            return d
+    return None
+
+
+def resolve_dtype(dtype: str | torch.dtype, *, config=None) -> torch.dtype:
+    """`dtype` as a torch dtype; "auto" is the checkpoint's own dtype (`checkpoint_dtype`),
+    or float32 where it records none (GGUF files, whose weights are dequantized on load)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
     if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in table:
+        return (checkpoint_dtype(config) if config is not None else None) or torch.float32
+    if dtype not in _DTYPES:
         raise SpapError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
-    return table[dtype]
+    return _DTYPES[dtype]
 
 
 def resolve_device(device: str) -> str:
@@ -169,14 +186,20 @@ def local_folder(src: ModelSource) -> Path:
                         "pass a local folder") from None
 
 
-def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
-    """Load (model on CPU in `dtype`, tokenizer, ModelSource). Checks the family first."""
+def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str = "cpu"):
+    """Load (model on CPU in `dtype`, tokenizer, ModelSource). Checks the family first.
+
+    `dtype` "auto" keeps the checkpoint's own dtype (a bfloat16 checkpoint stays bfloat16, so
+    its pruned copy is saved at its own size); GGUF files load dequantized in float32, and
+    the offline aliases (converted from GGUF once) are float32 folders.
+    The model is returned on the CPU; `device` is where the caller will compute."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_model(spec)
     config = load_config(src)
     get_adapter(config)  # fail fast on an unsupported architecture
-    torch_dtype = resolve_dtype(dtype, device)
+    # (GGUF weights are quantized or stored in their own formats: dequantized to float32)
+    torch_dtype = resolve_dtype(dtype, config=None if src.gguf_file else config)
     if src.gguf_file:
         model, tok = _load_gguf(Path(src.path), src.gguf_file, torch_dtype)
     else:
@@ -213,7 +236,7 @@ def open_lazy(spec: str, dtype: str | torch.dtype, device: str) -> LazyModel:
     adapter = get_adapter(config)  # fail fast on an unsupported architecture
     reader = CheckpointReader(folder)
     tok = AutoTokenizer.from_pretrained(folder)
-    model = empty_model(config, resolve_dtype(dtype, device))
+    model = empty_model(config, resolve_dtype(dtype, config=config))
     layers = adapter.layers(model)
     load_outside_layers(model, layers, reader)
     gen = (GenerationConfig.from_pretrained(folder)

@@ -6,8 +6,8 @@ they become the shards of the output as `save_pretrained` would name them:
 final norm, an untied head; a tied head is not written, as save_pretrained leaves it out) and
 shard i + 2 holds layer i. `model.safetensors.index.json` maps every name to its shard, with
 the same metadata save_pretrained writes (total_parameters, total_size), and config.json
-(carrying the new MLP width), generation_config.json, the tokenizer and spap.json complete the
-folder, so stock `AutoModelForCausalLM.from_pretrained(out)` loads it.
+(carrying the new MLP width), generation_config.json, the tokenizer, spap.json and the model
+card complete the folder, so stock `AutoModelForCausalLM.from_pretrained(out)` loads it.
 
 Shards are hard links to the layer files (copies where the file system has none), so until
 the final rename the run folder still resumes; a layer that needs zero biases added (a method
@@ -15,9 +15,9 @@ that gave the down projection a bias, in a family whose config flag then adds bi
 MLP linear) is written anew with them.
 
 The whole model is never in memory, so the reload check of `export.save_pruned` (logits of
-the reloaded model against the pruned one) is replaced by a structural one: the saved config
-is built on the meta device and its tensor names, shapes and dtypes must be exactly those the
-shards hold.
+the reloaded model against the pruned one) is replaced by a structural one (`check_structure`):
+the saved config is built on the meta device and its tensor names, shapes and dtypes must be
+exactly those the shards hold.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .card import write_card
 from .export import check_output_dir, write_report
 from .reader import INDEX_FILE, empty_model, module_name, saved_names
 from .runfolder import STATE_FILE, RunFolder
@@ -86,29 +87,46 @@ def _layer_shard(model: nn.Module, run: RunFolder, index: int, prefix: str,
     os.replace(tmp, target)
 
 
+#: the safetensors header's name of each torch dtype a checkpoint holds
+_SAFETENSORS_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+                      torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+                      torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
 def check_structure(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
-    """The saved config, built on the meta device, expects exactly the tensors the shards hold
-    (names, shapes, dtypes); raises RuntimeError otherwise."""
+    """The saved config, built on the meta device in `dtype`, expects exactly the tensors the
+    shards hold: the same names, and for each the same shape and dtype; the index names the
+    shard that holds each. Raises RuntimeError, naming the first mismatches, otherwise."""
     from transformers import AutoConfig
 
     ref = empty_model(AutoConfig.from_pretrained(folder), dtype)
     if getattr(ref, "all_tied_weights_keys", None):
         ref.tie_weights()
     sd = ref.state_dict()
-    want = {n: list(sd[n].shape) for n in saved_names(ref)}
+    want = {n: (list(sd[n].shape), _SAFETENSORS_DTYPE.get(sd[n].dtype, str(sd[n].dtype)))
+            for n in saved_names(ref)}
     index = json.loads((folder / INDEX_FILE).read_text())
-    got: dict[str, list[int]] = {}
+    got: dict[str, tuple[list[int], str]] = {}
     for shard in sorted(set(index["weight_map"].values())):
-        for n, (shape, _) in _header(folder / shard).items():
+        for n, (shape, dt) in _header(folder / shard).items():
             if index["weight_map"].get(n) != shard:
                 raise RuntimeError(f"{n} is in {shard} but the index says otherwise")
-            got[n] = shape
-    bad = sorted(n for n in set(want) | set(got) if want.get(n) != got.get(n))
-    if bad:
-        raise RuntimeError(f"saved tensors do not match the saved config at {bad[:3]} "
-                           f"({len(bad)} in all); this is a bug in spap, please report it")
-    return {"kind": "structure: names and shapes of the shards against the saved config "
-                    "built on the meta device (the model was never whole in memory)",
+            got[n] = (list(shape), dt)
+    problems = [f"{n} missing" for n in sorted(want.keys() - got.keys())]
+    problems += [f"{n} not in the config's model" for n in sorted(got.keys() - want.keys())]
+    for n in sorted(want.keys() & got.keys()):
+        (ws, wd), (gs, gd) = want[n], got[n]
+        if ws != gs:
+            problems.append(f"{n} shape {gs}, config {ws}")
+        if wd != gd:
+            problems.append(f"{n} dtype {gd}, config {wd}")
+    if problems:
+        raise RuntimeError(f"saved tensors do not match the saved config: "
+                           f"{'; '.join(problems[:3])} ({len(problems)} in all); this is a bug "
+                           "in spap, please report it")
+    return {"kind": "structure: names, shapes and dtypes of the shards against the saved "
+                    "config built on the meta device (the model was never whole in memory)",
+            "dtype": str(dtype).replace("torch.", ""),
             "tensors": len(got), "shards": len(set(index["weight_map"].values())), "ok": True}
 
 
@@ -159,6 +177,7 @@ def write_sharded(model: nn.Module, layers: nn.ModuleList, run: RunFolder, token
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     report["reload_check"] = check_structure(folder, model.dtype)
+    write_card(folder, report, model.config)
     write_report(report, folder, t0)
     # the run is complete: what only resuming needed goes, and the folder becomes the output
     shutil.rmtree(run.layers_dir)

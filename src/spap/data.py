@@ -21,14 +21,14 @@ rest the calibration part.
 Calibration windows are `nsamples` windows of `seqlen` tokens of the calibration stream at
 random, seeded positions (as GPTQ, SparseGPT and Wanda do), but drawn **without overlap**: the
 stream is cut into consecutive slots of `seqlen` tokens and `nsamples` distinct slots are
-chosen. So no two windows share a token, and the held-out windows (`heldout_windows`: the last
-1/8 of them, which choose every out-of-sample setting: the ridge, the recovery length) share no
-token with the windows the solvers fit. Evaluation uses non-overlapping windows from the start
-of the held-out stream; probe windows (a held-out layer error that no statistic ever sees) are
-cut from its end, so the two never share a token. Of the held-out windows' statistics no
-decision sees anything: masks and heads are chosen from the fit windows alone, the held-out
-windows then choose the refit's settings, and the final refit uses all windows
-(`solvers.stats.ActStats.fit`).
+chosen (with a BOS, slots of `seqlen - 1` tokens, below). So no two windows share a token,
+and the held-out windows (`heldout_windows`: the last 1/8 of them) share no token with the
+fit windows. No decision sees the held-out windows: masks and heads are chosen from the fit
+windows alone; the held-out windows then choose every out-of-sample setting for that mask
+(the ridge, the drift alpha, the recovery length), and the final refit uses all windows
+(`solvers.stats.ActStats.fit`). Evaluation uses non-overlapping windows from the start of the
+held-out stream; probe windows (a held-out layer error that no statistic ever sees) are cut
+from its end, so the two never share a token.
 
 Beginning of sequence (`bos_token`): every window of every kind (calibration, held-out,
 probe, perplexity) starts with the tokenizer's BOS token when the tokenizer adds one by

@@ -178,6 +178,7 @@ class SpapSolver(RefitOptions, OutputWeighting):
         # the decision sees the fit windows only (stats.ActStats.fit); the refit all of them
         fit = problem.stats.fit(dtype=dt)
         h = damp(fit.gram, self.damp)  # (n, n)
+        fit.gram = None  # (the decision reads h, and fit's norms only)
         hinv = spd_inverse(h)
         # (with out_weight=fisher the decision ranks masks by the loss-weighted error; the refit
         # is the same for every output weighting, weighting.py)

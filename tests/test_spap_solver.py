@@ -209,7 +209,8 @@ def test_recovery_stops_before_it_overfits():
     rises past the start. The held-out choice keeps an early epoch, and the returned weights
     are measurably better held out than those of the last epoch; without the choice (the
     weights of the last epoch) this fails."""
-    prob, _, _ = _gated_problem(p=328, d=24, n=32, seed=1, n_val=200)
+    # (seed 3: with the mask chosen on the fit tokens alone, seed 1 no longer overfits by 5%)
+    prob, _, _ = _gated_problem(p=328, d=24, n=32, seed=3, n_val=200)
     epochs = 12
     dec = get_solver("spap", recovery_epochs=epochs, recovery_lr=0.02,
                      recovery_steps=8).solve(prob, 16)

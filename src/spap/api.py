@@ -214,7 +214,8 @@ def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, calib_desc=None,
     if run_dir is not None:
         settings = {
             "layout": "memory" if source is IN_MODEL else "shards",
-            "calibration": {k: calib_desc.get(k) for k in ("token_hash", "nsamples", "seqlen")},
+            "calibration": {k: calib_desc.get(k)
+                            for k in ("token_hash", "nsamples", "seqlen", "bos")},
             "probe": probe_desc and probe_desc["token_hash"],
             "method": cfg.method, "options": solver_options(solver), "sparsity": cfg.sparsity,
             "round_to": cfg.round_to, "batch_size": cfg.batch_size,
@@ -406,7 +407,7 @@ def _perplexity(model, tok, cfg: PruneConfig, stream: torch.Tensor) -> dict[str,
     try:
         return perplexity(model, tok, seqlen=cfg.eval_seqlen, windows=cfg.eval_windows,
                           batch_size=cfg.batch_size, stream=stream, progress=cfg.progress,
-                          shard=current())
+                          shard=current(), bos=cfg.bos)
     finally:
         model.to("cpu")
 

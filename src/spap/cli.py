@@ -32,6 +32,14 @@ def _add_calib_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window draw (0)")
+    _add_bos_flag(p)
+
+
+def _add_bos_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bos", default="auto", choices=("auto", "always", "never"),
+                   help="a BOS token in front of every window (calibration and perplexity), "
+                        "which then holds seqlen - 1 text tokens: auto (default: when the "
+                        "tokenizer adds one itself), always, never")
 
 
 def _add_shape_flags(p: argparse.ArgumentParser) -> None:
@@ -126,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window (2048)")
     p.add_argument("--windows", type=int, default=None, help="only the first N windows")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
+    _add_bos_flag(p)
     p.add_argument("--tasks", default=None,
                    help="zero-shot tasks through lm-eval, e.g. piqa,hellaswag,arc_easy")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: items per task")
@@ -301,6 +310,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .data import bos_line
     from .eval.ppl import perplexity
     from .modelio.loading import load_model, resolve_device
 
@@ -312,10 +322,11 @@ def cmd_eval(args) -> int:
     result: dict = {"model": src.spec}
     if not args.no_ppl:
         r = perplexity(model, tok, data=args.data, seqlen=args.seqlen, windows=args.windows,
-                       batch_size=args.batch_size, progress=True)
+                       batch_size=args.batch_size, progress=True, bos=args.bos)
         result.update(r)
         print(f"perplexity {r['ppl']:.3f} on {r['protocol']['windows']} windows of "
-              f"{r['protocol']['seqlen']} tokens ({args.data}, held-out)")
+              f"{r['protocol']['seqlen']} tokens ({args.data}, held-out; "
+              f"{bos_line(r['protocol']['bos'])})")
     if args.tasks:
         from .eval.harness import zero_shot
 

@@ -205,8 +205,8 @@ class _Scorer:
 
     def __init__(self, tokenizer, device: torch.device, seqlen: int, windows: int | None,
                  batch_size: int, progress: bool, text: tuple[str, torch.Tensor, str | None],
-                 also: dict[str, tuple[torch.Tensor, str | None]]) -> None:
-        self.tokenizer, self.device, self.progress = tokenizer, device, progress
+                 also: dict[str, tuple[torch.Tensor, str | None]], bos: str = "auto") -> None:
+        self.tokenizer, self.device, self.progress, self.bos = tokenizer, device, progress, bos
         self.seqlen, self.windows, self.batch_size = seqlen, windows, batch_size
         self.text, self.others = text, also
 
@@ -215,7 +215,7 @@ class _Scorer:
 
         r = perplexity(m.to(self.device), self.tokenizer, data=data, seqlen=self.seqlen,
                        windows=self.windows, batch_size=self.batch_size, device=self.device,
-                       stream=stream, progress=self.progress)
+                       stream=stream, progress=self.progress, bos=self.bos)
         if split is not None:
             r["protocol"]["split"] = split
         return r
@@ -327,6 +327,7 @@ def compare(
     dense_copy: str = "auto",
     also_eval: dict[str, tuple[torch.Tensor, str]] | None = None,
     resume: bool = False,
+    bos: str = "auto",
 ) -> dict[str, Any]:
     """Prune a copy of the dense `model` (left untouched, on the CPU) with every variant at
     every sparsity and score it on the same evaluation windows.
@@ -351,6 +352,9 @@ def compare(
     every record also get a perplexity there, on the same window size and count
     (`dense_ppl_also`, each record's `ppl_also`; protocols under `protocol.also_eval`).
 
+    `bos` ("auto", "always", "never") puts a BOS token in front of every perplexity window
+    (data.py); `calib_ids` and `probe_ids` are drawn with the same setting by the caller.
+
     `resume` (needs `json_path`) makes a killed comparison continuable: every prune keeps its
     finished layers in a run folder beside the JSON (`.<json name>.spap-partial/<variant>-
     <sparsity>`, removed once its record is written), and a call with the same arguments
@@ -369,7 +373,7 @@ def compare(
     dense = model.to("cpu")
     also = also_eval or {}
     scorer = _Scorer(tokenizer, device, eval_seqlen, eval_windows, batch_size, progress,
-                     (eval_data, eval_stream, eval_split), also)
+                     (eval_data, eval_stream, eval_split), also, bos)
     score, score_also = scorer.main, scorer.also
 
     mode = choose_dense_copy(dense_copy, weight_bytes(dense), reload is not None)
@@ -568,7 +572,8 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def split_probes(
-    stream: torch.Tensor, n_probe: int, seqlen: int, eval_seqlen: int, eval_windows: int | None
+    stream: torch.Tensor, n_probe: int, seqlen: int, eval_seqlen: int, eval_windows: int | None,
+    bos: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any] | None]:
     """Cut `n_probe` windows of `seqlen` tokens off the end of the evaluation stream; return
     (the stream perplexity is computed on, the probe ids, their description).
@@ -576,15 +581,18 @@ def split_probes(
     Perplexity windows come from the start, so they stay what they were when `eval_windows`
     fit before the probes (refused otherwise); with all windows (`eval_windows` None) the
     evaluation stream is shortened to end where the probes begin, leaving at least one window.
+    `bos`: the token in front of every window, or None (data.py).
     """
-    from .data import probe_windows
+    from .data import probe_windows, text_tokens
 
     if n_probe == 0:
         return stream, None, None
     total = stream.numel()
-    skip = eval_seqlen * (1 if eval_windows is None else min(eval_windows, total // eval_seqlen))
-    probe = probe_windows(stream, n_probe, seqlen, skip)
-    start = total - probe.numel()
+    per = text_tokens(eval_seqlen, 1, bos)  # stream tokens per perplexity window
+    skip = text_tokens(eval_seqlen, 1 if eval_windows is None else min(eval_windows,
+                                                                        total // per), bos)
+    probe = probe_windows(stream, n_probe, seqlen, skip, bos)
+    start = total - text_tokens(seqlen, n_probe, bos)
     desc = {"position": "the end of the evaluation stream, after every perplexity window",
             "start_token": start, "stream_tokens": total, "eval_stream_tokens": start}
     return stream[:start], probe, desc
@@ -593,13 +601,13 @@ def split_probes(
 def run_cli(args) -> int:
     """`spap compare` (flags in cli.build_parser): validate everything, load once, compare."""
     from .config import CalibConfig
-    from .data import calibration_ids, load_text, tokenize
+    from .data import bos_line, bos_token, calibration_ids, load_text, tokenize
     from .modelio.loading import load_model, resolve_device
 
     # Everything that can be checked without the model is checked first.
     variants = parse_variants(args.methods, args.option)
     sparsities = parse_sparsities(args.sparsities)
-    ccfg = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed)
+    ccfg = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed, args.bos)
     ccfg.validate()
     if args.eval_seqlen < 2:
         raise SpapError(f"--eval-seqlen must be at least 2, got {args.eval_seqlen}")
@@ -627,7 +635,8 @@ def run_cli(args) -> int:
     eval_text = load_text(args.eval_data, "test")
     stream = tokenize(tok, eval_text)
     eval_stream, probe_ids, probe_desc = split_probes(
-        stream, n_probe, args.seqlen, args.eval_seqlen, args.eval_windows
+        stream, n_probe, args.seqlen, args.eval_seqlen, args.eval_windows,
+        bos_token(tok, args.bos)
     )
     if probe_desc is not None:
         probe_desc = {"source": args.eval_data, "split": eval_text.split, **probe_desc}
@@ -644,9 +653,12 @@ def run_cli(args) -> int:
         batch_size=args.batch_size, round_to=args.round_to, json_path=args.json, progress=True,
         probe_ids=probe_ids, probe_desc=probe_desc, save_dir=args.save_models,
         reload=reload, dense_copy=args.dense_copy, also_eval=also, resume=args.resume,
+        bos=args.bos,
     )
     print()
     print(format_table(result))
+    print(f"\nprotocol: {bos_line(result['protocol']['eval']['bos'])}; each window holds "
+          f"{result['protocol']['eval']['seqlen']} tokens")
     for src, ppl in result.get("dense_ppl_also", {}).items():
         print(f"\n{src}: dense {ppl:.4g}; " + ", ".join(
             f"{r['method']} @ {r['sparsity']:g} {r['ppl_also'][src]:.4g}"

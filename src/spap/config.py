@@ -19,6 +19,13 @@ OFFLOAD_MODES = ("auto", "cpu", "device")
 #: how --params splits its budget (driver/budget.py), and what it counts
 PARAMS_SPLITS = ("auto", "mlp", "heads", "kv")
 PARAMS_OF = ("all", "non-embedding")
+#: --bos: the tokenizer's own default, a BOS in front of every window, or none (data.py)
+BOS_MODES = ("auto", "always", "never")
+
+
+def check_bos(mode: str) -> None:
+    if mode not in BOS_MODES:
+        raise SpapError(f"--bos must be one of {', '.join(BOS_MODES)}, got '{mode}'")
 
 
 @dataclass
@@ -29,8 +36,11 @@ class CalibConfig:
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
+    # a BOS token in front of every window: "auto" (as the tokenizer does), "always", "never"
+    bos: str = "auto"
 
     def validate(self) -> None:
+        check_bos(self.bos)
         if self.nsamples < 1:
             raise SpapError(f"--nsamples must be at least 1, got {self.nsamples}")
         if self.seqlen < 2:
@@ -62,6 +72,9 @@ class PruneConfig:
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
+    # a BOS token in front of every window (calibration and perplexity): "auto" (when the
+    # tokenizer adds one by itself), "always", "never" (data.py)
+    bos: str = "auto"
     # where it computes: None is the model's own device for spap.prune, "auto" otherwise
     device: str | None = None
     dtype: str = "auto"
@@ -97,7 +110,7 @@ class PruneConfig:
 
     @property
     def calibration(self) -> CalibConfig:
-        return CalibConfig(self.calib, self.nsamples, self.seqlen, self.seed)
+        return CalibConfig(self.calib, self.nsamples, self.seqlen, self.seed, self.bos)
 
     def validate(self) -> None:
         _check_fraction("sparsity", self.sparsity, 0.3)

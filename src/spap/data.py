@@ -21,11 +21,23 @@ rest the calibration part.
 Calibration windows are `nsamples` windows of `seqlen` tokens of the calibration stream at
 random, seeded positions (as GPTQ, SparseGPT and Wanda do), but drawn **without overlap**: the
 stream is cut into consecutive slots of `seqlen` tokens and `nsamples` distinct slots are
-chosen. So no two windows share a token, and the held-out windows (`heldout_windows`: the last
-1/8 of them, which choose every out-of-sample setting: the ridge, the recovery length) share no
-token with the windows the solvers fit. Evaluation uses non-overlapping windows from the start
-of the held-out stream; probe windows (a held-out layer error that no statistic ever sees) are
-cut from its end, so the two never share a token.
+chosen (with a BOS, slots of `seqlen - 1` tokens, below). So no two windows share a token,
+and the held-out windows (`heldout_windows`: the last 1/8 of them) share no token with the
+fit windows. No decision sees the held-out windows: masks and heads are chosen from the fit
+windows alone; the held-out windows then choose every out-of-sample setting for that mask
+(the ridge, the drift alpha, the recovery length), and the final refit uses all windows
+(`solvers.stats.ActStats.fit`). Evaluation uses non-overlapping windows from the start of the
+held-out stream; probe windows (a held-out layer error that no statistic ever sees) are cut
+from its end, so the two never share a token.
+
+Beginning of sequence (`bos_token`): every window of every kind (calibration, held-out,
+probe, perplexity) starts with the tokenizer's BOS token when the tokenizer adds one by
+itself (`tokenizer("x")` starts with it: Llama 3, Gemma), as the model sees text in use;
+`--bos always` or `never` overrides that. A window keeps its length `seqlen`: with a BOS it
+carries `seqlen - 1` tokens of text, so shapes and memory stay as configured. The text is
+cut from one stream tokenized without special tokens, the BOS then put in front of each
+window; perplexity scores every text token of a window after its first position (with a BOS,
+the first text token too), never the BOS itself.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ from pathlib import Path
 import torch
 
 from .assets import lambada_requests, wiki_json
+from .config import check_bos
 from .errors import SpapError
 
 WIKI = "wiki-offline"
@@ -165,15 +178,70 @@ def tokenize(tokenizer, text: Text) -> torch.Tensor:
     return ids[0]
 
 
+def bos_token(tokenizer, mode: str = "auto") -> int | None:
+    """The token put in front of every window (module docstring), or None. `auto`: the BOS
+    when the tokenizer's default encoding of a text starts with it and the encoding without
+    special tokens does not; `always`: the tokenizer's BOS (refused when it has none);
+    `never`: None."""
+    check_bos(mode)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if mode == "never":
+        return None
+    if mode == "always":
+        if bos is None:
+            raise SpapError("--bos always: the tokenizer has no BOS token; use --bos auto or "
+                            "never")
+        return int(bos)
+    if bos is None:
+        return None
+    default = list(tokenizer("x").input_ids)
+    plain = list(tokenizer("x", add_special_tokens=False).input_ids)
+    return int(bos) if len(default) > len(plain) and default[0] == bos else None
+
+
+def bos_description(mode: str, bos: int | None) -> dict:
+    """What the reports say about the BOS of the windows."""
+    return {"setting": mode, "token_id": bos,
+            "window": ("the BOS token, then seqlen - 1 text tokens" if bos is not None
+                       else "seqlen text tokens, no BOS")}
+
+
+def bos_line(desc: dict) -> str:
+    """`bos_description` in words, for the protocol lines the commands print."""
+    how = f"--bos {desc['setting']}"
+    if desc["token_id"] is None:
+        return f"no BOS token ({how})"
+    return f"BOS token {desc['token_id']} in front of every window ({how})"
+
+
+def _text_len(seqlen: int, bos: int | None) -> int:
+    """Tokens of text in a window of `seqlen` (one fewer with a BOS in front)."""
+    return seqlen - (bos is not None)
+
+
+def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """`windows` (w, L) with `bos` put in front of each: (w, L + 1); unchanged without one."""
+    if bos is None:
+        return windows
+    return torch.cat([windows.new_full((windows.shape[0], 1), bos), windows], 1)
+
+
 def calibration_windows(
-    stream: torch.Tensor, nsamples: int, seqlen: int, seed: int
+    stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None = None
 ) -> torch.Tensor:
     """`nsamples` windows of `seqlen` tokens at random positions, no two sharing a token:
-    (nsamples, seqlen) int64. The stream is cut into consecutive slots of `seqlen` tokens, and
-    `nsamples` distinct slots are drawn with a seeded generator (a random offset of the slot
-    grid, below `seqlen`, varies the cut points with the seed)."""
+    (nsamples, seqlen) int64. The stream is cut into consecutive slots of `seqlen` tokens (of
+    `seqlen - 1` when a `bos` token goes in front of each window), and `nsamples` distinct
+    slots are drawn with a seeded generator (a random offset of the slot grid, below the slot
+    length, varies the cut points with the seed)."""
     if nsamples < 1 or seqlen < 2:
         raise SpapError("--nsamples must be >= 1 and --seqlen >= 2")
+    out = _calibration_slots(stream, nsamples, _text_len(seqlen, bos), seed)
+    return _with_bos(out, bos)
+
+
+def _calibration_slots(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int
+                       ) -> torch.Tensor:
     need = nsamples * seqlen
     if stream.numel() < need:
         raise SpapError(
@@ -198,25 +266,37 @@ def heldout_windows(nsamples: int) -> int:
     return max(1, min(nsamples - 1, round(nsamples * HELDOUT_SHARE)))
 
 
-def eval_windows(stream: torch.Tensor, seqlen: int, windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows from the start of the stream: (w, seqlen). The tail is dropped."""
-    total = stream.numel() // seqlen
+def eval_windows(stream: torch.Tensor, seqlen: int, windows: int | None = None,
+                 bos: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows from the start of the stream: (w, seqlen), each `bos` and
+    `seqlen - 1` text tokens when a `bos` is given. The tail is dropped."""
+    text = _text_len(seqlen, bos)
+    total = stream.numel() // text if text > 0 else 0
     if total == 0:
         raise SpapError(
-            f"evaluation text has {stream.numel()} tokens, fewer than --seqlen {seqlen}"
+            f"evaluation text has {stream.numel()} tokens, fewer than the {text} a window of "
+            f"--seqlen {seqlen} holds"
         )
     w = total if windows is None else min(windows, total)
-    return stream[: w * seqlen].view(w, seqlen)
+    return _with_bos(stream[: w * text].view(w, text), bos)
 
 
-def probe_windows(stream: torch.Tensor, nsamples: int, seqlen: int, skip: int) -> torch.Tensor:
+def text_tokens(seqlen: int, windows: int, bos: int | None = None) -> int:
+    """How many tokens of the stream `windows` windows of `seqlen` hold."""
+    return windows * _text_len(seqlen, bos)
+
+
+def probe_windows(stream: torch.Tensor, nsamples: int, seqlen: int, skip: int,
+                  bos: int | None = None) -> torch.Tensor:
     """`nsamples` non-overlapping windows of `seqlen` tokens from the end of the stream:
-    (nsamples, seqlen), in stream order. Taken from the end because perplexity windows come
-    from the start; refused unless the first `skip` tokens (those evaluation uses) stay clear.
+    (nsamples, seqlen), in stream order (with a `bos` in front of `seqlen - 1` text tokens
+    each, when given). Taken from the end because perplexity windows come from the start;
+    refused unless the first `skip` tokens (those evaluation uses) stay clear.
     """
-    if nsamples < 1 or seqlen < 1:
+    if nsamples < 1 or seqlen < 1 or _text_len(seqlen, bos) < 1:
         raise SpapError(f"probe windows need a count >= 1 and a length >= 1, got {nsamples} x "
                         f"{seqlen}")
+    seqlen = _text_len(seqlen, bos)
     need = nsamples * seqlen
     start = stream.numel() - need
     if start < skip:
@@ -225,7 +305,7 @@ def probe_windows(stream: torch.Tensor, nsamples: int, seqlen: int, skip: int) -
             f"tokens from its end would overlap the first {skip} tokens used for perplexity; "
             f"lower --probe-windows (0 disables them) or --eval-windows, or give more text"
         )
-    return stream[start:].reshape(nsamples, seqlen)
+    return _with_bos(stream[start:].reshape(nsamples, seqlen), bos)
 
 
 def token_hash(ids: torch.Tensor) -> str:
@@ -238,7 +318,9 @@ def calibration_ids(tokenizer, calib) -> tuple[torch.Tensor, dict]:
     the report."""
     text = load_text(calib.source, "calib")
     stream = tokenize(tokenizer, text)
-    ids = calibration_windows(stream, calib.nsamples, calib.seqlen, calib.seed)
+    mode = getattr(calib, "bos", "auto")
+    bos = bos_token(tokenizer, mode)
+    ids = calibration_windows(stream, calib.nsamples, calib.seqlen, calib.seed, bos)
     desc = {
         "source": text.source,
         "split": text.split,
@@ -250,8 +332,10 @@ def calibration_ids(tokenizer, calib) -> tuple[torch.Tensor, dict]:
         "token_hash": token_hash(ids),
         "windows_overlap": False,
         "heldout_windows": heldout_windows(calib.nsamples),
-        "heldout_rule": "the last windows (1/8), never fit; they choose the ridge and the "
-                        "recovery length",
+        "heldout_rule": "the last windows (1/8): no decision sees them; they choose the "
+                        "ridge, the drift alpha and the recovery length, and the final refit "
+                        "uses all windows",
+        "bos": bos_description(mode, bos),
     }
     return ids, desc
 

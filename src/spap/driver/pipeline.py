@@ -19,8 +19,9 @@ Only the current layer sits on the compute device; the rest of the model stays w
 
 Held-out calibration windows: the last `data.heldout_windows(nsamples)` windows (1/8) are
 batched apart from the others, so every batch is either fit or held out; their statistics
-(`ActStats.gram_heldout`) and their rows of the recovery inputs (`LayerProblem.heldout_tokens`)
-let a solver choose a setting out of sample. Windows never overlap (`data.calibration_windows`),
+(the held-out parts of `ActStats`) and their rows of the recovery inputs
+(`LayerProblem.heldout_tokens`) let a solver choose a setting out of sample, for a mask chosen
+from the fit windows alone (`ActStats.fit`). Windows never overlap (`data.calibration_windows`),
 so held-out and fit tokens are disjoint.
 
 Memory: the calibration and probe inputs of the current layer live in an `ActivationStore`, on

@@ -2,9 +2,12 @@
 
 Protocol (recorded in every result): the evaluation text is tokenized as one stream without
 special tokens, cut into non-overlapping windows of `seqlen` tokens from its start (the tail
-shorter than a window is dropped), optionally only the first `windows` of them; each window is
-scored independently (no context carried over) and perplexity is exp of the mean token
-negative log-likelihood over all predicted tokens (seqlen - 1 per window). This is the
+shorter than a window is dropped), optionally only the first `windows` of them; where the
+model's tokenizer adds a BOS token (or `bos="always"`), each window is the BOS and
+`seqlen - 1` text tokens (data.py). Each window is scored independently (no context carried
+over) and perplexity is exp of the mean token negative log-likelihood over all predicted
+tokens (seqlen - 1 per window: every token after the window's first position, so with a BOS
+every text token, the first one predicted from the BOS alone, and never the BOS). This is the
 GPTQ / SparseGPT / Wanda WikiText-2 protocol, applied by default to the held-out part of the
 offline Wikipedia text.
 """
@@ -17,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..data import eval_windows, load_text, token_hash, tokenize
+from ..data import bos_description, bos_token, eval_windows, load_text, token_hash, tokenize
 from ..distributed import Shard
 
 
@@ -64,18 +67,21 @@ def perplexity(
     progress: bool = False,
     stream: torch.Tensor | None = None,
     shard: Shard | None = None,
+    bos: str = "auto",
 ) -> dict:
     """Perplexity of `model` on the held-out text of `data`; returns the value and protocol.
 
     `stream` (pre-tokenized evaluation ids) skips tokenization when evaluating several models.
     `shard`: in a data-parallel run every rank scores its own whole batches of the windows and
     the sums are added over the ranks, so each rank returns the perplexity of all of them.
+    `bos`: "auto", "always" or "never", a BOS token in front of every window (data.py).
     """
     text = None
+    bos_id = bos_token(tokenizer, bos)
     if stream is None:
         text = load_text(data, "test")
         stream = tokenize(tokenizer, text)
-    w = eval_windows(stream, seqlen, windows)
+    w = eval_windows(stream, seqlen, windows, bos_id)
     t0 = time.perf_counter()
     if shard is None or not shard.distributed:
         ppl = perplexity_of_windows(model, w, batch_size=batch_size, device=device,
@@ -95,6 +101,7 @@ def perplexity(
             "windows": int(w.shape[0]),
             "tokens_scored": int(w.shape[0] * (seqlen - 1)),
             "overlap": "none (independent windows)",
+            "bos": bos_description(bos, bos_id),
             "token_hash": token_hash(w),
         },
         "seconds": time.perf_counter() - t0,

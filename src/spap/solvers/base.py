@@ -28,6 +28,9 @@ class LayerProblem:
     per-channel biases, for the roles that have one; `act` the nonlinearity, so that
     X = act(a gate^T + b_gate) * (a up^T + b_up) (gated: `linear_key` names the entry that
     enters linearly) or X = act(a up^T + b_up).
+    `stats` sum over all calibration windows and keep the held-out windows' part apart: a
+    decision (the mask) reads `stats.fit()` only, the fit windows' statistics; the refit
+    reads `stats` (its settings chosen on the held-out part, then solved on all windows).
     `inputs` and `targets` are only filled for solvers with `needs_inputs`: the MLP inputs a
     (tokens, d) and the dense layer's output on them (tokens, m), in the activations' dtype;
     their last `heldout_tokens` rows are the held-out calibration windows (the same windows as

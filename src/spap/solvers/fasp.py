@@ -44,8 +44,9 @@ class FaspSolver(RefitOptions, OutputWeighting):
         w0 = problem.w_down.to(torch.float64)  # (m, n)
         n = w0.shape[1]
         # (with out_weight=fisher the score reads R W0, weighting.py)
-        keep = top_k_keep(wanda_sp_scores(self.decision_rows(w0, problem), problem.stats.norm),
-                          n_keep)
+        # (the fit windows' norms: decisions never see the held-out ones, stats.ActStats.fit)
+        norm = problem.stats.fit(gram=False).norm
+        keep = top_k_keep(wanda_sp_scores(self.decision_rows(w0, problem), norm), n_keep)
         if n_keep == n:  # nothing removed: the dense weights are already the best fit
             return Decision(keep=keep, w_down=w0, info={"rel_error": 0.0})
         w, info = self.refit_kept(w0, problem.stats, keep)  # (m, k)

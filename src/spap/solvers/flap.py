@@ -61,7 +61,9 @@ class FlapSolver:
         w_down = problem.w_down.to(torch.float64)  # (m, n)
         n = w_down.shape[1]
         stats = problem.stats
-        keep = top_k_keep(flap_scores(w_down, stats.var), n_keep)
+        # the choice from the fit windows alone (stats.ActStats.fit); the compensation, a fit,
+        # from all windows
+        keep = top_k_keep(flap_scores(w_down, stats.fit(gram=False).var), n_keep)
         pruned = complement(keep, n)
         w = w_down[:, keep]  # (m, k)
         b_new = None

@@ -51,6 +51,7 @@ from .refit import (
     complement,
     damp,
     mask_error,
+    refit_down,
     relative_error,
     scatter_columns,
     spd_inverse,
@@ -366,18 +367,22 @@ class HeadSolver(RefitOptions):
         if (self.method == "obs" or self.refits) and gram is None:
             raise ValueError("head pruning by obs, or with the refit, needs the Gram matrix")
         info: dict[str, Any] = {"method": self.method}
-        h_damped = damp(gram.to(w0), self.damp) if gram is not None else None
-        keep, w_obs = self._decide(w0, stats, h_damped, lay, kpg, kvk, info)
+        # the decision sees the fit windows only (stats.ActStats.fit); the refit all of them
+        fit = stats.fit(gram=gram is not None)
+        h_fit = damp(fit.gram.to(w0), self.damp) if gram is not None else None
+        keep, w_obs = self._decide(w0, fit, h_fit, lay, kpg, kvk, info)
         keep_kv = torch.unique(keep // lay.group_size)
         cols = lay.columns(keep).to(w0.device)
         b_new, shift = None, None
         if self.refits and cols.numel() < lay.width:
-            w, refit_info = self.refit_kept(w0, stats, cols, h_damped)
+            w, refit_info = self.refit_kept(w0, stats, cols)
             w = w.to(torch.float64)
             info.update(refit_info)
             if w_obs is not None and refit_info.get("refit") == "exact":
-                scale = float(w.abs().max()) or 1.0
-                info["obs_refit_gap"] = float((w_obs - w).abs().max()) / scale
+                # the OBS weights equal the exact refit on the Gram the decision saw
+                want = refit_down(w0, h_fit, cols)  # (m, k*hd)
+                scale = float(want.abs().max()) or 1.0
+                info["obs_refit_gap"] = float((w_obs - want).abs().max()) / scale
         else:
             w = w0[:, cols]  # (m, k*hd)
             if self.adds_o_bias and cols.numel() < lay.width:

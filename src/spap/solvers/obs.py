@@ -173,16 +173,21 @@ class ObsSolver(RefitOptions, OutputWeighting):
             keep = torch.arange(n, device=w64.device)
             return Decision(keep=keep, w_down=w64, info={"rel_error": 0.0, "obs_refit_gap": 0.0})
         w0 = w64.to(getattr(torch, self.solve_dtype))  # (m, n)
-        h = damp(problem.stats.gram.to(w0), self.damp)  # (n, n)
+        # the decision sees the fit windows only (stats.ActStats.fit)
+        h_fit = damp(problem.stats.fit(dtype=w0.dtype).gram, self.damp)  # (n, n)
         r = self.out_root(problem, w0)  # None, or R of the weighted decision (weighting.py)
         w_dec = w0 if r is None else r @ w0
-        _, keep, w_obs = greedy_obs(w_dec, spd_inverse(h), n - n_keep, self.block, self.buffer)
-        w_exact = refit_down(w0, h, keep)  # (m, k)
-        # what the OBS weights should equal: the exact refit, seen as the decision saw it
-        # (the refit is linear in w0's rows, so R's refit is R times it)
-        want = w_exact if r is None else r @ w_exact
+        _, keep, w_obs = greedy_obs(w_dec, spd_inverse(h_fit), n - n_keep, self.block,
+                                    self.buffer)
+        # what the OBS weights should equal: the exact refit on the Gram the decision saw,
+        # seen as it saw it (the refit is linear in w0's rows, so R's refit is R times it)
+        want = refit_down(w0, h_fit, keep)  # (m, k)
+        want = want if r is None else r @ want
+        del h_fit
         scale = float(want.abs().max()) if want.numel() else 0.0
         gap = float((w_obs - want).abs().max()) / scale if scale > 0 else 0.0
+        h = damp(problem.stats.gram.to(w0), self.damp)  # (n, n), all windows: the final refit
+        w_exact = refit_down(w0, h, keep)  # (m, k)
         w, info = (w_exact, {"refit": "exact"}) if self.refit == "exact" else \
             self.refit_kept(w0, problem.stats, keep, h)
         w = w.to(torch.float64)

@@ -175,12 +175,16 @@ class SpapSolver(RefitOptions, OutputWeighting):
                             problem.w_down.clone(), info={})
         dt = _dtype(self.solve_dtype)
         w0 = problem.w_down.to(dt)  # (m, n)
-        h = damp(problem.stats.gram.to(dt), self.damp)  # (n, n)
+        # the decision sees the fit windows only (stats.ActStats.fit); the refit all of them
+        fit = problem.stats.fit(dtype=dt)
+        h = damp(fit.gram, self.damp)  # (n, n)
+        fit.gram = None  # (the decision reads h, and fit's norms only)
         hinv = spd_inverse(h)
         # (with out_weight=fisher the decision ranks masks by the loss-weighted error; the refit
         # is the same for every output weighting, weighting.py)
-        keep, info = self.decide(self.decision_rows(w0, problem), h, hinv, problem, n_keep)
-        w_k, refit_info = self.refit_kept(w0, problem.stats, keep, h)
+        keep, info = self.decide(self.decision_rows(w0, problem), h, hinv, fit, n_keep)
+        del h, hinv, fit
+        w_k, refit_info = self.refit_kept(w0, problem.stats, keep)
         info.update(refit_info)
         decision = Decision(keep, w_k.to(problem.w_down.dtype), info=info)
         if self.needs_inputs and problem.inputs is not None and problem.targets is not None:
@@ -272,7 +276,9 @@ class SpapSolver(RefitOptions, OutputWeighting):
         decision.w_in = {k: v.to(f64) for k, v in res.w_in.items()}
 
     # ---- decision -----------------------------------------------------------------------
-    def decide(self, w0, h, hinv, problem, n_keep):
+    def decide(self, w0, h, hinv, stats, n_keep):
+        """The mask from the (fit windows') damped Gram h, its inverse and `stats` (the
+        wanda start's norms)."""
         n = w0.shape[1]
         lam = n - n_keep
         d = 1.0 / torch.diagonal(hinv) if self.weights == "obs" else torch.diagonal(h).clone()
@@ -287,7 +293,7 @@ class SpapSolver(RefitOptions, OutputWeighting):
             "uniform": lambda: torch.full((n,), lam / n, dtype=w0.dtype, device=w0.device),
             "obs": lambda: _smallest_indicator((w0 * w0).sum(0) / torch.diagonal(hinv), lam),
             "wanda": lambda: _smallest_indicator(
-                w0.abs().sum(0) * problem.stats.norm.to(w0), lam
+                w0.abs().sum(0) * stats.norm.to(w0), lam
             ),
             "greedy": lambda: indicator(greedy_obs(w0, hinv, lam, block=self.greedy_block)[0]),
         }

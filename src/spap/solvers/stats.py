@@ -4,6 +4,12 @@ The solvers never see activations, only these sums. The n x n Gram matrix H = X 
 expensive one, so it is built only when a solver asks for it. Per-batch products run in the
 activations' dtype (fast on an accelerator) and are summed in float64 so that long calibration
 runs do not lose precision.
+
+Held-out windows (the last calibration windows, `data.heldout_windows`) count into every sum
+and also into a held-out part of each. One rule decides who sees what (`ActStats.fit`):
+a decision (which channels, which heads) reads the statistics of the fit windows alone; the
+held-out windows then choose the settings of the refit (its ridge, the drift alpha, recovery's
+epochs) for a mask they did not help pick; the final refit uses all windows.
 """
 
 from __future__ import annotations
@@ -29,6 +35,26 @@ class ActStats:
     gram_heldout: torch.Tensor | None = None
     # the residual drift this layer inherits, for the drift target (None unless asked for)
     drift: DriftStats | None = None
+    # the held-out windows' parts of count, sum and sqsum (0 and None when none is held out)
+    count_heldout: int = 0
+    sum_heldout: torch.Tensor | None = None  # (n,)
+    sqsum_heldout: torch.Tensor | None = None  # (n,)
+
+    def fit(self, gram: bool = True, dtype: torch.dtype = torch.float64) -> ActStats:
+        """The statistics of the fit windows alone: what every decision reads (the module
+        docstring's rule), the held-out parts taken out of each sum. `gram=False` leaves the
+        Gram out (score methods need the norms only); `dtype` is the Gram's (float64, or the
+        solve dtype, so that no second float64 n x n copy is made). With nothing held out, the
+        sums are those of all windows."""
+        g = None
+        if gram and self.gram is not None:
+            g = self.gram.to(dtype, copy=True)  # (n, n)
+            if self.gram_heldout is not None:
+                g -= self.gram_heldout.to(dtype)
+        if self.count_heldout == 0 or self.sum_heldout is None:
+            return ActStats(self.count, self.sum, self.sqsum, g)
+        return ActStats(self.count - self.count_heldout, self.sum - self.sum_heldout,
+                        self.sqsum - self.sqsum_heldout, g)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -123,9 +149,12 @@ class StatsAccumulator:
             torch.zeros(n, n, dtype=torch.float64, device=self.device) if want_gram else None
         )
         self.gram_heldout: torch.Tensor | None = None
+        self.count_heldout = 0
+        self.sum_heldout: torch.Tensor | None = None
+        self.sqsum_heldout: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, heldout: bool = False) -> None:
-        """Add a batch; `heldout` batches also count into the held-out Gram. A batch of
+        """Add a batch; `heldout` batches also count into the held-out parts. A batch of
         windows (batch, seq, n) is added one window at a time: every product then covers the
         same tokens however the windows were batched (or shared between the ranks of a
         data-parallel run), and only the float64 sums' order can change."""
@@ -140,9 +169,15 @@ class StatsAccumulator:
                 "use --dtype float32 or bfloat16 instead of float16, or check the model weights"
             )
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        s = xf.sum(0).to(self.device, torch.float64)  # (n,)
+        sq = (xf * xf).sum(0).to(self.device, torch.float64)  # (n,)
         self.count += x.shape[0]
-        self.sum += xf.sum(0).to(self.device, torch.float64)
-        self.sqsum += (xf * xf).sum(0).to(self.device, torch.float64)
+        self.sum += s
+        self.sqsum += sq
+        if heldout:
+            self.count_heldout += x.shape[0]
+            self.sum_heldout = s if self.sum_heldout is None else self.sum_heldout + s
+            self.sqsum_heldout = sq if self.sqsum_heldout is None else self.sqsum_heldout + sq
         if self.gram is not None:
             g = gram_of(x, xf).to(self.device, torch.float64)  # (n, n)
             self.gram += g
@@ -150,7 +185,8 @@ class StatsAccumulator:
                 self.gram_heldout = g if self.gram_heldout is None else self.gram_heldout + g
 
     def result(self, drift: DriftStats | None = None) -> ActStats:
-        return ActStats(self.count, self.sum, self.sqsum, self.gram, self.gram_heldout, drift)
+        return ActStats(self.count, self.sum, self.sqsum, self.gram, self.gram_heldout, drift,
+                        self.count_heldout, self.sum_heldout, self.sqsum_heldout)
 
 
 def stats_from_activations(x: torch.Tensor, want_gram: bool = True) -> ActStats:
@@ -184,6 +220,9 @@ def reduce_stats(stats: ActStats, shard: Shard) -> ActStats:
             shard.sum_(t)
     # a rank without held-out windows has no held-out part: it adds zeros
     stats.gram_heldout = _sum_part(shard, stats.gram_heldout, stats.gram)
+    stats.count_heldout = int(shard.sum_float(float(stats.count_heldout), dev))
+    stats.sum_heldout = _sum_part(shard, stats.sum_heldout, stats.sum)
+    stats.sqsum_heldout = _sum_part(shard, stats.sqsum_heldout, stats.sqsum)
     d = stats.drift
     if d is not None:
         shard.sum_(d.cross)

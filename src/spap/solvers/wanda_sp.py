@@ -39,5 +39,7 @@ class WandaSpSolver:
     needs_inputs: ClassVar[bool] = False
 
     def solve(self, problem: LayerProblem, n_keep: int) -> Decision:
-        scores = wanda_sp_scores(problem.w_down.to(torch.float64), problem.stats.norm)
+        # (the fit windows' norms: decisions never see the held-out ones, stats.ActStats.fit)
+        scores = wanda_sp_scores(problem.w_down.to(torch.float64),
+                                 problem.stats.fit(gram=False).norm)
         return prune_without_update(problem, top_k_keep(scores, n_keep))

@@ -199,3 +199,23 @@ def test_nan_statistics_stop_the_solve_with_the_layer(name, options):
     with pytest.raises(SpapError) as e:
         solve_layer(get_solver(name, **options), problem, 6, 1)
     _one_line_naming_layer_one(e)
+
+
+def test_the_retry_is_in_the_layer_record_of_a_run():
+    """A dead channel in layer 0 of a real forward (its gate and up rows zero: it never
+    fires), pruned without damping: the run goes through, and that layer's record, not the
+    other's, says the solve needed more damping."""
+    import spap
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        mlp = model.model.layers[0].mlp
+        mlp.gate_proj.weight[5] = 0
+        mlp.up_proj.weight[5] = 0
+    # (256 tokens for 96 channels: layer 1's Gram has full rank)
+    res = spap.prune(model, calib_ids=random_ids(8, 32, seed=1), sparsity=0.5, method="obs",
+                     method_options={"damp": 0.0, "solve_dtype": "float64"}, batch_size=4)
+    assert res.layers[0].info["damping_retries"]
+    assert "damping_retries" not in res.layers[1].info
+    assert 5 not in res.layers[0].keep
+    assert all(torch.isfinite(p).all() for p in model.parameters())

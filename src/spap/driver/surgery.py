@@ -36,8 +36,9 @@ def solve_layer(solver: Solver, problem: LayerProblem, n_keep: int, index: int) 
 
 
 def check_decision(decision: Decision, n: int, index: int | None = None) -> None:
-    """A one-line SpapError unless the decision keeps a sorted set of the n channels and all
-    its weights are finite."""
+    """A one-line SpapError unless all the decision's weights are finite (the fix is the
+    user's: the model, its dtype, the damping); a RuntimeError, a bug, unless it keeps a
+    sorted set of the n channels with one down-projection column each."""
     where = "a layer" if index is None else f"layer {index}"
     keep = decision.keep
     k = keep.numel()
@@ -45,8 +46,8 @@ def check_decision(decision: Decision, n: int, index: int | None = None) -> None
     if ok:
         ok = int(keep[0]) >= 0 and int(keep[-1]) < n and bool((keep.diff() > 0).all())
     if not ok:
-        raise SpapError(f"{where}: the solver kept {keep.tolist()[:8]}..., not a sorted set "
-                        f"of the layer's {n} channels; this is a bug in the method")
+        raise RuntimeError(f"{where}: the solver kept {keep.tolist()[:8]} (first 8), not a "
+                           f"sorted set of the layer's {n} channels; this is a bug in spap")
     tensors = {"the new down projection": decision.w_down, "its bias": decision.b_down,
                **{f"the new {role} rows": w for role, w in (decision.w_in or {}).items()}}
     for what, t in tensors.items():
@@ -54,8 +55,9 @@ def check_decision(decision: Decision, n: int, index: int | None = None) -> None
             raise SpapError(f"{where}: {what} holds NaN or inf; {NOT_FINITE_FIX}, or, if they "
                             f"are finite, {NOT_DEFINITE_FIX}")
     if decision.w_down.shape[-1] != k:
-        raise SpapError(f"{where}: the new down projection has {decision.w_down.shape[-1]} "
-                        f"columns for {k} kept channels; this is a bug in the method")
+        raise RuntimeError(f"{where}: the new down projection has "
+                           f"{decision.w_down.shape[-1]} columns for {k} kept channels; this "
+                           "is a bug in spap")
 
 
 @torch.no_grad()

@@ -26,9 +26,12 @@ def smollm():
 def test_prune_reload_ppl(smollm, tmp_path):
     """All 30 layers at 30% with SPAP's fast setting (greedy start, refit toward dense) on
     8 x 128 calibration tokens: reloads exactly; against magnitude pruning of a fresh copy
-    with the same settings, every layer's error is at most magnitude's and their mean under a
-    quarter of it (measured: 0.038 against 0.379), and the perplexity is a small multiple of
-    the dense one where magnitude's is not (measured: 45.8 against 313000, dense 22.1)."""
+    with the same settings, every layer's error is at most magnitude's and the perplexity a
+    hundredth of magnitude's (measured: 45.8 against 313000, dense 22.1). Against the reference
+    measured at commit baa9691 on a CPU (mean layer error 0.038, perplexity 2.07 x dense), with a
+    margin for the float order of other machines and small protocol changes: mean error
+    < 0.05 and perplexity < 2.4 x dense, which the same run without its refit of the kept
+    weights fails (mean error 0.093, perplexity 2.59 x dense)."""
     from transformers import AutoModelForCausalLM
 
     model, tok, _ = smollm
@@ -44,7 +47,7 @@ def test_prune_reload_ppl(smollm, tmp_path):
     errors = [r.rel_error for r in res.layers]
     base_errors = [r.rel_error for r in base.layers]
     assert all(e <= b for e, b in zip(errors, base_errors)), list(zip(errors, base_errors))
-    assert sum(errors) < 0.25 * sum(base_errors)
+    assert sum(errors) / len(errors) < 0.05
     base_ppl = perplexity(base_model, tok, seqlen=128, windows=4)["ppl"]
     del base_model
     assert model.config.intermediate_size == 1075
@@ -55,5 +58,5 @@ def test_prune_reload_ppl(smollm, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
     pruned = perplexity(again, tok, seqlen=128, windows=4)["ppl"]
-    assert math.isfinite(pruned) and dense < pruned < 3 * dense, (dense, pruned)
+    assert math.isfinite(pruned) and dense < pruned < 2.4 * dense, (dense, pruned)
     assert pruned < base_ppl / 100, (pruned, base_ppl)

@@ -2,7 +2,10 @@
 
 Each test spawns its ranks with torch.multiprocessing; every rank runs a module-level job and
 saves what it got, and the test compares that with the same job run in this process (no
-process group: one process). Two ranks must give the same masks, and weights and logits equal
+process group: one process). The one-process reference runs at the ranks' thread count (one),
+whatever this process was started with: torch's CPU kernels split their sums by thread, so at
+another count the float32 products differ in their last bits before any rank adds anything.
+Two ranks must give the same masks, and weights and logits equal
 to float tolerance (the sums only change their order); uneven shares must give the same sums;
 only rank 0 may write; an interrupted run must resume to the same model.
 """
@@ -26,8 +29,22 @@ from conftest import byte_tokenizer, random_ids, tiny_model
 N_WINDOWS, SEQLEN = 16, 24
 
 
+#: the threads of every spawned rank, and of the one-process reference beside them
+RANK_THREADS = 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _rank_threads():
+    """This module's one-process runs at the ranks' thread count, restored afterwards
+    (autouse at module scope: set before the module's other fixtures run their reference)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(RANK_THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str, job, args) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(RANK_THREADS)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
     try:

@@ -333,11 +333,15 @@ def test_float32_solve_matches_float64():
 
 
 def test_ridge_walk_finds_grid_minimum():
-    """The downhill walk over the ridge grid ends at the minimum of the full grid, with
-    fewer evaluations, on layers whose held-out error is U-shaped in the ridge."""
+    """The downhill walk over the ridge grid ends at the minimum of the full grid, on layers
+    whose held-out error is U-shaped in the ridge, and evaluates exactly the points of a walk:
+    from the grid's middle to that minimum, and one neighbour on either side of the two (the
+    evidence that each step went downhill and that the end is a minimum), nothing more."""
     from spap.solvers.refit import heldout_errors_toward_dense
 
     grid = [0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10]
+    start = len(grid) // 2
+    ends = set()
     for seed in range(6):
         x, w0 = random_layer(24, m=8, p=60, seed=40 + seed)  # few tokens: the refit overfits
         fit, val = x[:40], x[40:]
@@ -346,8 +350,12 @@ def test_ridge_walk_finds_grid_minimum():
         walk = heldout_errors_toward_dense(w0, fit.T @ fit, val.T @ val, keep, grid, "walk")
         for lam, e in walk.items():
             assert abs(e - full[lam]) < 1e-12
-        assert min(walk, key=walk.get) == min(full, key=full.get)
-        assert len(walk) <= len(full)
+        best = grid.index(min(full, key=full.get))
+        assert min(walk, key=walk.get) == grid[best]
+        lo, hi = max(0, min(start, best) - 1), min(len(grid) - 1, max(start, best) + 1)
+        assert sorted(walk) == grid[lo:hi + 1]
+        ends.add(best)
+    assert ends != {start}  # some layers' minimum is away from where the walk starts
 
 
 def test_default_decision_is_the_greedy_obs_mask():

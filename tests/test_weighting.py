@@ -186,10 +186,16 @@ def test_the_driver_hands_each_layer_the_dense_models_fisher_on_the_fit_windows(
 
 
 def test_recovery_weight_alone_makes_the_driver_collect_the_fisher(monkeypatch):
+    """recovery_weight=fisher (the decision unweighted) still hands every layer the dense
+    model's output Fisher on the fit windows, the one checked against the gradients above."""
+    import copy
+
     import spap
+    from spap.data import heldout_windows
     from spap.solvers.spap import SpapSolver
 
     model = tiny_model("llama")
+    dense = copy.deepcopy(model)
     ids = random_ids(8, 16, seed=5)
     seen = []
     orig = SpapSolver.solve
@@ -197,7 +203,12 @@ def test_recovery_weight_alone_makes_the_driver_collect_the_fisher(monkeypatch):
                         lambda self, pr, k: seen.append(pr.out_weight) or orig(self, pr, k))
     spap.prune(model, calib_ids=ids, sparsity=0.5, method="spap", batch_size=2,
                method_options={"recovery_weight": "fisher", "recovery_epochs": 1})
-    assert seen and all(g is not None and g.shape == (g.shape[0], g.shape[0]) for g in seen)
+    n_fit = ids.shape[0] - heldout_windows(ids.shape[0])
+    want = output_fisher(dense, get_adapter(dense.config), ids[:n_fit], batch_size=2)
+    assert len(seen) == len(want)
+    for got, g in zip(seen, want):
+        assert got is not None
+        torch.testing.assert_close(got, g, rtol=1e-5, atol=1e-9)
 
 
 def test_low_memory_refuses_the_fisher_and_writes_nothing(tmp_path, text_file):

@@ -67,7 +67,7 @@ from .activations import ActivationStore, StopForward, choose_offload, tensor_by
 from .heads import prune_layer_heads
 from .records import LayerRecord, n_keep_for
 from .stores import IN_MODEL, LayerSink, LayerSource
-from .surgery import apply_decision
+from .surgery import apply_decision, solve_layer
 
 log = logging.getLogger(__name__)
 
@@ -543,7 +543,7 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
         if drift:
             problem.drift = torch.cat(drifts)  # (p, m), the same rows as targets
         del inputs, targets, dense_targets, drifts
-    decision = solver.solve(problem, k)
+    decision = solve_layer(solver, problem, k, index)
     _broadcast_decision(shard, decision)
     del problem
     t2 = time.perf_counter()
@@ -552,7 +552,7 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     dense = {name: copy.deepcopy(lin) for name, lin in ins.items()}
     dense_down = copy.deepcopy(down)
     act = adapter.activation(layer)
-    apply_decision(adapter, layer, decision)
+    apply_decision(adapter, layer, decision, index)
 
     # replay, measuring the MLP's relative error on the same inputs; then the probes, into
     # their own sums

@@ -13,6 +13,8 @@ class LayerRecord:
     kept: int
     rel_error: float  # ||mlp_pruned(a) - mlp_dense(a)||^2 / ||mlp_dense(a)||^2 on calibration
     seconds: dict[str, float]
+    # the solver's own figures (its JSON-able `Decision.info`), and `damping_retries` when a
+    # solve was not positive definite and was retried with more damping (surgery.solve_layer)
     info: dict[str, Any] = field(default_factory=dict)
     keep: list[int] = field(default_factory=list)
     # the same ratio on the probe windows (never fitted on); None when no probes were given

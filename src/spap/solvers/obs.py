@@ -35,6 +35,12 @@ against it); a step then costs one pass over W (m x r) and over the buffer.
 `block` > 1 removes the `block` columns with the smallest saliency at once, with their joint
 compensation (a rank-`block` update through the Cholesky factor of Hinv[B, B]): fewer, larger
 steps, in the spirit of SlimGPT's batched greedy pruning; block = 1 is exact greedy.
+
+The downdated inverse must stay positive definite: a pivot Hinv_ii <= 0, or a block Hinv[B, B]
+without a Cholesky factor, would give NaN saliencies and an arbitrary choice. Every step
+records whether its pivot was valid (on the device, no host sync); the flush, which syncs
+anyway, raises `SolveError` if one was not, and the solver then starts again with ten times
+the damping (recorded in the layer's record), up to DAMP_RETRIES times.
 """
 
 from __future__ import annotations
@@ -46,14 +52,24 @@ import torch
 
 from .base import Decision, LayerProblem
 from .refit import (
+    NOT_DEFINITE_FIX,
+    NOT_FINITE_FIX,
     RefitOptions,
+    SolveError,
     damp,
+    note_retry,
     refit_down,
     relative_error,
     scatter_columns,
     spd_inverse,
 )
 from .weighting import OutputWeighting
+
+#: how many times the obs search starts again with ten times the damping after its inverse
+#: Gram lost positive definiteness
+DAMP_RETRIES = 3
+#: the damping of the first retry when the configured damping is zero
+MIN_RETRY_DAMP = 1e-3
 
 
 def greedy_obs(
@@ -63,7 +79,8 @@ def greedy_obs(
 
     Returns (order, keep, w): the removed channels in removal order (n_remove,), the kept
     channels sorted (n - n_remove,), and the OBS-compensated kept weights (m, n - n_remove).
-    Columns removed in the same block appear in order of increasing saliency.
+    Columns removed in the same block appear in order of increasing saliency. Raises
+    SolveError when a pivot of the downdated inverse is not positive (or not finite).
     """
     if block < 1 or buffer < 1:
         raise ValueError(f"block and buffer must be >= 1, got block={block}, buffer={buffer}")
@@ -87,6 +104,8 @@ def greedy_obs(
     colsq = (wf * wf).sum(0)  # (r,) squared column norms of the current W
     gone = torch.zeros(n, dtype=torch.bool, device=dev)  # removed since the last flush
     inf = torch.tensor(float("inf"), dtype=dt, device=dev)
+    bad = torch.zeros((), dtype=torch.bool, device=dev)  # a step had no valid pivot
+    nan = torch.zeros((), dtype=torch.bool, device=dev)  # a step chose a NaN or inf saliency
     order: list[torch.Tensor] = []
     removed = 0
     while removed < n_remove:
@@ -107,11 +126,15 @@ def greedy_obs(
         # Hinv[B, B] = L L^T. Schur downdate: Hinv[:, B] Hinv[B, B]^-1 Hinv[B, :] = u u^T with
         # u = Hinv[:, B] L^-T; OBS update: W[:, B] Hinv[B, B]^-1 Hinv[B, :] = a u^T with
         # a = W[:, B] L^-T (b = 1: L = sqrt(Hinv_ii)).
+        nan |= ~torch.isfinite(saliency[sel]).all()
         if b == 1:
-            s = h_rows[:, sel].sqrt()  # (1, 1)
+            piv = h_rows[:, sel]  # (1, 1) Hinv_ii
+            bad |= ~(piv > 0).all()
+            s = piv.sqrt()
             ut, at, gt = h_rows / s, w_rows / s, g_rows / s  # (1, r), (1, m), (1, r)
         else:
-            chol, _ = torch.linalg.cholesky_ex(h_rows[:, sel])  # (b, b); _ex: no host sync
+            chol, info = torch.linalg.cholesky_ex(h_rows[:, sel])  # (b, b); _ex: no host sync
+            bad |= info != 0
             ut = torch.linalg.solve_triangular(chol, h_rows, upper=False)  # (b, r)
             at = torch.linalg.solve_triangular(chol, w_rows, upper=False)  # (b, m)
             gt = torch.linalg.solve_triangular(chol, g_rows, upper=False)  # (b, r) a^T W
@@ -126,6 +149,13 @@ def greedy_obs(
         n_buf += b
         removed += b
         if n_buf >= buffer or removed == n_remove:
+            if bool(bad | nan):  # (the nonzero below syncs with the host anyway)
+                if bool(nan) and not bool(torch.isfinite(w0).all() & torch.isfinite(hinv).all()):
+                    raise SolveError(f"the OBS search's weights or inverse Gram hold NaN or "
+                                     f"inf; {NOT_FINITE_FIX}")
+                raise SolveError(f"the OBS search's inverse Gram lost positive definiteness "
+                                 f"after removing up to {removed} of {n_remove} columns; "
+                                 f"{NOT_DEFINITE_FIX}")
             # apply the pending updates to the live columns only, and shrink to them
             live = torch.nonzero(~gone).flatten()
             k = live.numel()
@@ -174,11 +204,27 @@ class ObsSolver(RefitOptions, OutputWeighting):
             return Decision(keep=keep, w_down=w64, info={"rel_error": 0.0, "obs_refit_gap": 0.0})
         w0 = w64.to(getattr(torch, self.solve_dtype))  # (m, n)
         # the decision sees the fit windows only (stats.ActStats.fit)
-        h_fit = damp(problem.stats.fit(dtype=w0.dtype).gram, self.damp)  # (n, n)
+        fit_gram = problem.stats.fit(dtype=w0.dtype).gram  # (n, n)
+        if not (bool(torch.isfinite(w0).all()) and bool(torch.isfinite(fit_gram).all())):
+            raise SolveError(f"the down projection or its Gram holds NaN or inf; "
+                             f"{NOT_FINITE_FIX}")
         r = self.out_root(problem, w0)  # None, or R of the weighted decision (weighting.py)
         w_dec = w0 if r is None else r @ w0
-        _, keep, w_obs = greedy_obs(w_dec, spd_inverse(h_fit), n - n_keep, self.block,
-                                    self.buffer)
+        delta = self.damp
+        for retry in range(DAMP_RETRIES + 1):
+            h_fit = damp(fit_gram, delta)  # (n, n)
+            try:
+                _, keep, w_obs = greedy_obs(w_dec, spd_inverse(h_fit), n - n_keep, self.block,
+                                            self.buffer)
+                break
+            except SolveError:
+                if retry == DAMP_RETRIES:
+                    raise SolveError(f"the OBS search's inverse Gram is not positive definite "
+                                     f"even with damp={delta:g}; solve in float64 (--option "
+                                     "solve_dtype=float64)") from None
+                delta = max(10 * delta, MIN_RETRY_DAMP)
+                note_retry({"n": n, "obs_damp": delta})
+        del fit_gram
         # what the OBS weights should equal: the exact refit on the Gram the decision saw,
         # seen as it saw it (the refit is linear in w0's rows, so R's refit is R times it)
         want = refit_down(w0, h_fit, keep)  # (m, k)

@@ -25,16 +25,88 @@ Its target, the option `refit_target`, is shared the same way:
   of the layer's output hidden state against the dense model's
   (`heldout_drift_errors`); alpha = 0 is the layer target, so the choice never ends with a
   larger held-out output error than the layer target's at the same ridge.
+
+Every solve here goes through one Cholesky factorization (`cholesky`): a matrix that should be
+positive definite but is not (a rank-deficient Gram without damping, round-off in float32) is
+retried with more damping, which `damping_log` collects for the layer's record; a matrix that
+holds NaN or inf, or one that no damping tried repairs, raises `SolveError`, which the driver
+turns into a one-line error naming the layer.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 
 log = logging.getLogger(__name__)
+
+#: extra damping tried, in turn, when a Cholesky factorization fails: this times the mean
+#: absolute diagonal of the matrix is added to its diagonal
+EXTRA_DAMPING = (1e-6, 1e-4, 1e-2)
+
+#: the fixes a SolveError names
+NOT_FINITE_FIX = ("the model's weights or its activations on the calibration text are not "
+                  "finite: check the checkpoint, or load it with --dtype float32")
+NOT_DEFINITE_FIX = "use more damping (--option damp=0.1)"
+
+
+class SolveError(ArithmeticError):
+    """A solve's matrix holds NaN or inf, or is not positive definite even with the extra
+    damping of EXTRA_DAMPING; the message says which and names the fix (the driver adds the
+    layer)."""
+
+
+# The retries of the solves below, for the layer's record. A context variable rather than an
+# argument: the solves sit deep inside every method (and its recovery), and a list passed down
+# through each of them would change every solver's signature for a rare event.
+_RETRIES: ContextVar[list[dict] | None] = ContextVar("spap_damping_retries", default=None)
+
+
+@contextmanager
+def damping_log() -> Iterator[list[dict]]:
+    """Collect every extra damping that the solves inside the block add: one entry per retried
+    factorization ({"n": its size, "extra_damp": the relative damping that worked, ...})."""
+    token = _RETRIES.set([])
+    try:
+        yield _RETRIES.get()
+    finally:
+        _RETRIES.reset(token)
+
+
+def note_retry(entry: dict) -> None:
+    """Record a retry with more damping (for the layer's record) and log it."""
+    log.warning("a solve was not positive definite; retried with more damping: %s", entry)
+    retries = _RETRIES.get()
+    if retries is not None:
+        retries.append(entry)
+
+
+def cholesky(a: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor of symmetric positive definite `a` (n, n), with more damping
+    if the factorization fails (`note_retry`); SolveError if `a` holds NaN or inf, or stays
+    indefinite with the largest extra damping."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return chol
+    n = a.shape[-1]
+    if not bool(torch.isfinite(a).all()):
+        raise SolveError(f"a {n} x {n} solve holds NaN or inf; {NOT_FINITE_FIX}")
+    scale = torch.diagonal(a).abs().mean()
+    if scale <= 0:
+        scale = torch.ones((), dtype=a.dtype, device=a.device)
+    eye = torch.eye(n, dtype=a.dtype, device=a.device)
+    for extra in EXTRA_DAMPING:
+        chol, info = torch.linalg.cholesky_ex(a + extra * scale * eye)
+        if int(info) == 0:
+            note_retry({"n": n, "extra_damp": extra})
+            return chol
+    raise SolveError(f"a {n} x {n} solve is not positive definite even with "
+                     f"{EXTRA_DAMPING[-1]:g} x its mean diagonal added; {NOT_DEFINITE_FIX}")
 
 REFITS = ("exact", "ridge")
 REFIT_TARGETS = ("layer", "drift")
@@ -50,17 +122,12 @@ def damp(h: torch.Tensor, delta: float) -> torch.Tensor:
 
 def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Solve a x = b for symmetric positive definite a, by Cholesky (never forming a^-1)."""
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) != 0:
-        return torch.linalg.solve(a, b)
-    return torch.cholesky_solve(b, chol)
+    return torch.cholesky_solve(b, cholesky(a))
 
 
 def spd_inverse(a: torch.Tensor) -> torch.Tensor:
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) != 0:
-        return torch.linalg.inv(a)
-    return torch.cholesky_inverse(chol)
+    """a^-1 for symmetric positive definite a, by Cholesky."""
+    return torch.cholesky_inverse(cholesky(a))
 
 
 def complement(keep: torch.Tensor, n: int) -> torch.Tensor:

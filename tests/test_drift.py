@@ -47,10 +47,12 @@ def test_drift_equals_dense_state_minus_pruned_layer_output(family, monkeypatch)
     dense = tiny_model(family)
     cut0 = copy.deepcopy(dense)
     monkeypatch.setattr(SpapSolver, "solve", spy)
+    # (float32 products: the reference forwards below are float32)
     spap.prune(copy.deepcopy(dense), calib_ids=calib, sparsity=0.5, layer_limit=2,
-               method_options=opts)
+               method_options=opts, compute="float32")
     # the same layer 0 cut alone (the driver is deterministic), layer 1 still dense
-    spap.prune(cut0, calib_ids=calib, sparsity=0.5, layer_limit=1, method_options=opts)
+    spap.prune(cut0, calib_ids=calib, sparsity=0.5, layer_limit=1, method_options=opts,
+               compute="float32")
     n_held = spap.data.heldout_windows(8)
     fit, held = calib[: 8 - n_held], calib[8 - n_held:]
     ids = torch.cat([fit, held])  # the driver's order: fit windows, then held-out ones

@@ -48,6 +48,7 @@ the decision).
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -174,17 +175,25 @@ class SpapSolver(RefitOptions, OutputWeighting):
             return Decision(torch.arange(n, device=problem.w_down.device),
                             problem.w_down.clone(), info={})
         dt = _dtype(self.solve_dtype)
+        clock = _Clock(problem.w_down.device)
         w0 = problem.w_down.to(dt)  # (m, n)
         h = damp(problem.stats.gram.to(dt), self.damp)  # (n, n)
         hinv = spd_inverse(h)
         # (with out_weight=fisher the decision ranks masks by the loss-weighted error; the refit
         # is the same for every output weighting, weighting.py)
         keep, info = self.decide(self.decision_rows(w0, problem), h, hinv, problem, n_keep)
+        clock.lap("decision")
         w_k, refit_info = self.refit_kept(w0, problem.stats, keep, h)
         info.update(refit_info)
+        clock.lap("refit")
         decision = Decision(keep, w_k.to(problem.w_down.dtype), info=info)
         if self.needs_inputs and problem.inputs is not None and problem.targets is not None:
             self.recover(problem, decision, dt)
+            clock.lap("recovery")
+        # seconds per step of this solve: decision, refit (with its held-out ridge choice),
+        # recovery, and recovery's own parts (Adam steps, down steps, held-out losses)
+        info["seconds"] = {**clock.seconds, **{f"recovery_{k}": v for k, v in
+                                               info.pop("recovery_seconds", {}).items()}}
         return decision
 
     # ---- recovery -----------------------------------------------------------------------
@@ -213,9 +222,10 @@ class SpapSolver(RefitOptions, OutputWeighting):
                    else refit_toward_dense(w0, damp(h_fit, self.damp), keep, 0.0))
         targets = problem.targets
         alpha = decision.info.get("drift_alpha") or 0.0
+        if alpha:  # (in float32 at least: a bf16 model's D is smaller than its rounding)
+            wide = torch.promote_types(targets.dtype, torch.float32)
+            targets = targets.to(wide) + alpha * problem.drift.to(wide)
         if self.recovery == "continuation":
-            if alpha:
-                targets = targets + alpha * problem.drift.to(targets.dtype)
             self._continue(problem, decision, targets, lam, dev)
             return
         if alpha:  # the drift target (refit.py): W0 x + alpha D, for the start and the epochs
@@ -224,7 +234,6 @@ class SpapSolver(RefitOptions, OutputWeighting):
             w_start = solve_toward(h_fit[keep][:, keep],
                                    h_fit[keep] @ w0.T + alpha * c_fit[:, keep].T,
                                    w0[:, keep], lam)
-            targets = targets + alpha * problem.drift.to(targets.dtype)
         res = recover(
             problem.inputs, targets,
             {k: v[keep] for k, v in problem.w_in.items()}, w_start, problem.act,
@@ -238,8 +247,10 @@ class SpapSolver(RefitOptions, OutputWeighting):
             rerun=self.recovery_rerun,
             out_root=(self.fisher_root(problem, torch.float64, dev)
                       if self.recovery_weight == "fisher" else None),
+            compute=problem.compute_dtype,
         )
-        decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout)
+        decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout,
+                             recovery_seconds=res.seconds)
         if res.shrink:
             decision.info.update(recovery_shrink=res.shrink["chosen"],
                                  recovery_shrink_heldout_loss=res.shrink["heldout"])
@@ -260,6 +271,7 @@ class SpapSolver(RefitOptions, OutputWeighting):
             epochs=self.recovery_epochs, mu=_fractions(self.continuation_mu, "continuation_mu"),
             rechoose=self.continuation_rechoose, lr=self.recovery_lr,
             batch=self.recovery_batch, device=dev, shard=problem.shard,
+            compute=problem.compute_dtype,
         )
         decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout,
                              continuation={"mu": res.mus, "shrinkage": res.shrinkage,
@@ -344,6 +356,23 @@ class SpapSolver(RefitOptions, OutputWeighting):
             if best is None or err < best[0]:
                 best = (err, pruned)
         return best[1]
+
+
+class _Clock:
+    """Seconds between laps, by name (on CUDA after a synchronize, so that each step's queued
+    kernels count where they ran)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
+        self.t = now
 
 
 def _fractions(grid, name: str = "recovery_shrink") -> tuple[float, ...]:

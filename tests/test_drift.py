@@ -159,3 +159,29 @@ def test_spap_recovery_fits_the_drift_target(monkeypatch):
     assert alpha > 0
     p = problems[1]
     torch.testing.assert_close(seen[1], p.targets + alpha * p.drift)
+
+
+def test_drift_target_accepted_in_bf16_with_the_drift_in_float32(monkeypatch):
+    """A bf16 llama adds the MLP's output to the residual up to bf16 rounding: the drift
+    target is accepted, and D reaches the solver in float32 (a bf16 D would round away
+    most of a drift that is small against the states it is the difference of)."""
+    problems = []
+    solve = SpapSolver.solve
+
+    def spy(self, problem, k):
+        problems.append(problem.drift)
+        return solve(self, problem, k)
+
+    monkeypatch.setattr(SpapSolver, "solve", spy)
+    res = spap.prune(tiny_model("llama").to(torch.bfloat16), calib_ids=random_ids(8, 16),
+                     sparsity=0.5, method_options={"refit_target": "drift"})
+    assert res.report["model"]["dtype"] == "bfloat16"
+    assert [d.dtype for d in problems] == [torch.float32] * 2
+    assert "drift_alpha" in res.report["layers"][1]["info"]
+
+
+def test_drift_target_refused_for_gemma2_in_bf16():
+    with pytest.raises(spap.SpapError, match="refit_target=drift needs a decoder layer"):
+        spap.prune(tiny_model("gemma2").to(torch.bfloat16), calib_ids=random_ids(8, 16),
+                   sparsity=0.5, method="obs",
+                   method_options={"refit": "ridge", "refit_target": "drift"})

@@ -665,6 +665,8 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     shard.sum_(err)
     shard.sum_(err_probe)
     secs = {"collect": t1 - t0, "solve": t2 - t1, "replay": t3 - t2}
+    # the solve's own steps (decision, refit, recovery and its parts), when the solver times them
+    secs.update({f"solve_{k}": v for k, v in decision.info.pop("seconds", {}).items()})
     held = None
     if probes is not None:
         secs["probe"] = t4 - t3

@@ -414,8 +414,10 @@ class LayerTokens:
                 with autocast(self.device.type, self.compute):
                     x = x_of(aa)  # (c, k), in bf16
                 g, c = chunk_products(x, t)  # float32 products of one chunk
-                gram += g.double()  # (float64 across chunks)
-                cross += c.double()
+                gram.add_(g)  # (float64 across chunks: float32 + float64 adds in float64)
+                cross.add_(c)
+        if self.compute != torch.float32:
+            gram = symmetrize(gram)  # (chunk_products may give the upper blocks only)
         self.shard.sum_(gram)
         self.shard.sum_(cross)
         return gram, cross
@@ -448,7 +450,29 @@ def chunk_products(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torc
         except (RuntimeError, TypeError, NotImplementedError):
             pass
     xf = x.float()
-    return xf.T @ xf, xf.T @ t.float()
+    return upper_gram(xf), xf.T @ t.float()
+
+
+#: column blocks of `upper_gram`: 4 blocks compute 10 of 16 blocks of x^T x (measured 30%
+#: less time than the whole product for SmolLM2's kept width on one CPU thread)
+GRAM_BLOCKS = 4
+
+
+def upper_gram(x: torch.Tensor, blocks: int = GRAM_BLOCKS) -> torch.Tensor:
+    """x^T x (k, k) for x (c, k), only its blocks on and above the diagonal (the rest zero):
+    the Gram is symmetric, so `symmetrize` of the sum of such blocks is the whole Gram."""
+    k = x.shape[1]
+    step = -(-k // blocks)
+    g = torch.zeros(k, k, dtype=x.dtype, device=x.device)
+    for lo in range(0, k, step):
+        g[lo:lo + step, lo:] = x[:, lo:lo + step].T @ x[:, lo:]
+    return g
+
+
+def symmetrize(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (with the diagonal) is `upper`'s."""
+    u = torch.triu(upper)
+    return u + torch.triu(u, 1).T
 
 
 def _sq(t):  # float64 sums: only their order depends on how the tokens are chunked

@@ -194,7 +194,8 @@ def continue_penalty(
                 g["lr"] = b * frac
             idx = perm[i * mb:(i + 1) * mb]
             aa, yy = data.minibatch(idx)
-            frozen = {k: v.detach()[in_p].clone() for k, v in ins.items()}
+            # (whole copies and masks, not boolean indexing: no host sync per step on a GPU)
+            frozen = {k: v.detach().clone() for k, v in ins.items()}
             with torch.enable_grad():
                 with autocast(device.type, compute):
                     out = mlp_forward(aa, ins, w_full, act, linear_key, b_in_, data.b_down)
@@ -202,12 +203,13 @@ def continue_penalty(
                 loss = (r * r).sum() / (data.y_sq_fit * idx.numel())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+            rows_p = in_p[:, None]  # (n, 1)
             for v in ins.values():
-                v.grad[in_p] = 0
+                v.grad.masked_fill_(rows_p, 0)
             opt.step()
             with torch.no_grad():  # P's rows do not move (see the module docstring)
                 for k, v in ins.items():
-                    v[in_p] = frozen[k]
+                    v.copy_(torch.where(rows_p, frozen[k], v))
             step += 1
         with torch.no_grad():
             gram, cross = sums()

@@ -268,6 +268,8 @@ def recover(
         if len(fracs) * mb_ > n_all:  # few tokens: several passes
             perm = torch.cat([perm] + [torch.randperm(n_all, generator=gen) for _ in
                                        range(math.ceil(len(fracs) * mb_ / n_all) - 1)])
+        if not tokens.shard.distributed:  # (one copy per epoch, not an index copy per step)
+            perm = perm.to(tokens.a.device)
         groups = list(zip(opt.param_groups, (lr * scale[k] for k in trainable)))
         for i, frac in enumerate(fracs):
             for g, base in groups:

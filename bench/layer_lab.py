@@ -505,6 +505,7 @@ def main(argv=None):
             dense = dense_layer(adapter, adapter.layers(model)[i])
             a = acts[i]
             problem = build_problem(dense, a[:p_cal], n_val, args.chunk)
+            problem.window_tokens = args.seqlen  # (as the pipeline sets it)
             k = n_keep_for(dense[2].shape[1], args.sparsity)
             res = solve_variants(problem, dense, k, variants, a[p_cal:], args.chunk, log)
             slot = doc["layers_results"].setdefault(

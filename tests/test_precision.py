@@ -119,3 +119,21 @@ def test_mixed_precision_keeps_the_same_channels_and_bf16_close_weights():
             assert rel < 0.01, rel  # bf16 roundings (2^-8) of the forwards and Adam steps
             differ |= rel > 0
     assert differ  # the bf16 run did run in bf16
+
+
+def test_recovery_products_cover_whole_windows_whatever_the_chunks():
+    """In bf16 the float32 products run one calibration window at a time, so the sums do not
+    depend on how the tokens are chunked (or shared between ranks) beyond the order of the
+    float64 additions; products over whole chunks would differ by float32 round-off."""
+    g = torch.Generator().manual_seed(1)
+    p, d, k, m, window = 4096, 8, 16, 4, 64
+    a, w, y = (torch.randn(*s, generator=g) for s in ((p, d), (k, d), (p, m)))
+
+    def sums(chunk):
+        data = LayerTokens(a, y, n_val=window, device=torch.device("cpu"), chunk=chunk,
+                           compute=bf16, window=window)
+        return data.down_sums(lambda aa: torch.nn.functional.silu(aa @ w.T))
+
+    (g1, c1), (g2, c2) = sums(2 * window), sums(40 * window)
+    torch.testing.assert_close(g1, g2, rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(c1, c2, rtol=1e-13, atol=1e-12)

@@ -618,6 +618,7 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
         # (p, m): the dense MLP on these inputs, or the dense model's own MLP output
         problem.targets = torch.cat(dense_targets if dense_targets is not None else targets)
         problem.heldout_tokens = heldout[1] if n_held else 0
+        problem.window_tokens = int(batches[0][0].shape[-2])  # (batch, seq, d): seq
         if drift:
             problem.drift = torch.cat(drifts)  # (p, m), the same rows as targets
         del inputs, targets, dense_targets, drifts

@@ -122,6 +122,7 @@ def continue_penalty(
     device: torch.device | str | None = None,
     shard: Shard = LOCAL,
     compute: torch.dtype = torch.float32,
+    window: int = 0,
 ) -> ContinuationResult:
     """Remove |pruned| channels of the dense MLP (w_in: name -> (n, d), w_down (m, n)) by the
     penalty continuation of the module docstring, starting from the mask `pruned`; fit on
@@ -139,7 +140,8 @@ def continue_penalty(
     if not 0 < n_prune < n:
         raise ValueError(f"the continuation removes 1 to {n - 1} of {n} channels, "
                          f"asked {n_prune}")
-    data = LayerTokens(a, y, n_val, device, chunk, shard, b_down, compute=compute)
+    data = LayerTokens(a, y, n_val, device, chunk, shard, b_down, compute=compute,
+                       window=window)
     mus = schedule(mu, epochs)
     ins = {k: v.detach().to(device, f32).clone() for k, v in w_in.items()}
     b_in_ = {k: v.to(device, f32) for k, v in (b_in or {}).items()}

@@ -58,7 +58,10 @@ weights Adam updates stay float32: its master weights), and forms the closed for
 bf16; the Gram and cross term of the closed form are then multiplied in float32 (on CUDA
 straight from the bf16 operands, with float32 accumulation) and added across chunks in
 float64, as every sum here is. Products of bf16 numbers are exact in float32, so the sums only
-lose what rounding x to bf16 loses, never their accumulation.
+lose what rounding x to bf16 loses, never their accumulation. Those float32 products cover one
+calibration window at a time (`window`, its token count), so that, as in the statistics of
+the pipeline, every product covers the same tokens however the windows are shared between
+the ranks of a data-parallel run, and only the order of the float64 sums can change.
 
 Everything runs on minibatches of `batch` tokens (the activations stay where they
 are, e.g. on the CPU, and only a minibatch moves), so memory is the
@@ -190,18 +193,21 @@ def recover(
     shard: Shard = LOCAL,
     rerun: bool = False,
     compute: torch.dtype = torch.float32,
+    window: int = 0,
 ) -> RecoveryResult:
     """Recover the kept weights on tokens a[:p - n_val], y[:p - n_val], choosing the number of
     epochs (0..`epochs`) on the last `n_val` tokens. `w_down_dense` (m, k) and `ridge` define the
     down step of `mode="alternating"` (the refit toward the dense weights; ridge None: exact).
     `steps`, `patience`, `shrink`, `final_refit`, `rerun` and `out_root` are the pieces of
-    the module docstring; `compute` the dtype of the products (module docstring).
+    the module docstring; `compute` the dtype of the products and `window` the tokens per
+    calibration window (module docstring; 0: unknown, products over whole chunks).
     """
     if mode not in MODES:
         raise ValueError(f"unknown recovery mode '{mode}'; use {' or '.join(MODES)}")
     device = torch.device(device) if device is not None else w_down.device
     f32 = torch.float32
-    data = LayerTokens(a, y, n_val, device, chunk, shard, b_down, out_root, compute=compute)
+    data = LayerTokens(a, y, n_val, device, chunk, shard, b_down, out_root, compute=compute,
+                       window=window)
     timer = PhaseTimer(device)
     p, n_fit, n_fit_all = data.p, data.n_fit, data.n_fit_all
     params = {k: v.detach().to(device, f32).clone() for k, v in w_in.items()}
@@ -318,7 +324,7 @@ def recover(
     if rerun and best[1] > 0:
         # the chosen epochs, at their rates, once more from the start on all tokens
         every = LayerTokens(a, y, n_val, device, chunk, shard, b_down, out_root, every=True,
-                            compute=compute)
+                            compute=compute, window=window)
         mb_all = max(1, every.n_fit_all // steps_per_epoch)
         ps = {k: v.detach().clone() for k, v in start.items()}
         opt = adam(ps)
@@ -346,12 +352,17 @@ class LayerTokens:
     squared norms of the targets, a held-out loss, the down projection's Gram and cross
     term, and a minibatch of all ranks' fit tokens (`_gather_rows`). With `root` (m, m) the
     norms and losses are of outputs weighted by it (`weigh`); the Gram and cross term are
-    not. `compute`: the dtype of the products (the module docstring's precision)."""
+    not. `compute`: the dtype of the products, `window` the tokens per calibration window
+    (the module docstring's precision)."""
 
     def __init__(self, a, y, n_val, device, chunk, shard: Shard = LOCAL, b_down=None,
-                 root=None, every=False, compute: torch.dtype = torch.float32):
+                 root=None, every=False, compute: torch.dtype = torch.float32,
+                 window: int = 0):
         self.a, self.y, self.device, self.chunk, self.shard = a, y, device, chunk, shard
         self.compute = compute
+        self.window = window if window > 0 else chunk
+        if compute != torch.float32:  # whole windows per chunk: a window never straddles two
+            self.chunk = max(1, chunk // self.window) * self.window
         self.root = root.to(device, torch.float32) if root is not None else None
         self.p = a.shape[0]
         self.n_fit = self.p - n_val
@@ -415,9 +426,10 @@ class LayerTokens:
             else:
                 with autocast(self.device.type, self.compute):
                     x = x_of(aa)  # (c, k), in bf16
-                g, c = chunk_products(x, t)  # float32 products of one chunk
-                gram.add_(g)  # (float64 across chunks: float32 + float64 adds in float64)
-                cross.add_(c)
+                for s in range(0, x.shape[0], self.window):  # float32 products per window
+                    g, c = chunk_products(x[s:s + self.window], t[s:s + self.window])
+                    gram.add_(g)  # (float64 across windows: float32 + float64 adds in float64)
+                    cross.add_(c)
         if self.compute != torch.float32:
             gram = symmetrize(gram)  # (chunk_products may give the upper blocks only)
         self.shard.sum_(gram)

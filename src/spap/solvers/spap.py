@@ -247,7 +247,7 @@ class SpapSolver(RefitOptions, OutputWeighting):
             rerun=self.recovery_rerun,
             out_root=(self.fisher_root(problem, torch.float64, dev)
                       if self.recovery_weight == "fisher" else None),
-            compute=problem.compute_dtype,
+            compute=problem.compute_dtype, window=problem.window_tokens,
         )
         decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout,
                              recovery_seconds=res.seconds)
@@ -271,7 +271,7 @@ class SpapSolver(RefitOptions, OutputWeighting):
             epochs=self.recovery_epochs, mu=_fractions(self.continuation_mu, "continuation_mu"),
             rechoose=self.continuation_rechoose, lr=self.recovery_lr,
             batch=self.recovery_batch, device=dev, shard=problem.shard,
-            compute=problem.compute_dtype,
+            compute=problem.compute_dtype, window=problem.window_tokens,
         )
         decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout,
                              continuation={"mu": res.mus, "shrinkage": res.shrinkage,

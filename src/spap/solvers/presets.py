@@ -94,8 +94,11 @@ def resolve_effort(method: str, level: str | None, explicit: dict[str, Any] | No
 
 
 def effort_for(method: str, level: str | None, explicit: dict[str, Any] | None) -> Effort:
-    """`resolve_effort` with the options that solver `method` accepts."""
+    """`resolve_effort` with the options that solver `method` accepts (looked up only when
+    a level is asked for)."""
     from . import solver_class
 
+    if level is None:
+        return resolve_effort(method, None, explicit, set())
     accepts = {f.name for f in dataclasses.fields(solver_class(method))}
     return resolve_effort(method, level, explicit, accepts)

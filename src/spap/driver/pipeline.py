@@ -33,12 +33,12 @@ finished layers of an interrupted run gives them back pruned; they are run again
 to rebuild the next inputs.
 
 Precision (precision.py, `PruneConfig.compute`): every forward of a layer (collect, the dense
-stream, replay, probes, the Fisher pass; not yet the head step, whose solver runs inside it)
-runs under autocast to the resolved
-compute dtype, bf16 where the device multiplies it fast; the statistics are accumulated in
-float64 from them, and the solver runs outside autocast, told the compute dtype through
-`LayerProblem.compute_dtype`. The model's weights and the activations passed between layers
-keep the checkpoint's dtype.
+stream, replay, probes, the Fisher pass; not the head step, whose solver runs inside it) runs
+under autocast to the resolved compute dtype, bf16 where the device multiplies it fast; the
+statistics are summed outside autocast (float32 products, float64 sums), and the solver runs
+outside it too, told the compute dtype through `LayerProblem.compute_dtype`. The drift
+target's check runs in the model's own dtype. The model's weights and the activations passed
+between layers keep the checkpoint's dtype.
 
 Data parallel (`shard`, see distributed.py): each rank keeps only its share of the fit,
 held-out and probe windows (`Shard.share` of each), runs the layers on those alone, and sums

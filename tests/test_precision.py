@@ -137,3 +137,13 @@ def test_recovery_products_cover_whole_windows_whatever_the_chunks():
     (g1, c1), (g2, c2) = sums(2 * window), sums(40 * window)
     torch.testing.assert_close(g1, g2, rtol=1e-13, atol=1e-12)
     torch.testing.assert_close(c1, c2, rtol=1e-13, atol=1e-12)
+
+
+def test_each_layer_record_times_the_solve_steps():
+    """The layer records of spap.json split the solve's seconds by step (no time asserted)."""
+    res = spap.prune(tiny_model("llama"), calib_ids=random_ids(8, 16), sparsity=0.5)
+    for layer in res.report["layers"]:
+        steps = {k for k in layer["seconds"] if k.startswith("solve_")}
+        assert {"solve_decision", "solve_refit", "solve_recovery", "solve_recovery_adam",
+                "solve_recovery_down", "solve_recovery_heldout"} <= steps, steps
+        assert "seconds" not in layer["info"]

@@ -85,6 +85,26 @@ def exact(device_type: str):
     return torch.autocast(device_type, enabled=False)
 
 
+@contextlib.contextmanager
+def bf16_products(device_type: str):
+    """A context in which float32 matrix products on the CPU round their operands to bf16 and
+    multiply them on the bf16 units, accumulating and returning float32 (oneDNN's bf16 math
+    mode; measured 3x faster than float32 for SmolLM2's shapes on one AMX thread). A product
+    of two bf16 numbers is exact in float32, so for operands that are bf16 numbers already
+    this is the float32 product, up to the order of the float32 sums. Elsewhere, or where
+    torch lacks the setting, nothing changes. The setting is restored on exit."""
+    mm = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if device_type != "cpu" or mm is None or not hasattr(mm, "fp32_precision"):
+        yield
+        return
+    old = mm.fp32_precision
+    mm.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mm.fp32_precision = old
+
+
 def cpu_flags(path: str | Path = "/proc/cpuinfo") -> set[str] | None:
     """The CPU's feature flags, or None where /proc/cpuinfo cannot be read (not Linux)."""
     try:

@@ -55,13 +55,16 @@ Precision (`compute`, see precision.py): float32 runs everything in float32 with
 form's products in float64, as earlier runs did, bit for bit. bfloat16 runs the products of
 the Adam steps' forward and backward passes and of the held-out losses under autocast (the
 weights Adam updates stay float32: its master weights), and forms the closed form's input x in
-bf16; the Gram and cross term of the closed form are then multiplied in float32 (on CUDA
-straight from the bf16 operands, with float32 accumulation) and added across chunks in
-float64, as every sum here is. Products of bf16 numbers are exact in float32, so the sums only
-lose what rounding x to bf16 loses, never their accumulation. Those float32 products cover one
-calibration window at a time (`window`, its token count), so that, as in the statistics of
-the pipeline, every product covers the same tokens however the windows are shared between
-the ranks of a data-parallel run, and only the order of the float64 sums can change.
+bf16; the Gram and cross term of the closed form are then multiplied from bf16 operands with
+float32 accumulation and output (on CUDA by `torch.mm(..., out_dtype=float32)`, on the CPU in
+oneDNN's bf16 math mode, `precision.bf16_products`) and added across chunks in float64, as
+every sum here is. Products of bf16 numbers are exact in float32, so the Gram only loses what
+rounding x to bf16 loses, never its accumulation (the cross term also rounds y - b_down to
+bf16, as the pipeline's autocast forwards already do to the dense targets). Those products
+cover one calibration window at a time (`window`, its token count), so that, as in the
+statistics of the pipeline, every product covers the same tokens however the windows are
+shared between the ranks of a data-parallel run, and only the order of the float64 sums can
+change.
 
 Everything runs on minibatches of `batch` tokens (the activations stay where they
 are, e.g. on the CPU, and only a minibatch moves), so memory is the
@@ -94,7 +97,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..distributed import LOCAL, Shard
-from ..precision import autocast
+from ..precision import autocast, bf16_products
 from .refit import solve_toward
 
 MODES = ("alternating", "joint")
@@ -416,22 +419,23 @@ class LayerTokens:
         k = x_of(self.a[:0].to(self.device, torch.float32)).shape[1]
         gram = torch.zeros(k, k, dtype=torch.float64, device=self.device)
         cross = torch.zeros(k, self.y.shape[1], dtype=torch.float64, device=self.device)
-        for aa, yy in self.chunks(0, hi):
-            t = yy - self.b_down if self.b_down is not None else yy
-            if self.compute == torch.float32:
+        if self.compute == torch.float32:
+            for aa, yy in self.chunks(0, hi):
+                t = yy - self.b_down if self.b_down is not None else yy
                 x = x_of(aa)  # (c, k)
                 x, t = x.double(), t.double()  # (products in float64, as the sums: see _sq)
                 gram += x.T @ x
                 cross += x.T @ t
-            else:
-                with autocast(self.device.type, self.compute):
-                    x = x_of(aa)  # (c, k), in bf16
-                for s in range(0, x.shape[0], self.window):  # float32 products per window
-                    g, c = chunk_products(x[s:s + self.window], t[s:s + self.window])
-                    gram.add_(g)  # (float64 across windows: float32 + float64 adds in float64)
-                    cross.add_(c)
-        if self.compute != torch.float32:
-            gram = symmetrize(gram)  # (chunk_products may give the upper blocks only)
+        else:
+            with bf16_products(self.device.type):
+                for aa, yy in self.chunks(0, hi):
+                    t = yy - self.b_down if self.b_down is not None else yy
+                    with autocast(self.device.type, self.compute):
+                        x = x_of(aa)  # (c, k), in bf16
+                    for s in range(0, x.shape[0], self.window):  # products per window
+                        g, c = chunk_products(x[s:s + self.window], t[s:s + self.window])
+                        gram.add_(g)  # (float64 across windows: float32 + float64 in float64)
+                        cross.add_(c)
         self.shard.sum_(gram)
         self.shard.sum_(cross)
         return gram, cross
@@ -455,8 +459,9 @@ class LayerTokens:
 def chunk_products(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x^T x (k, k) and x^T t (k, m) of one chunk in float32, for x (c, k) in bf16 and t (c, m).
     On CUDA the bf16 operands are multiplied as they are with float32 output (exact products,
-    float32 accumulation, tensor-core speed); elsewhere they are upcast first: a bf16 product
-    with bf16 output would round every entry of the Gram to 8 bits."""
+    float32 accumulation, tensor-core speed); elsewhere they are upcast first, for float32
+    products (on bf16 units inside `precision.bf16_products`): a bf16 product with bf16 output
+    would round every entry of the Gram to 8 bits."""
     if x.is_cuda:
         try:
             return (torch.mm(x.T, x, out_dtype=torch.float32),
@@ -464,29 +469,7 @@ def chunk_products(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torc
         except (RuntimeError, TypeError, NotImplementedError):
             pass
     xf = x.float()
-    return upper_gram(xf), xf.T @ t.float()
-
-
-#: column blocks of `upper_gram`: 4 blocks compute 10 of 16 blocks of x^T x (measured 30%
-#: less time than the whole product for SmolLM2's kept width on one CPU thread)
-GRAM_BLOCKS = 4
-
-
-def upper_gram(x: torch.Tensor, blocks: int = GRAM_BLOCKS) -> torch.Tensor:
-    """x^T x (k, k) for x (c, k), only its blocks on and above the diagonal (the rest zero):
-    the Gram is symmetric, so `symmetrize` of the sum of such blocks is the whole Gram."""
-    k = x.shape[1]
-    step = -(-k // blocks)
-    g = torch.zeros(k, k, dtype=x.dtype, device=x.device)
-    for lo in range(0, k, step):
-        g[lo:lo + step, lo:] = x[:, lo:lo + step].T @ x[:, lo:]
-    return g
-
-
-def symmetrize(upper: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle (with the diagonal) is `upper`'s."""
-    u = torch.triu(upper)
-    return u + torch.triu(u, 1).T
+    return xf.T @ xf, xf.T @ t.float()
 
 
 def _sq(t):  # float64 sums: only their order depends on how the tokens are chunked

@@ -89,6 +89,7 @@ passes and statistics, not recovery's Adam steps.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -116,30 +117,23 @@ class RecoveryResult:
 
 
 class PhaseTimer:
-    """Seconds spent per named phase; on CUDA each phase ends with a synchronize, so the
-    queued kernels are counted where they were issued (one sync per phase, not per step)."""
+    """Seconds spent per named phase (`with timer("name"): ...`); on CUDA each phase ends with
+    a synchronize, so the queued kernels count where they were issued (one sync per phase, not
+    per step)."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
+        self.device = torch.device(device)
         self.seconds: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        return _Phase(self, name)
-
-
-class _Phase:
-    def __init__(self, timer: PhaseTimer, name: str):
-        self.timer, self.name = timer, name
-
-    def __enter__(self):
-        self.t = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if self.timer.cuda:
-            torch.cuda.synchronize(self.timer.device)
-        s = self.timer.seconds
-        s[self.name] = s.get(self.name, 0.0) + time.perf_counter() - self.t
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
 
 def mlp_forward(a: torch.Tensor, w_in: dict[str, torch.Tensor], w_down: torch.Tensor,

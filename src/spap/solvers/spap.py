@@ -53,7 +53,6 @@ down steps and held-out losses) are returned in `info["seconds"]` for the layer'
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -62,7 +61,7 @@ import torch
 from .base import Decision, LayerProblem, top_k_keep
 from .continuation import continue_penalty
 from .obs import greedy_obs
-from .recovery import MODES, recover
+from .recovery import MODES, PhaseTimer, recover
 from .refit import (
     RefitOptions,
     complement,
@@ -180,24 +179,24 @@ class SpapSolver(RefitOptions, OutputWeighting):
             return Decision(torch.arange(n, device=problem.w_down.device),
                             problem.w_down.clone(), info={})
         dt = _dtype(self.solve_dtype)
-        clock = _Clock(problem.w_down.device)
-        w0 = problem.w_down.to(dt)  # (m, n)
-        h = damp(problem.stats.gram.to(dt), self.damp)  # (n, n)
-        hinv = spd_inverse(h)
-        # (with out_weight=fisher the decision ranks masks by the loss-weighted error; the refit
-        # is the same for every output weighting, weighting.py)
-        keep, info = self.decide(self.decision_rows(w0, problem), h, hinv, problem, n_keep)
-        clock.lap("decision")
-        w_k, refit_info = self.refit_kept(w0, problem.stats, keep, h)
+        timer = PhaseTimer(problem.w_down.device)
+        with timer("decision"):
+            w0 = problem.w_down.to(dt)  # (m, n)
+            h = damp(problem.stats.gram.to(dt), self.damp)  # (n, n)
+            hinv = spd_inverse(h)
+            # (with out_weight=fisher the decision ranks masks by the loss-weighted error; the
+            # refit is the same for every output weighting, weighting.py)
+            keep, info = self.decide(self.decision_rows(w0, problem), h, hinv, problem, n_keep)
+        with timer("refit"):  # (with its held-out ridge choice)
+            w_k, refit_info = self.refit_kept(w0, problem.stats, keep, h)
         info.update(refit_info)
-        clock.lap("refit")
         decision = Decision(keep, w_k.to(problem.w_down.dtype), info=info)
         if self.needs_inputs and problem.inputs is not None and problem.targets is not None:
-            self.recover(problem, decision, dt)
-            clock.lap("recovery")
-        # seconds per step of this solve: decision, refit (with its held-out ridge choice),
-        # recovery, and recovery's own parts (Adam steps, down steps, held-out losses)
-        info["seconds"] = {**clock.seconds, **{f"recovery_{k}": v for k, v in
+            with timer("recovery"):
+                self.recover(problem, decision, dt)
+        # seconds per step of this solve, recovery's own parts (Adam steps, down steps,
+        # held-out losses) among them
+        info["seconds"] = {**timer.seconds, **{f"recovery_{k}": v for k, v in
                                                info.pop("recovery_seconds", {}).items()}}
         return decision
 
@@ -361,23 +360,6 @@ class SpapSolver(RefitOptions, OutputWeighting):
             if best is None or err < best[0]:
                 best = (err, pruned)
         return best[1]
-
-
-class _Clock:
-    """Seconds between laps, by name (on CUDA after a synchronize, so that each step's queued
-    kernels count where they ran)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds: dict[str, float] = {}
-        self.t = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
-        self.t = now
 
 
 def _fractions(grid, name: str = "recovery_shrink") -> tuple[float, ...]:

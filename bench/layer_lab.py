@@ -52,6 +52,7 @@ from spap.driver.records import n_keep_for  # noqa: E402
 from spap.files import write_json_atomic  # noqa: E402
 from spap.modelio.loading import load_model  # noqa: E402
 from spap.models import get_adapter  # noqa: E402
+from spap.precision import resolve  # noqa: E402
 from spap.solvers import get_solver  # noqa: E402
 from spap.solvers.base import LayerProblem  # noqa: E402
 from spap.solvers.recovery import down_input, mlp_forward  # noqa: E402
@@ -197,6 +198,11 @@ def solve_variants(problem, dense, k, variants, a_probe, chunk, log):
     shared: dict[str, Any] = {}
     out = {}
     for name, (method, opts) in variants:
+        # `compute` is the precision of the products (spap.precision), which the pipeline
+        # hands every solver in the layer problem; the rest are the method's options
+        opts = dict(opts)
+        compute = opts.pop("compute", "float32")
+        problem.compute_dtype = resolve(compute, problem.w_down.device).compute
         solver = get_solver(method, **opts)
         extra = 0.0
         if method == "spap":
@@ -220,7 +226,7 @@ def solve_variants(problem, dense, k, variants, a_probe, chunk, log):
         pw = pruned_weights(dense, dec)
         info = dec.info
         rec = {
-            "method": method, "options": opts,
+            "method": method, "options": opts, "compute": compute,
             "probe_rel_error": rel_error(dense, pw, a_probe, chunk),
             "heldout_rel_error": rel_error(dense, pw, val, chunk),
             "fit_rel_error": rel_error(dense, pw, fit, chunk),
@@ -230,6 +236,7 @@ def solve_variants(problem, dense, k, variants, a_probe, chunk, log):
             "recovery_shrink": info.get("recovery_shrink"),
             "recovery_shrink_heldout_loss": info.get("recovery_shrink_heldout_loss"),
             "ridge": info.get("ridge"),
+            "seconds_steps": info.get("seconds"),
         }
         if method == "spap":
             rec["seconds_decision"] = shared["s"]
@@ -498,6 +505,7 @@ def main(argv=None):
             dense = dense_layer(adapter, adapter.layers(model)[i])
             a = acts[i]
             problem = build_problem(dense, a[:p_cal], n_val, args.chunk)
+            problem.window_tokens = args.seqlen  # (as the pipeline sets it)
             k = n_keep_for(dense[2].shape[1], args.sparsity)
             res = solve_variants(problem, dense, k, variants, a[p_cal:], args.chunk, log)
             slot = doc["layers_results"].setdefault(

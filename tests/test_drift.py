@@ -47,10 +47,12 @@ def test_drift_equals_dense_state_minus_pruned_layer_output(family, monkeypatch)
     dense = tiny_model(family)
     cut0 = copy.deepcopy(dense)
     monkeypatch.setattr(SpapSolver, "solve", spy)
+    # (float32 products: the reference forwards below are float32)
     spap.prune(copy.deepcopy(dense), calib_ids=calib, sparsity=0.5, layer_limit=2,
-               method_options=opts)
+               method_options=opts, compute="float32")
     # the same layer 0 cut alone (the driver is deterministic), layer 1 still dense
-    spap.prune(cut0, calib_ids=calib, sparsity=0.5, layer_limit=1, method_options=opts)
+    spap.prune(cut0, calib_ids=calib, sparsity=0.5, layer_limit=1, method_options=opts,
+               compute="float32")
     n_held = spap.data.heldout_windows(8)
     fit, held = calib[: 8 - n_held], calib[8 - n_held:]
     ids = torch.cat([fit, held])  # the driver's order: fit windows, then held-out ones
@@ -157,3 +159,29 @@ def test_spap_recovery_fits_the_drift_target(monkeypatch):
     assert alpha > 0
     p = problems[1]
     torch.testing.assert_close(seen[1], p.targets + alpha * p.drift)
+
+
+def test_drift_target_accepted_in_bf16_with_the_drift_in_float32(monkeypatch):
+    """A bf16 llama adds the MLP's output to the residual up to bf16 rounding: the drift
+    target is accepted, and D reaches the solver in float32 (a bf16 D would round away
+    most of a drift that is small against the states it is the difference of)."""
+    problems = []
+    solve = SpapSolver.solve
+
+    def spy(self, problem, k):
+        problems.append(problem.drift)
+        return solve(self, problem, k)
+
+    monkeypatch.setattr(SpapSolver, "solve", spy)
+    res = spap.prune(tiny_model("llama").to(torch.bfloat16), calib_ids=random_ids(8, 16),
+                     sparsity=0.5, method_options={"refit_target": "drift"})
+    assert res.report["model"]["dtype"] == "bfloat16"
+    assert [d.dtype for d in problems] == [torch.float32] * 2
+    assert "drift_alpha" in res.report["layers"][1]["info"]
+
+
+def test_drift_target_refused_for_gemma2_in_bf16():
+    with pytest.raises(spap.SpapError, match="refit_target=drift needs a decoder layer"):
+        spap.prune(tiny_model("gemma2").to(torch.bfloat16), calib_ids=random_ids(8, 16),
+                   sparsity=0.5, method="obs",
+                   method_options={"refit": "ridge", "refit_target": "drift"})

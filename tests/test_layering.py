@@ -17,7 +17,7 @@ ROOT = Path(spap.__file__).parent
 
 # Low to high: a module may import modules of its own rank or lower, never higher.
 RANKS = [
-    {"errors", "files", "versions", "assets", "config", "memory", "distributed"},
+    {"errors", "files", "versions", "assets", "config", "memory", "distributed", "precision"},
     {"models"},      # family facts, behind one adapter interface
     {"solvers"},     # the per-layer math: tensors in, decision out
     {"data"},        # calibration and evaluation tokens

@@ -26,7 +26,7 @@ def _targets_seen(model, calib, target, monkeypatch):
         return orig(self, problem, k)
 
     monkeypatch.setattr(SpapSolver, "solve", spy)
-    spap.prune(model, calib_ids=calib, sparsity=0.5,
+    spap.prune(model, calib_ids=calib, sparsity=0.5, compute="float32",  # (as the reference)
                method_options={"recovery_target": target, "recovery_epochs": 1})
     return seen
 

@@ -176,7 +176,7 @@ def test_the_driver_hands_each_layer_the_dense_models_fisher_on_the_fit_windows(
     monkeypatch.setattr(ObsSolver, "solve",
                         lambda self, pr, k: seen.append(pr.out_weight) or orig(self, pr, k))
     res = spap.prune(model, calib_ids=ids, sparsity=0.5, method="obs", batch_size=2,
-                     method_options={"out_weight": "fisher"})
+                     method_options={"out_weight": "fisher"}, compute="float32")  # (as `want`)
     assert res.report["options"]["out_weight"] == "fisher"
     n_fit = ids.shape[0] - heldout_windows(ids.shape[0])
     want = output_fisher(dense, get_adapter(dense.config), ids[:n_fit], batch_size=2)

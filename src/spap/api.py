@@ -37,6 +37,7 @@ from .modelio.runfolder import RunFolder, partial_dir, run_identity
 from .models import get_adapter, get_attention_adapter
 from .report import count_non_embedding, count_params, prune_report
 from .solvers import get_solver, solver_options
+from .solvers.presets import effort_for
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,8 @@ def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, calib_desc=None,
     """One run of the driver on `model` with the layers from `source`, finished layers to the
     run folder `run_dir` (if any), and the report."""
     adapter = get_adapter(model.config)
-    solver = get_solver(cfg.method, **cfg.method_options)
+    effort = effort_for(cfg.method, cfg.effort, cfg.method_options)
+    solver = get_solver(cfg.method, **effort.options)
     shard = current()
     unsaveable = (getattr(solver, "adds_down_bias", False)
                   and not adapter.can_add_down_bias(model.config))
@@ -221,7 +223,7 @@ def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, calib_desc=None,
             "round_to": cfg.round_to, "batch_size": cfg.batch_size,
             "heads": cfg.heads, "kv_groups": cfg.kv_groups, "head_method": cfg.head_method,
             "head_options": cfg.head_options,
-            "layer_limit": cfg.layer_limit, "dtype": dtype,
+            "layer_limit": cfg.layer_limit, "dtype": dtype, "compute": cfg.compute,
             # (every rank's own device is the same kind; the world size changes the sums'
             # order, so a resume under another one would not be bit-identical)
             "device": str(device) if not shard.distributed else device.type,
@@ -265,6 +267,8 @@ def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, calib_desc=None,
                         **({"ranks": info["ranks"]} if shard.distributed else {})},
         "timings": {"calibration_data_s": t1 - t0, "prune_s": t2 - t1,
                     "capture_s": info.get("capture_s")},
+        "precision": info.get("precision"),
+        "effort": {**effort.to_json(), "fallback": info.get("effort_fallback")},
     })
     return PruneResult(model, report, records, calib_ids)
 
@@ -304,7 +308,8 @@ def prune_to_disk(model: str, out: str | os.PathLike, sparsity: float | None = N
 
     t_start = time.perf_counter()
     cfg = _settings(config, sparsity, settings)
-    get_solver(cfg.method, **cfg.method_options)  # everything checked before the model loads
+    # everything checked before the model loads
+    get_solver(cfg.method, **effort_for(cfg.method, cfg.effort, cfg.method_options).options)
     if cfg.push_to_hub is not None:
         from .modelio.hub import check_repo_id
 

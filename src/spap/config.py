@@ -16,6 +16,8 @@ from typing import Any
 from .errors import SpapError
 
 OFFLOAD_MODES = ("auto", "cpu", "device")
+#: PruneConfig.compute (precision.py resolves it)
+COMPUTE_MODES = ("auto", "float32", "bfloat16")
 #: how --params splits its budget (driver/budget.py), and what it counts
 PARAMS_SPLITS = ("auto", "mlp", "heads", "kv")
 PARAMS_OF = ("all", "non-embedding")
@@ -53,6 +55,9 @@ class PruneConfig:
     sparsity: float = 0.3
     method: str = "spap"
     method_options: dict[str, Any] = field(default_factory=dict)
+    # a named set of method options (solvers/presets.py: fast, default, max); explicit
+    # method_options override it. None: the method's own defaults
+    effort: str | None = None
     round_to: int = 1
     layer_limit: int | None = None  # prune only the first N layers (smoke runs)
     # attention: the fraction of query heads removed in every KV group, and of whole KV
@@ -78,6 +83,9 @@ class PruneConfig:
     # where it computes: None is the model's own device for spap.prune, "auto" otherwise
     device: str | None = None
     dtype: str = "auto"
+    # the precision of the matrix products (precision.py): auto (bf16 where the hardware
+    # multiplies it fast), float32 (the earlier path, bit for bit) or bfloat16
+    compute: str = "auto"
     batch_size: int = 4
     offload: str = "auto"
     # what spap.prune_to_disk does around the pruning
@@ -134,6 +142,9 @@ class PruneConfig:
             raise SpapError(
                 f"--round-to must be a positive multiple such as 8, 64 or 128, got {self.round_to}"
             )
+        if self.compute not in COMPUTE_MODES:
+            raise SpapError(f"--compute must be one of {', '.join(COMPUTE_MODES)}, "
+                            f"got '{self.compute}'")
         if self.batch_size < 1:
             raise SpapError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.offload not in OFFLOAD_MODES:

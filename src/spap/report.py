@@ -78,5 +78,9 @@ def prune_report(cfg: PruneConfig, options: dict[str, Any], model, adapter,
         "probe": run["probe"],
         "layers": [r.to_json() for r in records],
         "timings": run["timings"],
+        # the precision of the products (precision.py) and the effort level's options
+        # (solvers/presets.py), with any fallback of its drift target
+        "precision": run.get("precision"),
+        "effort": run.get("effort"),
         "versions": versions(),
     }

@@ -33,6 +33,14 @@ the resume folder): the driver calls both the same way whichever it has. A sink 
 finished layers of an interrupted run gives them back pruned; they are run again, unchanged,
 to rebuild the next inputs.
 
+Precision (precision.py, `PruneConfig.compute`): every forward of a layer (collect, the dense
+stream, replay, probes, the Fisher pass; not the head step, whose solver runs inside it) runs
+under autocast to the resolved compute dtype, bf16 where the device multiplies it fast; the
+statistics are summed outside autocast (float32 products, float64 sums), and the solver runs
+outside it too, told the compute dtype through `LayerProblem.compute_dtype`. The drift
+target's check runs in the model's own dtype. The model's weights and the activations passed
+between layers keep the checkpoint's dtype.
+
 Data parallel (`shard`, see distributed.py): each rank keeps only its share of the fit,
 held-out and probe windows (`Shard.share` of each), runs the layers on those alone, and sums
 every statistic and error over the ranks before it is used; the decision is then broadcast
@@ -59,9 +67,11 @@ from ..distributed import LOCAL, Shard
 from ..errors import SpapError
 from ..models import get_attention_adapter
 from ..models.base import MLPAdapter
+from ..precision import FLOAT32, Precision, exact, resolve
 from ..solvers import HEAD_DEFAULTS, get_head_solver  # noqa: F401 (HEAD_DEFAULTS: report.py)
 from ..solvers.base import LayerProblem, Solver
 from ..solvers.heads import HeadLayout, HeadSolver, keep_counts
+from ..solvers.presets import FALLBACK, effort_for
 from ..solvers.stats import DriftAccumulator, StatsAccumulator, reduce_stats
 from .activations import ActivationStore, StopForward, choose_offload, tensor_bytes
 from .heads import prune_layer_heads
@@ -184,6 +194,7 @@ def prune_layers(
     then also receives every rank's window counts and activation bytes.
     """
     device = torch.device(device)
+    prec = resolve(settings.compute, device)
     batch_size = settings.batch_size
     finished = sink.finished()
     layers = adapter.layers(model)
@@ -198,11 +209,13 @@ def prune_layers(
         fit, held = _shares(shard, calib[:n_fit], calib[n_fit:], batch_size)
         if probe is not None:
             probe = probe[shard.share(probe.shape[0], batch_size)]
-        batches, probes = capture_stores(model, layers[0], [fit, held], probe, device,
-                                         batch_size, settings.offload)
+        with prec.autocast():
+            batches, probes = capture_stores(model, layers[0], [fit, held], probe, device,
+                                             batch_size, settings.offload)
         heldout = (math.ceil(held.shape[0] / batch_size), held.numel())
         if info is not None:
             info["capture_s"] = time.perf_counter() - t0
+            info["precision"] = prec.to_json()
             info["activations"] = {
                 "where": batches.where, "mode": settings.offload,
                 "calibration_bytes": batches.nbytes,
@@ -227,11 +240,16 @@ def prune_layers(
         if model_targets and drift:
             raise SpapError("recovery_target=model and refit_target=drift are two targets; "
                             "choose one")
+        effort = effort_for(settings.method, settings.effort, settings.method_options)
+        if drift and settings.prunes_heads and _fall_back(
+                solver, effort, "is not combined with head pruning", info):
+            drift = False
         dense = batches.clone() if model_targets or drift else None
         fisher = None
         if getattr(solver, "needs_fisher", False):
-            fisher = _output_fisher(model, adapter, layers, fit, source, device, home, shard,
-                                    settings.progress and shard.is_main)
+            with prec.autocast():
+                fisher = _output_fisher(model, adapter, layers, fit, source, device, home,
+                                        shard, settings.progress and shard.is_main)
         heads = head_plan(model, settings) if settings.prunes_heads else None
         if heads is not None and dense is not None:
             raise SpapError("head pruning is not combined with a target from the dense "
@@ -250,7 +268,8 @@ def prune_layers(
             if done_before:
                 if dense is not None:  # the dense stream passes the dense layer first
                     source.load(i, layers[i])
-                    _propagate(layers[i].to(device), dense)
+                    with prec.autocast():
+                        _propagate(layers[i].to(device), dense)
                     layers[i].to(home)
                 sink.restore(i, layers[i])
                 if heads is not None:  # its tensors are cut; its attention module learns so
@@ -260,9 +279,10 @@ def prune_layers(
             layer = layers[i].to(device)
             if done_before:  # pruned by the interrupted run: only rebuild the next inputs
                 rec = finished[i]
-                _propagate(layer, batches)
-                if probes is not None:
-                    _propagate(layer, probes)
+                with prec.autocast():
+                    _propagate(layer, batches)
+                    if probes is not None:
+                        _propagate(layer, probes)
             else:
                 head_rec = None
                 if heads is not None:  # attention first: the MLP then sees its new output
@@ -272,11 +292,19 @@ def prune_layers(
                         solver=heads.solver, heldout_batches=heldout[0], index=i, shard=shard,
                         probes=probes)
                 # the drift target's premise is checked once, on the first layer it is used
-                check = drift and not any(r.kept < r.width_before for r in records)
+                if drift and not any(r.kept < r.width_before for r in records):
+                    try:
+                        _check_additive(layer, adapter.out_linear(layer), batches[0])
+                    except SpapError as exc:
+                        if not _fall_back(solver, effort, "needs a decoder layer whose output "
+                                          "is the residual plus the MLP's; this family "
+                                          "normalizes or scales the MLP's output", info):
+                            raise exc from None
+                        drift, dense = False, None
                 rec, batches, probes = _prune_one(adapter, layer, i, batches, solver,
                                                   settings.sparsity, settings.round_to, probes,
-                                                  heldout, dense, drift, check, shard,
-                                                  None if fisher is None else fisher[i])
+                                                  heldout, dense, drift, False, shard,
+                                                  None if fisher is None else fisher[i], prec)
                 rec.heads = head_rec
             layers[i].to(home)
             if not done_before:
@@ -303,6 +331,22 @@ def prune_layers(
         raise
     finally:
         _move_outside_layers(model, layers, home)
+
+
+def _fall_back(solver, effort, reason: str, info: dict[str, Any] | None) -> bool:
+    """Where the drift target cannot be used and an effort level (not the user) chose it:
+    switch `solver` to the level's fallback target (presets.FALLBACK), log and record why
+    (`info["effort_fallback"]`) and return True. False when the user asked for it."""
+    if not effort.may_fall_back:
+        return False
+    note = (f"effort '{effort.level}': the drift target {reason}, so this run fits the "
+            f"plain layer target ({', '.join(f'{k}={v}' for k, v in FALLBACK.items())})")
+    log.warning(note)
+    for key, value in FALLBACK.items():
+        setattr(solver, key, value)
+    if info is not None:
+        info["effort_fallback"] = note
+    return True
 
 
 def _propagate(layer, batches):
@@ -370,10 +414,21 @@ def _ratio(err: torch.Tensor) -> float:
     return float(err[0] / err[1]) if err[1] > 0 else 0.0
 
 
+#: the drift target's additivity check (`_check_additive`): the largest gap between the
+#: layer's output moved by a nudge of the MLP's output and the nudge itself, relative to the
+#: output's scale, that passes: ADDITIVE_TOL, or ADDITIVE_ROUNDINGS roundings of the model's
+#: dtype where that is coarser (bf16's eps is 2^-7: a sum of two bf16 states rounds once,
+#: the nudge and the residual add a few more)
+ADDITIVE_TOL = 1e-3
+ADDITIVE_ROUNDINGS = 4
+
+
 def _check_additive(layer, down: nn.Module, batch) -> None:
     """The drift target assumes the layer's output is the residual plus the down projection's
     output: adding delta to the latter must add exactly delta to the former. Checked on one
-    batch by doing it; a norm or a scale after the MLP (Gemma 2/3, Granite) is refused."""
+    batch by doing it, in the model's own dtype (no autocast), up to a few roundings of that
+    dtype (ADDITIVE_ROUNDINGS): a norm or a scale after the MLP (Gemma 2/3, Granite) moves
+    the output by a share of delta itself, far above it, and is refused."""
     hidden, args, kwargs = batch
     base = _layer_out(layer(hidden, *args, **kwargs))
     delta = {}
@@ -391,7 +446,8 @@ def _check_additive(layer, down: nn.Module, batch) -> None:
     d = delta["d"].reshape(moved.shape).float()
     gap = float(((moved.float() - base.float()) - d).abs().max())
     scale = float(base.float().abs().max() + d.abs().max())
-    if not gap <= 1e-3 * max(scale, 1e-12):
+    tol = max(ADDITIVE_TOL, ADDITIVE_ROUNDINGS * torch.finfo(base.dtype).eps)
+    if not gap <= tol * max(scale, 1e-12):
         raise SpapError("refit_target=drift needs a decoder layer whose output is the residual "
                         "plus the MLP's down projection; this family normalizes or scales the "
                         "MLP's output before adding it, so use refit_target=layer")
@@ -421,7 +477,7 @@ def _output_fisher(model, adapter, layers, fit, source, device, home, shard, pro
 
 def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probes=None,
                heldout=(0, 0), dense=None, drift=False, check_additive=False, shard=LOCAL,
-               out_weight=None):
+               out_weight=None, prec: Precision = FLOAT32):
     """Prune one layer; returns its record and the next layer's calibration and probe inputs
     (probes stay None when none were given). Probes run only after the cut, so calibration
     results are bit-identical with or without them. `heldout` = (number of trailing batches
@@ -431,7 +487,8 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     statistics compare the layer's output on it with its output on the pruned inputs
     (`check_additive`: first check that the layer adds the MLP's output to the residual).
     `shard`: sums over the ranks of a data-parallel run (module docstring). `out_weight`:
-    the layer's output Fisher, for a solver that weights its decision by it."""
+    the layer's output Fisher, for a solver that weights its decision by it. `prec`: the
+    precision of the forwards (under its autocast) and the solver's compute dtype."""
     ins = adapter.in_linears(layer)
     first_in = next(iter(ins.values()))
     down = adapter.out_linear(layer)
@@ -445,18 +502,21 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
             lambda _m, _a, out: dense_targets.append(out.detach().reshape(-1, out.shape[-1])
                                                      .clone()))
         try:
-            _propagate(layer, dense)
+            with prec.autocast():
+                _propagate(layer, dense)
         finally:
             hook.remove()
     if k == n:  # nothing to prune: the layer must stay bit-identical
-        if drift:
-            _propagate(layer, dense)
-        new = _propagate(layer, batches)
+        with prec.autocast():
+            if drift:
+                _propagate(layer, dense)
+            new = _propagate(layer, batches)
         secs = {"collect": 0.0, "solve": 0.0, "replay": time.perf_counter() - t0}
         held = None
         if probes is not None:
             t_probe = time.perf_counter()
-            probes = _propagate(layer, probes)
+            with prec.autocast():
+                probes = _propagate(layer, probes)
             secs["probe"] = time.perf_counter() - t_probe
             held = 0.0
         return LayerRecord(index, n, n, 0.0, secs, {}, list(range(n)), held), new, probes
@@ -477,7 +537,8 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     def collect(_m, a):
         if state["dense"]:  # the dense stream's forward (drift): no statistics of it
             return
-        acc.add(a[0], heldout=is_heldout())
+        with exact(a[0].device.type):  # (the sums' products in float32, not autocast's)
+            acc.add(a[0], heldout=is_heldout())
         state["x"] = a[0]
 
     def flat(t):
@@ -505,13 +566,18 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     try:
         for j, (hidden, args, kwargs) in enumerate(batches):
             state["batch"] = j
-            out = _layer_out(layer(hidden, *args, **kwargs))
+            with prec.autocast():
+                out = _layer_out(layer(hidden, *args, **kwargs))
             if drift:  # the dense model's hidden state after this layer, and the drift
                 state["dense"] = True
                 h_d, a_d, k_d = dense[j]
-                out_dense = _layer_out(layer(h_d, *a_d, **k_d))
+                with prec.autocast():
+                    out_dense = _layer_out(layer(h_d, *a_d, **k_d))
                 state["dense"] = False
-                d = out_dense - out  # (batch, seq, m)
+                # (batch, seq, m), in float32 at least: in a bf16 model the drift is often
+                # below the rounding of the states it is the difference of
+                wide = torch.promote_types(out.dtype, torch.float32)
+                d = out_dense.to(wide) - out.to(wide)
                 drift_acc.add(d, state.pop("x"), out_dense, heldout=is_heldout())
                 if solver.needs_inputs:
                     drifts.append(flat(d))
@@ -534,12 +600,14 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
         act=adapter.activation(layer),
         shard=shard,
         out_weight=None if out_weight is None else out_weight.to(down.weight.device),
+        compute_dtype=prec.compute,
     )
     if solver.needs_inputs:
         problem.inputs = torch.cat(inputs)  # (p, d)
         # (p, m): the dense MLP on these inputs, or the dense model's own MLP output
         problem.targets = torch.cat(dense_targets if dense_targets is not None else targets)
         problem.heldout_tokens = heldout[1] if n_held else 0
+        problem.window_tokens = int(batches[0][0].shape[-2])  # (batch, seq, d): seq
         if drift:
             problem.drift = torch.cat(drifts)  # (p, m), the same rows as targets
         del inputs, targets, dense_targets, drifts
@@ -573,11 +641,13 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
 
     hooks = [new_first.register_forward_pre_hook(grab), new_down.register_forward_hook(measure)]
     try:
-        new = _propagate(layer, batches)
+        with prec.autocast():
+            new = _propagate(layer, batches)
         t3 = time.perf_counter()
         if probes is not None:
             sink["err"] = err_probe
-            probes = _propagate(layer, probes)
+            with prec.autocast():
+                probes = _propagate(layer, probes)
     finally:
         for h in hooks:
             h.remove()
@@ -585,6 +655,8 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     shard.sum_(err)
     shard.sum_(err_probe)
     secs = {"collect": t1 - t0, "solve": t2 - t1, "replay": t3 - t2}
+    # the solve's own steps (decision, refit, recovery and its parts), when the solver times them
+    secs.update({f"solve_{k}": v for k, v in decision.info.pop("seconds", {}).items()})
     held = None
     if probes is not None:
         secs["probe"] = t4 - t3

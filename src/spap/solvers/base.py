@@ -58,6 +58,12 @@ class LayerProblem:
     # and `drift` are this rank's share of the tokens (fit rows first, then its held-out
     # rows); a solver that uses those rows sums over `shard` too (recovery.py)
     shard: Shard = LOCAL
+    # the dtype of the solver's large products (precision.py): float32, or bfloat16 where the
+    # device multiplies it fast; sums and solves keep their own precision either way
+    compute_dtype: torch.dtype = torch.float32
+    # tokens per calibration window of `inputs` (0: unknown), so that a solver's products can
+    # cover whole windows, the same tokens however the windows are shared between ranks
+    window_tokens: int = 0
 
     @property
     def n(self) -> int:

@@ -29,6 +29,10 @@ windows. The epoch whose cut has the lowest held-out loss is returned, so the co
 never ends with a higher held-out error than the refit of the mask it starts from; the caller
 compares it with a hard cut followed by the same number of recovery epochs (bench/layer_lab.py).
 
+Precision (`compute`) as in recovery.py: in bf16 the Adam steps' products run under autocast
+with float32 master weights, and the sums of the down step are float32 products of chunks added
+in float64; float32 is the earlier path, bit for bit.
+
 Costs per epoch, against recovery's: the Adam steps run at full width (n rows, not the kept k)
 and the down step solves n x n instead of k x k. As in recovery, all sums are float64 over every
 rank of a data-parallel run, and each Adam step runs on one process's whole minibatch.
@@ -43,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..distributed import LOCAL, Shard
+from ..precision import autocast
 from .recovery import LayerTokens, down_input, mlp_forward
 from .refit import solve_toward, spd_inverse
 
@@ -116,6 +121,8 @@ def continue_penalty(
     seed: int = 0,
     device: torch.device | str | None = None,
     shard: Shard = LOCAL,
+    compute: torch.dtype = torch.float32,
+    window: int = 0,
 ) -> ContinuationResult:
     """Remove |pruned| channels of the dense MLP (w_in: name -> (n, d), w_down (m, n)) by the
     penalty continuation of the module docstring, starting from the mask `pruned`; fit on
@@ -133,7 +140,8 @@ def continue_penalty(
     if not 0 < n_prune < n:
         raise ValueError(f"the continuation removes 1 to {n - 1} of {n} channels, "
                          f"asked {n_prune}")
-    data = LayerTokens(a, y, n_val, device, chunk, shard, b_down)
+    data = LayerTokens(a, y, n_val, device, chunk, shard, b_down, compute=compute,
+                       window=window)
     mus = schedule(mu, epochs)
     ins = {k: v.detach().to(device, f32).clone() for k, v in w_in.items()}
     b_in_ = {k: v.to(device, f32) for k, v in (b_in or {}).items()}
@@ -172,7 +180,10 @@ def continue_penalty(
     w_full = w.to(f32)
     scale = {k: float(v.pow(2).mean().sqrt()) or 1.0 for k, v in ins.items()}
     leaves = {k: v.requires_grad_(True) for k, v in ins.items()}
-    opt = torch.optim.Adam([{"params": [leaves[k]], "lr": lr * scale[k]} for k in ins])
+    groups = [{"params": [leaves[k]], "lr": lr * scale[k]} for k in ins]
+    # (fused: one kernel per step for every group; float32 keeps the earlier path bit for bit)
+    opt = (torch.optim.Adam(groups) if compute == f32 else
+           torch.optim.Adam(groups, fused=True))
     base_lr = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch, mb = max(1, data.n_fit_all // batch), batch
@@ -185,18 +196,22 @@ def continue_penalty(
                 g["lr"] = b * frac
             idx = perm[i * mb:(i + 1) * mb]
             aa, yy = data.minibatch(idx)
-            frozen = {k: v.detach()[in_p].clone() for k, v in ins.items()}
+            # (whole copies and masks, not boolean indexing: no host sync per step on a GPU)
+            frozen = {k: v.detach().clone() for k, v in ins.items()}
             with torch.enable_grad():
-                r = mlp_forward(aa, ins, w_full, act, linear_key, b_in_, data.b_down) - yy
+                with autocast(device.type, compute):
+                    out = mlp_forward(aa, ins, w_full, act, linear_key, b_in_, data.b_down)
+                r = out.float() - yy
                 loss = (r * r).sum() / (data.y_sq_fit * idx.numel())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+            rows_p = in_p[:, None]  # (n, 1)
             for v in ins.values():
-                v.grad[in_p] = 0
+                v.grad.masked_fill_(rows_p, 0)
             opt.step()
             with torch.no_grad():  # P's rows do not move (see the module docstring)
                 for k, v in ins.items():
-                    v[in_p] = frozen[k]
+                    v.copy_(torch.where(rows_p, frozen[k], v))
             step += 1
         with torch.no_grad():
             gram, cross = sums()

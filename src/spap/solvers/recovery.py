@@ -51,7 +51,22 @@ measures each on real layers):
   to. The down projection's closed form is left unweighted: for a fixed input it minimizes
   the weighted loss too (weighting.py), so only the input projections see the weighting.
 
-Everything runs in float32 on minibatches of `batch` tokens (the activations stay where they
+Precision (`compute`, see precision.py): float32 runs everything in float32 with the closed
+form's products in float64, as earlier runs did, bit for bit. bfloat16 runs the products of
+the Adam steps' forward and backward passes and of the held-out losses under autocast (the
+weights Adam updates stay float32: its master weights), and forms the closed form's input x in
+bf16; the Gram and cross term of the closed form are then multiplied from bf16 operands with
+float32 accumulation and output (on CUDA by `torch.mm(..., out_dtype=float32)`, on the CPU in
+oneDNN's bf16 math mode, `precision.bf16_products`) and added across chunks in float64, as
+every sum here is. Products of bf16 numbers are exact in float32, so the Gram only loses what
+rounding x to bf16 loses, never its accumulation (the cross term also rounds y - b_down to
+bf16, as the pipeline's autocast forwards already do to the dense targets). Those products
+cover one calibration window at a time (`window`, its token count), so that, as in the
+statistics of the pipeline, every product covers the same tokens however the windows are
+shared between the ranks of a data-parallel run, and only the order of the float64 sums can
+change.
+
+Everything runs on minibatches of `batch` tokens (the activations stay where they
 are, e.g. on the CPU, and only a minibatch moves), so memory is the
 layer's weights, Adam's two moments and one minibatch: never a (tokens, width) tensor beyond
 the inputs and targets the caller holds.
@@ -74,13 +89,16 @@ passes and statistics, not recovery's Adam steps.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..distributed import LOCAL, Shard
+from ..precision import autocast, bf16_products
 from .refit import solve_toward
 
 MODES = ("alternating", "joint")
@@ -94,6 +112,28 @@ class RecoveryResult:
     heldout: list[float] = field(default_factory=list)  # held-out loss after 0, 1, ... epochs
     # the shrinkage toward the start: {"chosen": t, "heldout": {t: loss}}; empty when off
     shrink: dict = field(default_factory=dict)
+    # seconds per step: Adam steps, closed-form down steps, held-out losses (PhaseTimer)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class PhaseTimer:
+    """Seconds spent per named phase (`with timer("name"): ...`); on CUDA each phase ends with
+    a synchronize, so the queued kernels count where they were issued (one sync per phase, not
+    per step)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
 
 def mlp_forward(a: torch.Tensor, w_in: dict[str, torch.Tensor], w_down: torch.Tensor,
@@ -149,18 +189,23 @@ def recover(
     out_root: torch.Tensor | None = None,
     shard: Shard = LOCAL,
     rerun: bool = False,
+    compute: torch.dtype = torch.float32,
+    window: int = 0,
 ) -> RecoveryResult:
     """Recover the kept weights on tokens a[:p - n_val], y[:p - n_val], choosing the number of
     epochs (0..`epochs`) on the last `n_val` tokens. `w_down_dense` (m, k) and `ridge` define the
     down step of `mode="alternating"` (the refit toward the dense weights; ridge None: exact).
     `steps`, `patience`, `shrink`, `final_refit`, `rerun` and `out_root` are the pieces of
-    the module docstring.
+    the module docstring; `compute` the dtype of the products and `window` the tokens per
+    calibration window (module docstring; 0: unknown, products over whole chunks).
     """
     if mode not in MODES:
         raise ValueError(f"unknown recovery mode '{mode}'; use {' or '.join(MODES)}")
     device = torch.device(device) if device is not None else w_down.device
     f32 = torch.float32
-    data = LayerTokens(a, y, n_val, device, chunk, shard, b_down, out_root)
+    data = LayerTokens(a, y, n_val, device, chunk, shard, b_down, out_root, compute=compute,
+                       window=window)
+    timer = PhaseTimer(device)
     p, n_fit, n_fit_all = data.p, data.n_fit, data.n_fit_all
     params = {k: v.detach().to(device, f32).clone() for k, v in w_in.items()}
     params["__down"] = w_down.detach().to(device, f32).clone()
@@ -173,19 +218,22 @@ def recover(
         return mlp_forward(aa, ins, ps["__down"], act, linear_key, b_in_, b_down_)
 
     def val_loss(ps):
-        return data.val_loss(lambda aa: fwd(ps, aa))
+        with timer("heldout"):
+            return data.val_loss(lambda aa: fwd(ps, aa))
 
     @torch.no_grad()
     def down_step(ps, hi=n_fit):
         """The down projection's closed form on tokens [0, hi) (the fit tokens unless told),
         toward the dense weights."""
         ins = {k: v for k, v in ps.items() if k != "__down"}
-        gram, cross = data.down_sums(lambda aa: down_input(aa, ins, act, linear_key, b_in_), hi)
-        if ridge is None or w_dense is None:  # the exact refit, damped (anchored at zero)
-            anchor, lam = torch.zeros_like(cross.T), 0.01
-        else:
-            anchor, lam = w_dense.double(), ridge
-        ps["__down"] = solve_toward(gram, cross, anchor, lam).to(f32)  # (m, k)
+        with timer("down"):
+            gram, cross = data.down_sums(lambda aa: down_input(aa, ins, act, linear_key,
+                                                               b_in_), hi)
+            if ridge is None or w_dense is None:  # the exact refit, damped (anchored at zero)
+                anchor, lam = torch.zeros_like(cross.T), 0.01
+            else:
+                anchor, lam = w_dense.double(), ridge
+            ps["__down"] = solve_toward(gram, cross, anchor, lam).to(f32)  # (m, k)
 
     if rerun and shrink:
         raise ValueError("recovery's rerun on all tokens replays the chosen epochs, which "
@@ -207,24 +255,34 @@ def recover(
 
     def adam(ps):
         leaves = {k: ps[k].requires_grad_(True) for k in trainable}
-        return torch.optim.Adam([{"params": [leaves[k]], "lr": lr * scale[k]}
-                                 for k in trainable])
+        groups = [{"params": [leaves[k]], "lr": lr * scale[k]} for k in trainable]
+        if compute == f32:  # (the float32 path as it was, bit for bit)
+            return torch.optim.Adam(groups)
+        # one fused kernel per step for all groups (CPU and CUDA), not a loop over tensors
+        return torch.optim.Adam(groups, fused=True)
 
     def train_epoch(ps, opt, tokens, mb_, fracs):
         """One pass over `tokens`' fit rows in len(fracs) minibatches of `mb_`, step i at
         Adam's rate times fracs[i]."""
         n_all = tokens.n_fit_all
+        # (the permutation of the whole epoch drawn at once, on the CPU's generator, so the
+        # order of the minibatches does not depend on the device)
         perm = torch.randperm(n_all, generator=gen)
         if len(fracs) * mb_ > n_all:  # few tokens: several passes
             perm = torch.cat([perm] + [torch.randperm(n_all, generator=gen) for _ in
                                        range(math.ceil(len(fracs) * mb_ / n_all) - 1)])
+        if not tokens.shard.distributed:  # (one copy per epoch, not an index copy per step)
+            perm = perm.to(tokens.a.device)
+        groups = list(zip(opt.param_groups, (lr * scale[k] for k in trainable)))
         for i, frac in enumerate(fracs):
-            for g, k in zip(opt.param_groups, trainable):
-                g["lr"] = lr * scale[k] * frac
+            for g, base in groups:
+                g["lr"] = base * frac
             idx = perm[i * mb_:(i + 1) * mb_]
             aa, yy = tokens.minibatch(idx)
             with torch.enable_grad():
-                r = tokens.weigh(fwd(ps, aa) - yy)
+                with autocast(device.type, compute):
+                    out = fwd(ps, aa)
+                r = tokens.weigh(out.float() - yy)
                 loss = (r * r).sum() / (tokens.y_sq_fit * idx.numel())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -238,7 +296,8 @@ def recover(
     opt = adam(params)
     recovered = None  # (loss, epoch, weights) of the best epoch >= 1, for the shrinkage
     for ep in range(epochs):
-        train_epoch(params, opt, data, mb, rates(ep))
+        with timer("adam"):
+            train_epoch(params, opt, data, mb, rates(ep))
         if mode == "alternating":
             down_step(params)
         cur = val_loss(params)
@@ -261,12 +320,14 @@ def recover(
                 (min(shrink_info["heldout"].values()), recovered[1], final))
     if rerun and best[1] > 0:
         # the chosen epochs, at their rates, once more from the start on all tokens
-        every = LayerTokens(a, y, n_val, device, chunk, shard, b_down, out_root, every=True)
+        every = LayerTokens(a, y, n_val, device, chunk, shard, b_down, out_root, every=True,
+                            compute=compute, window=window)
         mb_all = max(1, every.n_fit_all // steps_per_epoch)
         ps = {k: v.detach().clone() for k, v in start.items()}
         opt = adam(ps)
         for ep in range(best[1]):
-            train_epoch(ps, opt, every, mb_all, rates(ep))
+            with timer("adam"):
+                train_epoch(ps, opt, every, mb_all, rates(ep))
             if mode == "alternating":
                 down_step(ps, hi=p)
         final = {k: v.detach() for k, v in ps.items()}
@@ -278,7 +339,7 @@ def recover(
     return RecoveryResult(
         w_in={k: v.detach() for k, v in final.items() if k != "__down"},
         w_down=final["__down"].detach(), epochs=best[1], heldout=history,
-        shrink=shrink_info,
+        shrink=shrink_info, seconds=timer.seconds,
     )
 
 
@@ -288,11 +349,17 @@ class LayerTokens:
     squared norms of the targets, a held-out loss, the down projection's Gram and cross
     term, and a minibatch of all ranks' fit tokens (`_gather_rows`). With `root` (m, m) the
     norms and losses are of outputs weighted by it (`weigh`); the Gram and cross term are
-    not."""
+    not. `compute`: the dtype of the products, `window` the tokens per calibration window
+    (the module docstring's precision)."""
 
     def __init__(self, a, y, n_val, device, chunk, shard: Shard = LOCAL, b_down=None,
-                 root=None, every=False):
+                 root=None, every=False, compute: torch.dtype = torch.float32,
+                 window: int = 0):
         self.a, self.y, self.device, self.chunk, self.shard = a, y, device, chunk, shard
+        self.compute = compute
+        self.window = window if window > 0 else chunk
+        if compute != torch.float32:  # whole windows per chunk: a window never straddles two
+            self.chunk = max(1, chunk // self.window) * self.window
         self.root = root.to(device, torch.float32) if root is not None else None
         self.p = a.shape[0]
         self.n_fit = self.p - n_val
@@ -331,7 +398,9 @@ class LayerTokens:
         weighted by `root` when there is one)."""
         tot = 0.0
         for aa, yy in self.chunks(self.n_fit, self.p):
-            tot += _sq(self.weigh(predict(aa) - yy))
+            with autocast(self.device.type, self.compute):
+                out = predict(aa)
+            tot += _sq(self.weigh(out.float() - yy))
         tot = self.shard.sum_float(tot, self.device)
         return tot / self.y_sq_val if self.y_sq_val > 0 else 0.0
 
@@ -344,12 +413,23 @@ class LayerTokens:
         k = x_of(self.a[:0].to(self.device, torch.float32)).shape[1]
         gram = torch.zeros(k, k, dtype=torch.float64, device=self.device)
         cross = torch.zeros(k, self.y.shape[1], dtype=torch.float64, device=self.device)
-        for aa, yy in self.chunks(0, hi):
-            x = x_of(aa)  # (c, k)
-            t = yy - self.b_down if self.b_down is not None else yy
-            x, t = x.double(), t.double()  # (products in float64, as the sums: see _sq)
-            gram += x.T @ x
-            cross += x.T @ t
+        if self.compute == torch.float32:
+            for aa, yy in self.chunks(0, hi):
+                t = yy - self.b_down if self.b_down is not None else yy
+                x = x_of(aa)  # (c, k)
+                x, t = x.double(), t.double()  # (products in float64, as the sums: see _sq)
+                gram += x.T @ x
+                cross += x.T @ t
+        else:
+            with bf16_products(self.device.type):
+                for aa, yy in self.chunks(0, hi):
+                    t = yy - self.b_down if self.b_down is not None else yy
+                    with autocast(self.device.type, self.compute):
+                        x = x_of(aa)  # (c, k), in bf16
+                    for s in range(0, x.shape[0], self.window):  # products per window
+                        g, c = chunk_products(x[s:s + self.window], t[s:s + self.window])
+                        gram.add_(g)  # (float64 across windows: float32 + float64 in float64)
+                        cross.add_(c)
         self.shard.sum_(gram)
         self.shard.sum_(cross)
         return gram, cross
@@ -368,6 +448,22 @@ class LayerTokens:
             return _gather_rows(self.a, self.y, idx, mine, local, self.shard, self.device)
         return self.a[idx].to(self.device, torch.float32), self.y[idx].to(self.device,
                                                                           torch.float32)
+
+
+def chunk_products(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x^T x (k, k) and x^T t (k, m) of one chunk in float32, for x (c, k) in bf16 and t (c, m).
+    On CUDA the bf16 operands are multiplied as they are with float32 output (exact products,
+    float32 accumulation, tensor-core speed); elsewhere they are upcast first, for float32
+    products (on bf16 units inside `precision.bf16_products`): a bf16 product with bf16 output
+    would round every entry of the Gram to 8 bits."""
+    if x.is_cuda:
+        try:
+            return (torch.mm(x.T, x, out_dtype=torch.float32),
+                    torch.mm(x.T, t.to(x.dtype), out_dtype=torch.float32))
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    xf = x.float()
+    return xf.T @ xf, xf.T @ t.float()
 
 
 def _sq(t):  # float64 sums: only their order depends on how the tokens are chunked

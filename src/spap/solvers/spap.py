@@ -43,6 +43,11 @@ projection solved once more on all windows), `recovery_rerun` (the chosen epochs
 on all windows) and `recovery_weight=fisher` (recovery's loss
 weighted by the loss's sensitivity to each output direction, as `out_weight=fisher` weights
 the decision).
+
+Precision: recovery's products run in the layer problem's `compute_dtype` (bf16 where the
+device multiplies it fast, precision.py; its sums stay float64), the decision and the refit in
+`solve_dtype`. Each solve's seconds per step (decision, refit, recovery and its Adam steps,
+down steps and held-out losses) are returned in `info["seconds"]` for the layer's record.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ import torch
 from .base import Decision, LayerProblem, top_k_keep
 from .continuation import continue_penalty
 from .obs import greedy_obs
-from .recovery import MODES, recover
+from .recovery import MODES, PhaseTimer, recover
 from .refit import (
     RefitOptions,
     complement,
@@ -174,21 +179,29 @@ class SpapSolver(RefitOptions, OutputWeighting):
             return Decision(torch.arange(n, device=problem.w_down.device),
                             problem.w_down.clone(), info={})
         dt = _dtype(self.solve_dtype)
-        w0 = problem.w_down.to(dt)  # (m, n)
-        # the decision sees the fit windows only (stats.ActStats.fit); the refit all of them
-        fit = problem.stats.fit(dtype=dt)
-        h = damp(fit.gram, self.damp)  # (n, n)
-        fit.gram = None  # (the decision reads h, and fit's norms only)
-        hinv = spd_inverse(h)
-        # (with out_weight=fisher the decision ranks masks by the loss-weighted error; the refit
-        # is the same for every output weighting, weighting.py)
-        keep, info = self.decide(self.decision_rows(w0, problem), h, hinv, fit, n_keep)
-        del h, hinv, fit
-        w_k, refit_info = self.refit_kept(w0, problem.stats, keep)
+        timer = PhaseTimer(problem.w_down.device)
+        with timer("decision"):
+            w0 = problem.w_down.to(dt)  # (m, n)
+            # the decision sees the fit windows only (stats.ActStats.fit); the refit all of them
+            fit = problem.stats.fit(dtype=dt)
+            h = damp(fit.gram, self.damp)  # (n, n)
+            fit.gram = None  # (the decision reads h, and fit's norms only)
+            hinv = spd_inverse(h)
+            # (with out_weight=fisher the decision ranks masks by the loss-weighted error; the
+            # refit is the same for every output weighting, weighting.py)
+            keep, info = self.decide(self.decision_rows(w0, problem), h, hinv, fit, n_keep)
+            del h, hinv, fit
+        with timer("refit"):  # (with its held-out ridge choice, on all windows)
+            w_k, refit_info = self.refit_kept(w0, problem.stats, keep)
         info.update(refit_info)
         decision = Decision(keep, w_k.to(problem.w_down.dtype), info=info)
         if self.needs_inputs and problem.inputs is not None and problem.targets is not None:
-            self.recover(problem, decision, dt)
+            with timer("recovery"):
+                self.recover(problem, decision, dt)
+        # seconds per step of this solve, recovery's own parts (Adam steps, down steps,
+        # held-out losses) among them
+        info["seconds"] = {**timer.seconds, **{f"recovery_{k}": v for k, v in
+                                               info.pop("recovery_seconds", {}).items()}}
         return decision
 
     # ---- recovery -----------------------------------------------------------------------
@@ -217,9 +230,10 @@ class SpapSolver(RefitOptions, OutputWeighting):
                    else refit_toward_dense(w0, damp(h_fit, self.damp), keep, 0.0))
         targets = problem.targets
         alpha = decision.info.get("drift_alpha") or 0.0
+        if alpha:  # (in float32 at least: a bf16 model's D is smaller than its rounding)
+            wide = torch.promote_types(targets.dtype, torch.float32)
+            targets = targets.to(wide) + alpha * problem.drift.to(wide)
         if self.recovery == "continuation":
-            if alpha:
-                targets = targets + alpha * problem.drift.to(targets.dtype)
             self._continue(problem, decision, targets, lam, dev)
             return
         if alpha:  # the drift target (refit.py): W0 x + alpha D, for the start and the epochs
@@ -228,7 +242,6 @@ class SpapSolver(RefitOptions, OutputWeighting):
             w_start = solve_toward(h_fit[keep][:, keep],
                                    h_fit[keep] @ w0.T + alpha * c_fit[:, keep].T,
                                    w0[:, keep], lam)
-            targets = targets + alpha * problem.drift.to(targets.dtype)
         res = recover(
             problem.inputs, targets,
             {k: v[keep] for k, v in problem.w_in.items()}, w_start, problem.act,
@@ -242,8 +255,10 @@ class SpapSolver(RefitOptions, OutputWeighting):
             rerun=self.recovery_rerun,
             out_root=(self.fisher_root(problem, torch.float64, dev)
                       if self.recovery_weight == "fisher" else None),
+            compute=problem.compute_dtype, window=problem.window_tokens,
         )
-        decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout)
+        decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout,
+                             recovery_seconds=res.seconds)
         if res.shrink:
             decision.info.update(recovery_shrink=res.shrink["chosen"],
                                  recovery_shrink_heldout_loss=res.shrink["heldout"])
@@ -264,6 +279,7 @@ class SpapSolver(RefitOptions, OutputWeighting):
             epochs=self.recovery_epochs, mu=_fractions(self.continuation_mu, "continuation_mu"),
             rechoose=self.continuation_rechoose, lr=self.recovery_lr,
             batch=self.recovery_batch, device=dev, shard=problem.shard,
+            compute=problem.compute_dtype, window=problem.window_tokens,
         )
         decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout,
                              continuation={"mu": res.mus, "shrinkage": res.shrinkage,

@@ -21,7 +21,15 @@ def test_every_level_runs_and_records_its_options(level):
     assert rec["explicit"] == {} and rec["fallback"] is None
     for key, value in PRESETS[level].items():  # what the solver ran with
         assert res.report["options"][key] == value, key
-    assert "drift_alpha" in res.report["layers"][1]["info"]  # the drift target ran
+    # the drift target ran wherever the level sets it
+    drift = PRESETS[level].get("refit_target") == "drift"
+    assert ("drift_alpha" in res.report["layers"][1]["info"]) == drift
+
+
+def test_the_cli_offers_every_level():
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["prune"]
+                  ._actions if a.dest == "effort")
+    assert tuple(action.choices) == EFFORTS
 
 
 def test_explicit_options_override_the_level_and_are_recorded_as_such():
@@ -34,10 +42,20 @@ def test_explicit_options_override_the_level_and_are_recorded_as_such():
     assert rec["overridden"] == ["recovery_epochs"]
 
 
-def test_without_a_level_the_method_defaults_run():
+def test_without_a_level_spap_runs_its_default_level_and_a_baseline_as_published():
     res = spap.prune(tiny_model("llama"), calib_ids=random_ids(8, 16), sparsity=0.5)
+    assert res.report["effort"]["level"] == "default"
+    for key, value in PRESETS["default"].items():
+        assert res.report["options"][key] == value, key
+    res = spap.prune(tiny_model("llama"), calib_ids=random_ids(8, 16), sparsity=0.5,
+                     method="obs")
     assert res.report["effort"]["level"] is None
     assert res.report["options"]["refit_target"] == "layer"
+    assert res.report["options"]["refit"] == "exact"
+    res = spap.prune(tiny_model("llama"), calib_ids=random_ids(8, 16), sparsity=0.5,
+                     effort="none")
+    assert res.report["options"]["refit_target"] == "layer"
+    assert res.report["options"]["recovery_epochs"] == 2
 
 
 def test_baselines_take_the_generic_options_they_accept():

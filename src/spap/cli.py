@@ -104,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="method option, repeatable (e.g. --option recovery=none); "
                         "`spap options METHOD` lists them with their defaults and meaning")
-    p.add_argument("--effort", default=None, choices=("fast", "default", "max"),
-                   help="a named set of method options that trades time for quality; "
-                        "--option values override it (recorded in spap.json)")
+    p.add_argument("--effort", default=None, choices=("fast", "default", "max", "none"),
+                   help="a named set of method options that trades time for quality: "
+                        "fast, default (spap's when none is given), max; none: the "
+                        "method's own option defaults. --option values override it "
+                        "(recorded in spap.json)")
     p.add_argument("--compute", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="precision of the matrix products: auto (bf16 where the device "
                         "multiplies it fast, else float32), float32 (reproduces earlier "

@@ -55,7 +55,8 @@ class Variant:
 
 
 #: variant keys that are run settings (PruneConfig fields), not method options
-RUN_KEYS = ("heads", "kv_groups", "head_method", "params", "params_of", "params_split")
+RUN_KEYS = ("heads", "kv_groups", "head_method", "params", "params_of", "params_split",
+            "effort", "compute")
 HEAD_PREFIX = "head."
 
 

@@ -56,7 +56,8 @@ class PruneConfig:
     method: str = "spap"
     method_options: dict[str, Any] = field(default_factory=dict)
     # a named set of method options (solvers/presets.py: fast, default, max); explicit
-    # method_options override it. None: the method's own defaults
+    # method_options override it. None: "default" for spap, the method's own defaults for a
+    # baseline (presets.DEFAULT_LEVEL)
     effort: str | None = None
     round_to: int = 1
     layer_limit: int | None = None  # prune only the first N layers (smoke runs)

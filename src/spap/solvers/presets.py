@@ -38,8 +38,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": _BEST,
     # and the decision weighted by the loss's sensitivity to each output direction
     "max": {**_BEST, "out_weight": "fisher"},
+    # the method's own option defaults, nothing set (earlier runs, with --compute float32)
+    "none": {},
 }
 EFFORTS: tuple[str, ...] = tuple(PRESETS)
+#: the level a method runs at when none is asked for: SPAP's best measured recipe, so that
+#: `spap prune MODEL --sparsity R` gives it; a baseline runs as published unless asked
+DEFAULT_LEVEL: dict[str, str] = {"spap": "default"}
 #: the options of a level that every method accepting them takes (baselines included)
 GENERIC = ("refit", "refit_target")
 #: what a level's drift target falls back to where the drift target cannot be used
@@ -81,6 +86,8 @@ def resolve_effort(method: str, level: str | None, explicit: dict[str, Any] | No
     are `accepts`, with the user's `explicit` options over it."""
     explicit = dict(explicit or {})
     if level is None:
+        level = DEFAULT_LEVEL.get(method)
+    if level is None:
         return Effort(None, method, explicit, explicit=explicit)
     if level not in PRESETS:
         raise SpapError(f"unknown --effort '{level}'; use one of {', '.join(EFFORTS)}")
@@ -98,7 +105,7 @@ def effort_for(method: str, level: str | None, explicit: dict[str, Any] | None) 
     a level is asked for)."""
     from . import solver_class
 
-    if level is None:
+    if level is None and method not in DEFAULT_LEVEL:
         return resolve_effort(method, None, explicit, set())
     accepts = {f.name for f in dataclasses.fields(solver_class(method))}
     return resolve_effort(method, level, explicit, accepts)

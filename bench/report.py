@@ -811,35 +811,70 @@ def _calib(d: dict) -> str:
     return f"{c['nsamples']} x {c['seqlen']}"
 
 
-def _level(r: dict) -> str:
-    """An effort record's level: its own field, its run settings', or the variant's name."""
-    return r.get("effort") or (r.get("settings") or {}).get("effort") or r["method"]
+def _settings_of(d: dict, r: dict) -> dict:
+    """A record's run settings (effort, compute, ...), from the file's variant list."""
+    for v in d.get("variants", []):
+        if isinstance(v, dict) and v.get("name") == r["method"]:
+            return v.get("settings") or {}
+    return {}
+
+
+def _level(d: dict, r: dict) -> str:
+    """An effort record's level: its own field, its run settings', or spap's default level."""
+    return (r.get("effort") or _settings_of(d, r).get("effort")
+            or ("default" if r.get("base_method", r["method"]) == "spap" else "-"))
+
+
+def _compute(d: dict, r: dict) -> str:
+    """A record's compute precision: its own field, or its run setting (`auto` resolved to
+    bf16 on the machine of these files, which has bf16 matrix units)."""
+    c = r.get("compute") or _settings_of(d, r).get("compute") or "auto"
+    return {"auto": "bfloat16", "float32": "float32"}.get(c, c)
 
 
 def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
-    """The README's effort table: every record of every effort-<model>.json, with its
-    perplexity, its gap ratio against the strongest baseline of the same file (where the
-    file has one) and its prune time."""
+    """The README's effort table: every SPAP record of every effort-<model>[-sN].json, with its
+    perplexity on the calibration domain and on the second text, its gap ratio against the
+    strongest baseline of the same file on each, and its prune time against wanda-sp's."""
     if not files:
         return ["Not yet measured: no `bench/results/effort-*.json` exists, so there is no "
                 "figure to give here yet."]
-    lines = ["| model | effort | sparsity | perplexity (dense) | gap ratio | prune time | "
-             "calibration, device |", "|---|---|---|---|---|---|---|"]
-    for model, d in files:
-        base = [r for r in d["records"] if _is_baseline(r) and r["ppl"] is not None]
+    lines = ["| model (seed) | `--effort` | products | Wikipedia ppl (gap ratio) | "
+             "out-of-domain ppl (gap ratio) | prune time (x wanda-sp) |",
+             "|---|---|---|---|---|---|"]
+    notes = []
+    for name, d in files:
+        seed = d["protocol"]["calibration"].get("seed", 0)
+        base = [r for r in d["records"] if _is_baseline(r) and r["ppl"] is not None
+                and r.get("base_method") != "wanda-sp"]
+        wanda = {r["sparsity"]: r for r in d["records"] if r.get("base_method") == "wanda-sp"}
+        also = sorted((d.get("dense_ppl_also") or {}))
         for r in d["records"]:
-            if _is_baseline(r):
+            if _is_baseline(r) or r["ppl"] is None:
                 continue
             best = min((b for b in base if b["sparsity"] == r["sparsity"]),
                        key=lambda b: b["ppl"], default=None)
-            ratio = (f"{r['gap'] / best['gap']:.3f} (vs {best['method']})"
-                     if best and r["ppl"] is not None and best["gap"] > 0 else "n/a")
-            lines.append(f"| {model} | `{_level(r)}` | {r['sparsity']:g} | {fmt(r['ppl'])} "
-                         f"({fmt(d['dense_ppl'])}) | {ratio} | {_minutes(r['seconds'])} | "
-                         f"{_calib(d)}, {d['protocol']['device']} |")
-    lines += ["", "From " + ", ".join(f"`bench/results/effort-{m}.json`" for m, _ in files)
-              + "; gap ratio: the level's gap to dense over the strongest baseline's in the "
-              "same file (below 1 is better)."]
+            ratio = (f"{r['gap'] / best['gap']:.3f}" if best and best["gap"] > 0 else "n/a")
+            ood = "n/a"
+            if also and r.get("ppl_also") and best and best.get("ppl_also"):
+                src = also[0]
+                dense2 = d["dense_ppl_also"][src]
+                g, gb = r["ppl_also"][src] - dense2, best["ppl_also"][src] - dense2
+                ood = f"{fmt(r['ppl_also'][src])} ({g / gb:.3f})" if gb > 0 else "n/a"
+            w = wanda.get(r["sparsity"])
+            t = _minutes(r["seconds"]) + (f" ({r['seconds'] / w['seconds']:.1f}x)" if w else "")
+            lines.append(f"| {d['model']} ({seed}) | `{_level(d, r)}` | {_compute(d, r)} | "
+                         f"{fmt(r['ppl'])} ({ratio}) | {ood} | {t} |")
+        if best is not None:
+            notes.append(f"`{name}`: r={best['sparsity']:g}, {_calib(d)} calibration tokens, "
+                         f"dense {fmt(d['dense_ppl'])}"
+                         + (f" ({fmt(d['dense_ppl_also'][also[0]])} on {also[0]})" if also
+                            else "")
+                         + f"; strongest baseline {best['method']} {fmt(best['ppl'])}")
+    lines += ["", "Gap ratio: the level's distance to the dense perplexity over the strongest "
+              "baseline's of the same run and tokens (below 1 is better); baselines run at the "
+              "same precision; times are one CPU thread of a 2-core machine with two jobs "
+              "running. " + "; ".join(notes) + "."]
     return lines
 
 

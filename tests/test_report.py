@@ -256,15 +256,31 @@ def test_effort_table_says_when_nothing_is_measured(report):
 
 
 def test_effort_table_gives_each_level_against_the_strongest_baseline(report):
+    """Each SPAP record's level (its own field, its variant's run settings, or spap's default
+    level), its precision, its gap ratio against the strongest baseline other than wanda-sp on
+    both texts, and its time against wanda-sp's."""
     fast = _record("fast", [0.1])
-    fast.update(base_method="spap", ppl=21.0, gap=3.0, seconds=120.0)
-    best = _record("default", [0.1])
-    best.update(base_method="spap", settings={"effort": "max"}, ppl=20.0, gap=2.0, seconds=30.0)
-    d = _result([fast, best, _record("obs", [0.2])])
+    fast.update(base_method="spap", effort="fast", ppl=21.0, gap=3.0, seconds=120.0,
+                ppl_also={"lambada-offline": 50.0})
+    plain = _record("default", [0.1])
+    plain.update(base_method="spap", ppl=20.0, gap=2.0, seconds=30.0,
+                 ppl_also={"lambada-offline": 45.0})
+    f32 = _record("best-f32", [0.1])
+    f32.update(base_method="spap", ppl=20.0, gap=2.0, seconds=90.0)
+    obs = _record("obs", [0.2])
+    obs.update(base_method="obs", ppl_also={"lambada-offline": 60.0})
+    wanda = _record("wanda-sp", [0.5])
+    wanda.update(base_method="wanda-sp", ppl=19.0, gap=1.0, seconds=15.0)  # never the baseline
+    d = _result([fast, plain, f32, obs, wanda])
+    d.update(model="tiny", dense_ppl_also={"lambada-offline": 40.0},
+             variants=[{"name": "best-f32", "method": "spap",
+                        "settings": {"effort": "default", "compute": "float32"}}])
     rows = [line for line in report.effort_lines([("tiny", d)]) if line.startswith("| tiny")]
-    assert rows == ["| tiny | `fast` | 0.3 | 21.00 (18.00) | 0.750 (vs obs) | 2 min | "
-                    "4 x 32, cpu |",
-                    "| tiny | `max` | 0.3 | 20.00 (18.00) | 0.500 (vs obs) | 30 s | 4 x 32, cpu |"]
+    assert rows == [
+        "| tiny (0) | `fast` | bfloat16 | 21.00 (0.750) | 50.00 (0.500) | 2 min (8.0x) |",
+        "| tiny (0) | `default` | bfloat16 | 20.00 (0.500) | 45.00 (0.250) | 30 s (2.0x) |",
+        "| tiny (0) | `default` | float32 | 20.00 (0.500) | n/a | 2 min (6.0x) |",
+    ]
 
 
 def test_readme_blocks_are_replaced_between_their_markers_only(report):

@@ -292,6 +292,8 @@ def _record(v: Variant, s: float, rep: dict[str, Any], ev: dict[str, Any],
                                for layer in layers),
         "seconds_eval": ev["seconds"],
         "options": rep["options"],
+        "effort": (rep.get("effort") or {}).get("level"),
+        "compute": (rep.get("precision") or {}).get("compute"),
         # what each layer chose out of sample (None where the method chooses nothing)
         "layer_ridge": [layer["info"].get("ridge") for layer in layers],
         "layer_recovery_epochs": [layer["info"].get("recovery_epochs")

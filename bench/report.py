@@ -848,7 +848,7 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
         base = [r for r in d["records"] if _is_baseline(r) and r["ppl"] is not None
                 and r.get("base_method") != "wanda-sp"]
         wanda = {r["sparsity"]: r for r in d["records"] if r.get("base_method") == "wanda-sp"}
-        also = sorted((d.get("dense_ppl_also") or {}))
+        also = sorted(d.get("dense_ppl_also") or {})
         for r in d["records"]:
             if _is_baseline(r) or r["ppl"] is None:
                 continue

@@ -18,7 +18,9 @@ A method is named in `--methods` as `method`, or as a variant `name=method:key=v
 The keys `heads`, `kv_groups`, `head_method` and `head.<option>` set the variant's attention
 pruning instead (e.g. `obs-h33=obs:refit=ridge;heads=0.34;head_method=wanda-sp`), so head
 decisions compare on the same tokens too; `params`, `params_of` and `params_split` give it a
-parameter budget (its sparsity then comes from the split, not from `--sparsities`).
+parameter budget (its sparsity then comes from the split, not from `--sparsities`);
+`effort` and `compute` set the variant's effort level and the precision of its products
+(e.g. `obs-ridge-drift=obs:effort=default`, `spap-f32=spap:compute=float32`).
 """
 
 from __future__ import annotations

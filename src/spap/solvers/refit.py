@@ -293,13 +293,15 @@ class RefitOptions:
         return [float(x) for x in str(self.drift_grid).split(",") if x.strip()]
 
     def refit_kept(self, w0: torch.Tensor, stats, keep: torch.Tensor,
-                   h_damped: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                   h_damped: torch.Tensor | None = None,
+                   gram: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """The kept down projection (m, k) in w0's dtype, and what was chosen (for `info`).
 
         `stats` is the layer's ActStats (gram and gram_heldout); `h_damped`, when the caller
-        has already formed the damped Gram in w0's dtype, saves forming it again."""
+        has already formed the damped Gram in w0's dtype, saves forming it again, and `gram`,
+        the undamped one in w0's dtype, saves a copy of that (n x n each)."""
         self.check_refit()
-        h = stats.gram.to(w0.dtype)
+        h = gram if gram is not None else stats.gram.to(w0.dtype)
         if self.refit == "exact":
             hd = h_damped if h_damped is not None else damp(h, self.damp)
             return refit_down(w0, hd, keep), {"refit": "exact"}

@@ -144,10 +144,14 @@ class StatsAccumulator:
         self.sum += xf.sum(0).to(self.device, torch.float64)
         self.sqsum += (xf * xf).sum(0).to(self.device, torch.float64)
         if self.gram is not None:
-            g = gram_of(x, xf).to(self.device, torch.float64)  # (n, n)
+            # (added in place, float32 into float64: no float64 temporary of the full size)
+            g = gram_of(x, xf).to(self.device)  # (n, n)
             self.gram += g
             if heldout:
-                self.gram_heldout = g if self.gram_heldout is None else self.gram_heldout + g
+                if self.gram_heldout is None:
+                    self.gram_heldout = g.to(torch.float64)
+                else:
+                    self.gram_heldout += g
 
     def result(self, drift: DriftStats | None = None) -> ActStats:
         return ActStats(self.count, self.sum, self.sqsum, self.gram, self.gram_heldout, drift)

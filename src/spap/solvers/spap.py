@@ -230,6 +230,7 @@ class SpapSolver(RefitOptions, OutputWeighting):
                                    h_fit[keep] @ w0.T + alpha * c_fit[:, keep].T,
                                    w0[:, keep], lam)
             targets = targets + alpha * problem.drift.to(targets.dtype)
+        h_fit = c_fit = None  # (n, n) and (m, n): not needed by the epochs
         res = recover(
             problem.inputs, targets,
             {k: v[keep] for k, v in problem.w_in.items()}, w_start, problem.act,

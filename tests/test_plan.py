@@ -179,3 +179,21 @@ def test_plan_is_a_pure_function_of_shapes_and_settings(shapes):
     cfg = PruneConfig(method_options=DRIFT)
     a, b = plan(s, cfg, "h100"), plan(s, dataclasses.replace(cfg), "h100")
     assert a.to_json() == b.to_json()
+
+
+def test_gpu_8b_torchrun_step_on_the_cpu(tmp_path):
+    """`make gpu-8b`'s script with its tiny shape on 2 gloo ranks: the torchrun step runs the
+    default SPAP on both, and each pruning run carries the plan beside its measured peak."""
+    mod = bench_script("gpu_8b")
+    code = mod.main(["--device", "cpu", "--tiny", "--layers", "1", "--ranks", "2", "--skip",
+                     "speed", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "gpu_8b.json").read_text())
+    assert code == 0, data["steps"]
+    tr = data["torchrun"]
+    assert tr["world_size"] == 2 and len(tr["peak_host_rss_gib"]) == 2
+    assert tr["same_width"] and tr["ratio_to_one_process"] > 0
+    for run in data["prune"]["runs"]:
+        plan = run["plan"]
+        assert plan["hardware"] == "cpu-fp32" and plan["host_peak_gib"] > 0
+        assert plan["host_ratio"] == pytest.approx(
+            run["peak_host_rss_gib"] / plan["host_peak_gib"])

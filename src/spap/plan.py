@@ -408,9 +408,9 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
         solver_state(st)
         if refit == "ridge":
             place(st, "Gram, held-out and fit Grams", 3 * n * n * sd)
-            # the kept blocks of the fit and held-out Grams and an identity, a ridge solve's
-            # shifted block and its Cholesky factor, and a k x n row selection on the way
-            place(st, "kept blocks, identity, a ridge solve", (6 * k * k + k * n) * sd)
+            # the kept blocks of the fit and held-out Grams, a ridge solve's shifted block and
+            # its Cholesky factor, and a k x n row selection on the way
+            place(st, "kept blocks and a ridge solve", (4 * k * k + k * n) * sd)
             if drift:
                 place(st, "drift cross terms and their blocks", 4 * m * n * sd)
             one = k**3 / 3 + 4.0 * k * k * m * (2 if drift else 1)
@@ -439,10 +439,10 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
         step_mem = mb * (d + 2 * m) * 4 + 5 * mb * k * 4
         chunk = min(RECOVERY_CHUNK, T)
         # the down projection's closed form: its float64 sums with one chunk's product (x,
-        # its float64 copy, the inputs and targets), then the ridge solve (the Gram, an
-        # identity, its multiple, their sum, the Cholesky factor)
+        # its float64 copy, the inputs and targets), then the ridge solve (the Gram, the
+        # shifted Gram, its Cholesky factor)
         sums_mem = 2 * k * k * 8 + 2 * k * m * 8 + chunk * (k * 12 + (d + m) * 4 + m * 8)
-        solve_mem = 5 * k * k * 8 + 3 * k * m * 8
+        solve_mem = 3 * k * k * 8 + 3 * k * m * 8
         place(st, "largest of a minibatch's forward and the float64 closed form",
               max(step_mem, sums_mem, solve_mem))
         per_token = 4.0 * trainable + 4.0 * m * k

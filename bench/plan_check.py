@@ -26,8 +26,8 @@ Cases:
                  weights, one epoch of 64 Adam steps; against the plan's recovery terms
                  (weights, Adam's moments and gradients, the float64 closed form). The layer
                  case runs without recovery: with it, a CPU needs ~16 GiB at this shape.
-  cuts           the solver's memory cuts at the same shape: the Gram accumulation (three
-                 windows of 2048 tokens, the last held out), SPAP's solve with the drift
+  cuts           the solver's memory cuts at a real MLP shape (--shape): the Gram accumulation
+                 (four windows of 2048 tokens, the last two held out), SPAP's solve with the drift
                  target up to recovery's start, and what is alive when recovery starts; run
                  with this code and with an earlier commit's (`--use-path`) to compare.
 
@@ -317,18 +317,24 @@ class _AtRecovery(Exception):
     pass
 
 
-def cuts_case(label: str) -> dict[str, Any]:
-    """The solver's memory at Llama-3.1-8B's MLP shape (case cuts): Gram accumulation, the
-    solve up to recovery, and what is alive when recovery starts."""
+#: MLP shapes (hidden, width) of the cuts case
+SHAPES = {"llama-3.1-8b": (4096, 14336), "qwen2.5-0.5b": (896, 4864)}
+
+
+def cuts_case(label: str, shape: str = "llama-3.1-8b") -> dict[str, Any]:
+    """The solver's memory at a real MLP shape (case cuts): Gram accumulation, the solve up
+    to recovery, and what is alive when recovery starts."""
     import spap.solvers.spap as spap_mod
     from spap.memory import trim_host_heap
     from spap.solvers import get_solver
     from spap.solvers.base import LayerProblem
     from spap.solvers.stats import DriftStats, StatsAccumulator
 
-    d, n, m = 4096, 14336, 4096
+    d, n = SHAPES[shape]
+    m = d
     g = torch.Generator().manual_seed(0)
-    out: dict[str, Any] = {"case": "cuts", "label": label}
+    out: dict[str, Any] = {"case": "cuts", "label": label, "shape": shape, "hidden": d,
+                           "width": n}
     map_large_allocations()
     trim_host_heap()
     rss0 = anon_rss()
@@ -337,7 +343,7 @@ def cuts_case(label: str) -> dict[str, Any]:
     sampler = StepSampler()
     sampler.enter("accumulate")
     sampler.start()
-    for held in (False, False, True):
+    for held in (False, False, True, True):
         acc.add(x, heldout=held)
     stats = acc.result(DriftStats(torch.randn(m, n, generator=g, dtype=torch.float64) * 1e-3,
                                   1.0, 10.0, torch.randn(m, n, generator=g,
@@ -366,7 +372,7 @@ def cuts_case(label: str) -> dict[str, Any]:
     sampler.enter("solve")
     t0 = time.perf_counter()
     try:
-        solver.solve(problem, 10035)
+        solver.solve(problem, n - round(0.3 * n))
     except _AtRecovery:
         pass
     sampler.stop()
@@ -386,12 +392,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-plan", action="store_true", help="measure only (older code)")
     ap.add_argument("--use-path", action="store_true",
                     help="import spap from PYTHONPATH, not from this checkout")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b",
+                    help="the MLP shape of the cuts case")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.case in ("llama8b-recovery", "cuts"):
         res = (recovery_case(args.label, args.nsamples, args.seqlen)
-               if args.case == "llama8b-recovery" else cuts_case(args.label))
-        name = f"plan-check-{args.case}" + (f"-{args.label}" if args.label else "") + ".json"
+               if args.case == "llama8b-recovery" else cuts_case(args.label, args.shape))
+        name = (f"plan-check-{args.case}" + (f"-{args.shape}" if args.case == "cuts" else "")
+                + (f"-{args.label}" if args.label else "") + ".json")
         out = Path(args.out) if args.out else ROOT / "bench" / "results" / name
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1))

@@ -197,3 +197,22 @@ def test_gpu_8b_torchrun_step_on_the_cpu(tmp_path):
         assert plan["hardware"] == "cpu-fp32" and plan["host_peak_gib"] > 0
         assert plan["host_ratio"] == pytest.approx(
             run["peak_host_rss_gib"] / plan["host_peak_gib"])
+
+
+def test_auto_offload_counts_what_stays_on_the_device():
+    """choose_offload: activations that fit half the free memory still go to the host when
+    with the dense stream's copy and what a layer's step keeps on the device (the Grams,
+    recovery's rows) they would not fit."""
+    from spap.driver.activations import choose_offload, resident_bytes
+
+    cuda = torch.device("cuda")
+    assert not choose_offload("auto", cuda, 40, free_bytes=100)
+    assert choose_offload("auto", cuda, 40, free_bytes=100, resident=40)
+    assert not choose_offload("auto", torch.device("cpu"), 40, free_bytes=100, resident=90)
+    # Llama-3.1-8B, 128 x 2048 tokens in bfloat16 with the drift target: the Grams (2 x 1.6
+    # GB and a window's product), the drift cross terms and recovery's rows, twice while
+    # they are concatenated
+    n, d, t = 14336, 4096, 128 * 2048
+    got = resident_bytes(t, d, n, d, 2, gram=True, inputs=True, drift=True)
+    assert got == 20 * n * n + 2 * t * 3 * d * 2 + 16 * d * n
+    assert resident_bytes(t, d, n, d, 2, gram=False, inputs=False, drift=False) == 0

@@ -144,17 +144,24 @@ class StatsAccumulator:
         self.sum += xf.sum(0).to(self.device, torch.float64)
         self.sqsum += (xf * xf).sum(0).to(self.device, torch.float64)
         if self.gram is not None:
-            # (added in place, float32 into float64: no float64 temporary of the full size)
             g = gram_of(x, xf).to(self.device)  # (n, n)
-            self.gram += g
+            _add_rows(self.gram, g)
             if heldout:
                 if self.gram_heldout is None:
                     self.gram_heldout = g.to(torch.float64)
                 else:
-                    self.gram_heldout += g
+                    _add_rows(self.gram_heldout, g)
 
     def result(self, drift: DriftStats | None = None) -> ActStats:
         return ActStats(self.count, self.sum, self.sqsum, self.gram, self.gram_heldout, drift)
+
+
+def _add_rows(total: torch.Tensor, part: torch.Tensor, rows: int = 1024) -> None:
+    """total += part (float32 into float64) a block of rows at a time: the float64 copy of
+    `part` that a mixed-dtype sum makes is a block, never the full n x n (1.6 GB at n =
+    14336)."""
+    for s in range(0, total.shape[0], rows):
+        total[s:s + rows] += part[s:s + rows]
 
 
 def stats_from_activations(x: torch.Tensor, want_gram: bool = True) -> ActStats:

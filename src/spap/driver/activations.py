@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 DEVICE_SHARE = 0.5
 # ... and also while they, with what a layer's step holds on the device beside them whatever
 # the choice (`resident_bytes`: the Grams, recovery's inputs, targets and drift), fit in this
-# share of it (the rest: the layer, its forward's temporaries, the solver's n x n work)
-DEVICE_FIT = 0.75
+# share of it (the rest: the layer, its forward's temporaries, the solver's n x n work and
+# recovery's weights and closed form; spap plan: at 0.75, Llama-3.1-70B with the drift target
+# kept its activations on an 80 GB device and needed 82 GB, at 0.6 it offloads them: 73 GB)
+DEVICE_FIT = 0.6
 
 Batch = tuple[torch.Tensor, tuple, dict]
 

@@ -170,8 +170,24 @@ def instrument(sampler: StepSampler) -> None:
     pipeline._propagate = propagate
 
 
+def _config(case: dict[str, Any]):
+    from transformers import AutoConfig
+
+    if "alias" in case:
+        from spap.plan import model_config
+
+        return model_config(case["alias"])
+    spec = json.loads((ROOT / case["config"]).read_text())
+    for key in ("torch_dtype", "dtype", "architectures"):
+        spec.pop(key, None)
+    model_type = spec.pop("model_type")
+    spec.update(num_hidden_layers=case["layers"], vocab_size=case["vocab"], bos_token_id=1,
+                eos_token_id=2, **case.get("shape", {}))
+    return AutoConfig.for_model(model_type, **spec)
+
+
 def build(case: dict[str, Any]):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if "alias" in case:
         from spap.modelio.loading import load_model
@@ -180,13 +196,7 @@ def build(case: dict[str, Any]):
         for prm in model.parameters():  # out of the mmapped checkpoint, into anonymous memory
             prm.data = prm.data.clone()
         return model, model.config
-    spec = json.loads((ROOT / case["config"]).read_text())
-    for key in ("torch_dtype", "dtype", "architectures"):
-        spec.pop(key, None)
-    model_type = spec.pop("model_type")
-    spec.update(num_hidden_layers=case["layers"], vocab_size=case["vocab"], bos_token_id=1,
-                eos_token_id=2, **case.get("shape", {}))
-    config = AutoConfig.for_model(model_type, **spec)
+    config = _config(case)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     return model, config
@@ -237,6 +247,21 @@ def run(case_name: str, label: str, with_plan: bool, nsamples: int | None,
     if with_plan:
         out.update(compare(config, cfg, measured))
     return out
+
+
+def recompare(path: Path) -> dict[str, Any]:
+    """A saved measurement's predictions again, from the plan as it is now (the measured
+    peaks unchanged)."""
+    from spap.config import PruneConfig
+
+    res = json.loads(path.read_text())
+    case = res["case_settings"]
+    config = _config(case)
+    cfg = PruneConfig(method="spap", method_options=res["recipe"], nsamples=case["nsamples"],
+                      seqlen=case["seqlen"], batch_size=case["batch_size"], device="cpu",
+                      dtype="float32")
+    res.update(compare(config, cfg, res["measured_step_peak_bytes"]))
+    return res
 
 
 def compare(config, cfg, measured: dict[str, int]) -> dict[str, Any]:
@@ -384,8 +409,9 @@ def cuts_case(label: str, shape: str = "llama-3.1-8b") -> dict[str, Any]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--case", choices=sorted([*CASES, "llama8b-recovery", "cuts"]),
-                    required=True)
+    ap.add_argument("--case", choices=sorted([*CASES, "llama8b-recovery", "cuts"]))
+    ap.add_argument("--recompare", default=None, metavar="JSON",
+                    help="a saved result's predictions again from the plan as it is now")
     ap.add_argument("--label", default="", help="a name for this code (e.g. before, after)")
     ap.add_argument("--nsamples", type=int, default=None)
     ap.add_argument("--seqlen", type=int, default=None)
@@ -396,6 +422,13 @@ def main(argv=None) -> int:
                     help="the MLP shape of the cuts case")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if not (args.case or args.recompare):
+        ap.error("give --case or --recompare")
+    if args.recompare:
+        res = recompare(Path(args.recompare))
+        Path(args.recompare).write_text(json.dumps(res, indent=1))
+        print(json.dumps({"steps": res["steps"], "peak": res["peak"]}, indent=1))
+        return 0
     if args.case in ("llama8b-recovery", "cuts"):
         res = (recovery_case(args.label, args.nsamples, args.seqlen)
                if args.case == "llama8b-recovery" else cuts_case(args.label, args.shape))
@@ -413,8 +446,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(res, indent=1))
     for step, b in res["measured_step_peak_bytes"].items():
         row = res.get("steps", {}).get(step)
-        pred = f"  predicted {row['predicted_bytes'] / GIB:6.2f} GiB  ratio {row['ratio']:.3f}" \
-            if row else ""
+        pred = (f"  predicted {row['predicted_bytes'] / GIB:6.2f} GiB  ratio "
+                f"{row['ratio']:.3f}" if row and row["ratio"] is not None else "")
         print(f"{step:12s} measured {b / GIB:6.2f} GiB{pred}")
     print(f"wrote {out} ({res['seconds']:.0f}s)")
     return 0

@@ -314,7 +314,7 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
 
     model_host = (outside + layer_w) if cfg.low_memory else s.params * e
 
-    def base(step: Step, layer: bool = True, stream: bool = True) -> Step:
+    def base(step: Step, layer: bool = True, stream: bool = True, copy: bool = True) -> Step:
         step.host["model weights"] = int(model_host)
         if gpu:
             place(step, "weights outside the layers", outside)
@@ -323,7 +323,7 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
         if stream:
             where = not off
             place(step, "activations", acts_host if off else acts, where)
-            if dense:
+            if dense and copy:
                 place(step, "dense stream", acts_host if off else acts, where)
         return step
 
@@ -335,32 +335,55 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
                    "held-out drift cross term (float64)": 8 * m * n} if drift else {})
     rec_rows = T * (d + m * (2 if drift else 1)) * e if inputs else 0
     weights64 = 8 * (m * n + r * n * d)  # the LayerProblem's float64 copies of the weights
-    fwd_temps = Tb * (4 * n + 4 * d) * e  # one batch's MLP and attention intermediates
     steps: list[Step] = []
 
     st = Step("load", 1, disk_io_bytes=s.params * e if not cfg.low_memory else outside,
               note="the model read into host memory (--low-memory: all but the layers)")
     steps.append(base(st, layer=False, stream=False))
 
+    # (the dense stream is cloned from the captured store afterwards; on the device it shares
+    # its tensors until a layer replaces them)
     st = base(Step("capture", 1, flops={}, transfer_bytes=acts if off else 0,
-                   note="layer 0's inputs of every calibration window"), layer=False)
+                   note="layer 0's inputs of every calibration window"), layer=False,
+              copy=False)
     place(st, "one batch's embeddings", Tb * d * e)
     steps.append(st)
 
+    def moments(tb: int) -> dict[str, int]:
+        """A batch of `tb` tokens: a forward (three n-wide intermediates, with the pruned
+        stream's down input held while the dense stream runs), one window's Gram product,
+        and the drift sums (float64 copies of the batch, two m x n products)."""
+        return {"a batch's forward": tb * (3 * n + (n if dense else 0) + 2 * d) * e,
+                "a window's Gram product": (4 * n * n + S * n * 4) if gram else 0,
+                "a batch's drift sums": (tb * n * (e + 8) + tb * m * (3 * e + 16)
+                                         + 16 * m * n) if drift else 0}
+
+    def collect_terms(step: Step, only_forward: bool = False) -> None:
+        """The larger of the last fit batch (the sums of all windows so far, recovery's rows
+        of the fit windows) and the last held-out batch (their held-out parts too, every
+        row): the held-out windows come last, batched apart."""
+        cases = []
+        for tb, held, share in ((min(B, n_fit) * S, False, T_fit / T),
+                                (min(B, n_held) * S, True, 1.0)):
+            if tb == 0:
+                continue
+            kept = {k: b for k, b in {**grams, **drift_sums}.items()
+                    if held or not k.startswith("held-out")}
+            mo = moments(tb)
+            if only_forward:
+                mo = {"a batch's forward": mo["a batch's forward"]}
+            worst = max(mo, key=mo.get)
+            cases.append((sum(kept.values()) + rec_rows * share + mo[worst], kept,
+                          rec_rows * share, worst, mo[worst]))
+        _, kept, rows, worst, moment = max(cases, key=lambda c: c[0])
+        for name, b in kept.items():
+            place(step, name, b)
+        place(step, "recovery's inputs/targets/drift rows", rows)
+        place(step, f"largest per-batch moment ({worst})", moment)
+
     st = base(Step("collect", L, flops={fwd: layer_flops}, transfer_bytes=stream_moves / 2,
                    note="the layer on every batch: Gram, drift statistics, recovery's rows"))
-    for name, b in {**grams, **drift_sums}.items():
-        place(st, name, b)
-    place(st, "recovery's inputs/targets/drift rows", rec_rows)
-    # the largest of three moments of a batch: a forward (three n-wide intermediates, with
-    # the pruned stream's down input held while the dense stream runs), one window's Gram
-    # product, and the drift sums (float64 copies of the batch, two m x n products)
-    moments = {"a batch's forward": Tb * (3 * n + (n if dense else 0) + 2 * d) * e,
-               "a window's Gram product": (4 * n * n + S * n * 4) if gram else 0,
-               "a batch's drift sums": (Tb * n * (e + 8) + Tb * m * (3 * e + 16)
-                                        + 16 * m * n) if drift else 0}
-    worst = max(moments, key=moments.get)
-    place(st, f"largest per-batch moment ({worst})", moments[worst])
+    collect_terms(st)
     if gram:
         st.flops["bf16" if (gpu and half) else "fp32"] = 2.0 * T * n * n
     if drift:
@@ -371,10 +394,7 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
         st = base(Step("dense stream", L, flops={fwd: layer_flops},
                        transfer_bytes=stream_moves / 2,
                        note="the dense layer on the dense model's own hidden states"))
-        for name, b in {**grams, **drift_sums}.items():
-            place(st, name, b)
-        place(st, "recovery's inputs/targets/drift rows", rec_rows)
-        place(st, "one batch's forward (both streams)", fwd_temps + Tb * n * e * 2)
+        collect_terms(st, only_forward=True)
         steps.append(st)
 
     def solver_state(step: Step) -> None:
@@ -411,6 +431,7 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
             # the kept blocks of the fit and held-out Grams, a ridge solve's shifted block and
             # its Cholesky factor, and a k x n row selection on the way
             place(st, "kept blocks and a ridge solve", (4 * k * k + k * n) * sd)
+            place(st, "the ridge solves' right-hand sides", (4 if drift else 2) * k * m * sd)
             if drift:
                 place(st, "drift cross terms and their blocks", 4 * m * n * sd)
             one = k**3 / 3 + 4.0 * k * k * m * (2 if drift else 1)
@@ -462,7 +483,10 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
         place(st, name, b)
     place(st, "decision's weights (float64)", 8 * (m * k + r * k * d))
     place(st, "dense MLP copy", s.mlp_params(n) * e)
-    place(st, "one batch's forward and its float64 error", fwd_temps + Tb * (n * e + 3 * m * 8))
+    # the pruned layer's down input held while the dense MLP recomputes the reference (two
+    # n-wide intermediates at once) and the float64 error sums take their copies
+    place(st, "one batch's dense reference and its float64 error",
+          max(Tb * (k + 2 * n) * e + 3 * Tb * m * 8, Tb * (3 * k + 2 * d) * e))
     steps.append(st)
 
     if fisher:

@@ -325,7 +325,7 @@ def recovery_case(label: str, nsamples: int | None, seqlen: int | None) -> dict[
     sampler.stop()
     measured = sampler.peaks["recovery"] - rss0
     out = {"case": "llama8b-recovery", "label": label, "tokens": tokens, "kept": k,
-           "seconds": secs, "held_bytes": held, "measured_bytes": measured + 4 * d * k}
+           "seconds": secs, "held_bytes": held, "measured_bytes": measured}
     from spap.plan import Shapes, plan
 
     shapes = Shapes("llama", 1, d, n, d, 2, 0, 0, 1024, d, 128)

@@ -47,10 +47,11 @@ bench-report: setup
 # The 8B figures (pruning time, peak memory, pruned speed at Llama-3.1-8B's shape, random
 # weights) in one call of under 8 minutes on a GPU machine; `--device cpu --tiny` on CPU.
 # Then the recovery's own peak memory on one 8B-shaped layer at 128 x 2048 tokens (seconds).
+# Llama-3.1-8B's shape with random weights on every GPU of the machine, in one call of under
+# ~8 minutes: pruning time and peaks beside `spap plan`'s prediction for each variant, the
+# default SPAP under torchrun on all GPUs against one process, and the pruned model's speed.
 gpu-8b:
 	PYTHONPATH=src $(PY) bench/gpu_8b.py --out runs/gpu-8b
-	PYTHONPATH=src $(PY) bench/recovery_memory.py --device cuda --tokens 262144 \
-	    --out runs/gpu-8b/recovery-memory-cuda.json
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -3,7 +3,7 @@
 Random bfloat16 weights of the Llama-3.1-8B architecture (bench/configs/llama-3.1-8b.json:
 hidden 4096, MLP width 14336, 32 layers, 32 heads, 8 KV heads, vocab 128256, llama3 rope),
 random calibration token ids (128 x 2048 by default). Nothing is downloaded. Run on the GPU
-machine from the repository root, in one call of under 8 minutes on an H200:
+machine from the repository root (`make gpu-8b`), in one call of under 8 minutes on an H200:
 
     PYTHONPATH=src python3 bench/gpu_8b.py --out $OUT
 
@@ -29,7 +29,17 @@ runs):
             extrapolation: nothing accumulates from layer to layer.
             --offload-check adds one wanda-sp run with the activations in pinned host memory
             (offload="cpu") to show what streaming saves on the device and costs in time.
-3. speed    spap.eval.speed.bench: the dense model against one whose every MLP is cut to the
+   Every run records `spap plan`'s prediction (spap.plan, in the report's memory.plan)
+            beside its measured peaks: predicted peak device and host memory, their ratios
+            measured / predicted, and the plan's time for all layers on this GPU's entry.
+3. torchrun the default SPAP variant once more under `python -m torch.distributed.run` on
+            every GPU of the machine (--ranks N; on a CPU only when asked, on gloo): each
+            rank builds the same random model, prunes --torchrun-layers layers on its share
+            of the windows; rank 0 writes <out>/gpu_8b-torchrun.json with the wall seconds,
+            every rank's peak memory and the kept width, and the parent records them beside
+            the one-process run of the same variant (time ratio, same width). Skipped with
+            one device.
+4. speed    spap.eval.speed.bench: the dense model against one whose every MLP is cut to the
             width the pruning gives at --round-to (the last variant's model if it pruned all
             layers, otherwise the dense model cut by the magnitude method: speed does not
             depend on which channels are kept), prefill of --prompt-len tokens and greedy
@@ -175,6 +185,7 @@ def prune_runs(rec: dict[str, Any], state: dict[str, Any], args, device: torch.d
                 for k, v in layer["seconds"].items():
                     parts[k] = parts.get(k, 0.0) + v
             mem = rep["memory"]
+            run["plan"] = _plan_vs_measured(mem, scale)
             run.update(
                 ok=True, seconds=secs, capture_seconds=capture, layer_seconds=parts,
                 seconds_all_layers=capture + (secs - capture) * scale,
@@ -209,8 +220,120 @@ def prune_runs(rec: dict[str, Any], state: dict[str, Any], args, device: torch.d
             if base is not None and r.get("ok"):
                 r["ratio_to_wanda_sp"] = r["seconds_all_layers"] / base["seconds_all_layers"]
         results.write()
+    state["prune_runs"], state["prune_layers"] = rec["runs"], todo
     if not any(r.get("ok") for r in rec["runs"]):
         raise RuntimeError("no pruning run succeeded")
+
+
+def _plan_vs_measured(mem: dict[str, Any], scale: float) -> dict[str, Any] | None:
+    """`spap plan`'s prediction for the run (the report's memory.plan) beside its measured
+    peaks: GiB, and measured / predicted."""
+    plan = mem.get("plan")
+    if not plan:
+        return None
+    dev, host = mem.get("device_peak_bytes"), mem.get("host_rss_peak_bytes")
+    return {
+        "hardware": plan["hardware"], "peak_step": plan["device_peak_step"],
+        "device_peak_gib": plan["device_peak_bytes"] / GIB,
+        "host_peak_gib": plan["host_peak_bytes"] / GIB,
+        "device_ratio": dev / plan["device_peak_bytes"] if dev else None,
+        "host_ratio": host / plan["host_peak_bytes"] if host else None,
+        "seconds_all_layers": plan["seconds"],
+    }
+
+
+def torchrun(rec: dict[str, Any], state: dict[str, Any], args, device: torch.device) -> None:
+    """The default SPAP variant under torchrun on every GPU (step 3 of the docstring)."""
+    import subprocess
+
+    n = args.ranks if args.ranks is not None else (
+        torch.cuda.device_count() if device.type == "cuda" else 0)
+    rec["ranks"] = n
+    if n < 2:
+        rec["skipped"] = f"{n} device(s): nothing to split"
+        log(f"  skipped: {rec['skipped']}")
+        return
+    from spap.data import heldout_windows
+
+    # every rank needs a batch of fit windows of its own
+    fit = args.nsamples - heldout_windows(args.nsamples)
+    batch = max(1, min(args.batch_size, fit // n))
+    rec["batch_size"] = batch
+    out = Path(args.out)
+    target = out / "gpu_8b-torchrun.json"
+    target.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(n), str(Path(__file__).resolve()), "--worker", "--out", str(out),
+            "--device", device.type, "--layers", str(args.torchrun_layers),
+            "--sparsity", str(args.sparsity), "--round-to", str(args.round_to),
+            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+            "--batch-size", str(batch), "--dtype", args.dtype, "--seed",
+            str(args.seed), *(["--tiny"] if args.tiny else [])]
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.torchrun_timeout)
+    rec["launcher_seconds"] = time.perf_counter() - t0
+    if proc.returncode != 0 or not target.exists():
+        errors = [ln for ln in proc.stderr.splitlines() if "Error:" in ln]
+        raise RuntimeError(f"torchrun exited {proc.returncode}: "
+                           f"{errors[0] if errors else proc.stderr[-2000:]}")
+    rec.update(json.loads(target.read_text()))
+    peaks = [g for g in rec["peak_device_gib"] if g is not None]
+    log(f"  {n} ranks: {rec['seconds']:.1f}s for {rec['layers_pruned']} layers, width "
+        f"{rec['width_after']}, peak device {fmt(max(peaks) if peaks else None, '.2f')} GiB")
+    one = next((r for r in state.get("prune_runs", []) if r.get("ok") and r["name"] == "spap"),
+               None)
+    if one is not None and one["layer_seconds"]:
+        # the one-process run's time for the same layers: capture + per-layer share
+        per_layer = (one["seconds"] - one["capture_seconds"]) / max(state["prune_layers"], 1)
+        single = one["capture_seconds"] + per_layer * rec["layers_pruned"]
+        rec.update(one_process_seconds=single, ratio_to_one_process=rec["seconds"] / single,
+                   same_width=rec["width_after"] == one["width_after"])
+
+
+def worker(args) -> int:
+    """One rank of the torchrun step: build, prune, report (rank 0 writes)."""
+    import torch.distributed as dist
+
+    import spap
+    from spap.distributed import init_from_env
+
+    shard, dev = init_from_env(args.device)
+    device = torch.device(dev)
+    config = model_config(args.tiny)
+    torch.manual_seed(args.seed)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):  # every rank the same weights: the same seed
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    model = model.to("cpu").eval()
+    free(device)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    calib = torch.randint(0, config.vocab_size, (args.nsamples, args.seqlen), generator=g)
+    todo = min(args.layers or config.num_hidden_layers, config.num_hidden_layers)
+    shard.barrier()
+    t0 = time.perf_counter()
+    res = spap.prune(model, calib_ids=calib, sparsity=args.sparsity, method="spap",
+                     device=device, round_to=args.round_to, batch_size=args.batch_size,
+                     layer_limit=todo, allow_unsaveable=True)
+    sync(device)
+    secs = time.perf_counter() - t0
+    mem = res.report["memory"]
+    mine = torch.tensor([mem["device_peak_bytes"] or -1, mem["host_rss_peak_bytes"], secs],
+                        dtype=torch.float64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(shard.world_size)]
+    dist.all_gather(every, mine)
+    if shard.is_main:
+        rows = [t.tolist() for t in every]
+        out = {"world_size": shard.world_size, "layers_pruned": todo,
+               "seconds": max(r[2] for r in rows),
+               "peak_device_gib": [_gib(r[0]) if r[0] >= 0 else None for r in rows],
+               "peak_host_rss_gib": [_gib(r[1]) for r in rows],
+               "width_after": res.report["layers"][0]["kept"],
+               "plan": _plan_vs_measured(mem, 1.0)}
+        from spap.files import write_json_atomic
+
+        write_json_atomic(Path(args.out) / "gpu_8b-torchrun.json", out)
+    return 0
 
 
 def speed(rec: dict[str, Any], state: dict[str, Any], args, device: torch.device) -> None:
@@ -285,9 +408,26 @@ def summary(data: dict[str, Any]) -> str:
                 f"{r['peak_host_rss_gib']:8.1f} {r['activations']['where']:>12}")
         for s in p.get("skipped", []):
             lines.append(f"{s['name']:<20} skipped: {s['reason']}")
+        lines += ["", "spap plan against the measured peaks (GiB; measured / predicted):",
+                  f"{'variant':<20} {'plan GPU':>8} {'ratio':>6} {'plan host':>9} {'ratio':>6} "
+                  f"{'plan s all layers':>17}"]
+        for r in p["runs"]:
+            pl = r.get("plan")
+            if r.get("ok") and pl:
+                lines.append(f"{r['name']:<20} {pl['device_peak_gib']:8.2f} "
+                             f"{fmt(pl['device_ratio'], '6.2f')} {pl['host_peak_gib']:9.2f} "
+                             f"{fmt(pl['host_ratio'], '6.2f')} {pl['seconds_all_layers']:17.0f}")
         if ext:
             lines.append("* extrapolated: capture + (measured - capture) x layers_total / "
                          "layers_pruned")
+    tr = data.get("torchrun", {})
+    if tr.get("seconds") is not None:
+        lines += ["", f"torchrun on {tr['world_size']} ranks: {tr['seconds']:.1f}s for "
+                  f"{tr['layers_pruned']} layers, width {tr['width_after']}"
+                  + (f"; {tr['ratio_to_one_process']:.2f}x the one-process time, same width: "
+                     f"{tr['same_width']}" if "ratio_to_one_process" in tr else "")]
+    elif tr.get("skipped"):
+        lines += ["", f"torchrun: skipped ({tr['skipped']})"]
     sp = data.get("speed", {})
     if sp.get("summary"):
         lines += ["", f"speed, pruned (width {sp['width']['pruned']}, {sp['pruned_model']}) "
@@ -334,9 +474,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--speed-batches", default=None, help="default 1,8,32 (tiny: 1,2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-budget", type=float, default=330.0,
+    p.add_argument("--time-budget", type=float, default=240.0,
                    help="seconds from the start after which no new pruning run starts")
-    p.add_argument("--skip", default="", help="comma-separated steps to skip: prune,speed")
+    p.add_argument("--skip", default="",
+                   help="comma-separated steps to skip: prune,torchrun,speed")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="processes of the torchrun step (default: every GPU; 0 on a CPU)")
+    p.add_argument("--torchrun-layers", type=int, default=None,
+                   help="layers the torchrun step prunes (default 2; tiny: all)")
+    p.add_argument("--torchrun-timeout", type=float, default=150.0,
+                   help="seconds the torchrun step may take (its launch included)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     big = not args.tiny
     args.methods = args.methods or default_variants()
@@ -345,6 +493,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.prompt_len = args.prompt_len or (1024 if big else 16)
     args.gen_tokens = args.gen_tokens or (64 if big else 4)
     args.speed_batches = args.speed_batches or ("1,8,32" if big else "1,2")
+    if args.torchrun_layers is None:
+        args.torchrun_layers = 2 if big else 0
     if args.tiny:
         args.reps = min(args.reps, 2)
         if args.round_to > TINY["intermediate_size"] // 4:
@@ -354,6 +504,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.worker:
+        return worker(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.layers is None:
         args.layers = 8 if device.type == "cuda" and not args.tiny else 0
@@ -372,6 +524,8 @@ def main(argv=None) -> int:
     if "dense" in state:
         if "prune" not in skip:
             results.step("prune", lambda r: prune_runs(r, state, args, device, results))
+        if "torchrun" not in skip:
+            results.step("torchrun", lambda r: torchrun(r, state, args, device))
         if "speed" not in skip:
             results.step("speed", lambda r: speed(r, state, args, device))
     state.clear()

@@ -711,6 +711,42 @@ FISHER_INTRO = ("`bench/fisher_lab.py`: a single decoder layer pruned (r=0.5, al
                 "Fisher (`out_weight=fisher`); the refit is the same.")
 
 
+PLAN_INTRO = (
+    "`bench/plan_check.py` runs the steps of a prune on the CPU (float32, one thread) and "
+    "measures the anonymous resident memory at each step's peak, beside what `spap plan` "
+    "predicts for the same shapes and settings (`ratio` = measured / predicted; the goal is "
+    "within 20%). The Llama-3.1-8B-shaped layer (random weights) ran at 8 x 2048 tokens, "
+    "not 128 x 2048, within this machine's memory; its recovery ran on its own, with one "
+    "epoch, since recovery's memory does not depend on the number of steps. The `cuts` "
+    "files measure one SPAP solve with the drift target before and after the memory cuts "
+    "(one damped Gram at a time, no inverse kept past the decision, no full-size float64 "
+    "temporaries).")
+
+
+def plan_section(name: str, d: dict) -> list[str]:
+    """One plan-check file: step peaks against the plan, recovery alone, or a cut."""
+    gb = 1e9
+    if "steps" in d:
+        def g(x, scale=gb):
+            return "n/a" if x is None else f"{x / scale:.2f}"
+
+        rows = [f"| {step} | {g(v.get('measured_bytes'))} | {g(v.get('predicted_bytes'))} | "
+                f"{g(v.get('ratio'), 1)} |" for step, v in d["steps"].items()]
+        c = d.get("case_settings", {})
+        size = (f"{c['nsamples']} x {c['seqlen']} tokens" if "nsamples" in c else "")
+        return [f"`plan-{name}.json` ({size}; within 20% at every step: "
+                f"{'yes' if d['within_20_percent'] else 'no'})", "",
+                "| step | measured GB | predicted GB | ratio |", "|---|---|---|---|", *rows]
+    if "ratio" in d:
+        return [f"`plan-{name}.json`: recovery alone at {d['tokens']} tokens, {d['kept']} channels "
+                f"kept: measured {d['measured_bytes'] / gb:.2f} GB, predicted "
+                f"{d['predicted_bytes'] / gb:.2f} GB (ratio {d['ratio']:.2f})."]
+    peaks = ", ".join(f"{k} {v / gb:.2f}" for k, v in d["peak_bytes"].items())
+    return [f"`plan-{name}.json` ({d['shape']} MLP, {d['label'] or d['case']}): peak GB by step: "
+            f"{peaks}; alive when recovery starts {d['alive_at_recovery_start_bytes'] / gb:.2f}"
+            " GB."]
+
+
 def benchmarks_text() -> str:
     """BENCHMARKS.md: the header, every table, then reproduction and provenance."""
     head = (ROOT / "bench" / "HEADER.md").read_text()
@@ -726,6 +762,7 @@ def benchmarks_text() -> str:
         ("## Attention heads: the decision", "heads-*.json", heads_section),
         ("## Attention heads: a parameter budget", "params-*.json", params_section),
         ("## Several processes for one prune", "dp-scaling-*.json", dp_section),
+        ("## Memory: `spap plan` against measured peaks", "plan-check-*.json", plan_section),
     ]:
         found = load(pattern)
         if not found:
@@ -735,6 +772,8 @@ def benchmarks_text() -> str:
         parts += [title, ""]
         if pattern == "dp-scaling-*.json":
             parts += [DP_INTRO, ""]
+        if pattern == "plan-check-*.json":
+            parts += [PLAN_INTRO, ""]
         for model, d in found:
             parts += [*fn(model, d), ""]
         if fn is compare_section and pattern == "compare-*.json":

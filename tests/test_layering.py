@@ -23,7 +23,7 @@ RANKS = [
     {"data"},        # calibration and evaluation tokens
     {"modelio"},     # loading, checkpoint reading, the resume folder, saving
     {"driver"},      # the sequential driver and where its layers come from and go
-    {"report", "eval"},
+    {"report", "eval", "plan"},
     {"api"},         # spap.prune, spap.prune_to_disk
     {"compare"},
     {"cli", "__main__"},

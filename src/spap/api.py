@@ -35,6 +35,7 @@ from .modelio.identity import identity_in_memory
 from .modelio.loading import resolve_device
 from .modelio.runfolder import RunFolder, partial_dir, run_identity
 from .models import get_adapter, get_attention_adapter
+from .plan import prediction
 from .report import count_non_embedding, count_params, prune_report
 from .solvers import get_solver, solver_options
 from .solvers.presets import effort_for
@@ -209,6 +210,7 @@ def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, calib_desc=None,
         calib_desc = given_ids_description(calib_ids)
     t1 = time.perf_counter()
     device = _compute_device(model, cfg)
+    predicted = prediction(model.config, cfg, device)  # `spap plan`'s, beside the measured
     dtype = str(model.dtype).replace("torch.", "")
     dense = {"params": count_params(model), "width": adapter.width(model.config),
              "dtype": dtype, "params_non_embedding": count_non_embedding(model)}
@@ -259,7 +261,8 @@ def _run(model, tokenizer, cfg: PruneConfig, *, calib_ids=None, calib_desc=None,
     t2 = time.perf_counter()
     report = prune_report(cfg, solver_options(solver), model, adapter, records, dense=dense, run={
         "saveable": not unsaveable, "device": str(device),
-        "memory": {**monitor.report(), "activations": info.get("activations")},
+        "memory": {**monitor.report(), "activations": info.get("activations"),
+                   "plan": predicted},
         "resumed_from_layer": len(sink.finished()) if run_dir is not None else None,
         "calibration": calib_desc, "probe": probe_desc,
         # every rank's share: window counts and the bytes of its calibration activations

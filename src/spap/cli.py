@@ -1,4 +1,5 @@
-"""Command line: `spap prune`, `spap eval`, `spap compare`, `spap bench`, `spap options`.
+"""Command line: `spap prune`, `spap plan`, `spap eval`, `spap compare`, `spap bench`,
+`spap options`.
 
 Every user error is a `SpapError`, printed as one line with exit status 2; the output folder
 is only created by the final rename, so a failed run leaves nothing behind.
@@ -134,6 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", default=None, metavar="REPO",
                    help="upload the saved folder (with its model card) to this Hugging Face "
                         "Hub repository, created if needed (needs `hf auth login`)")
+
+    p = sub.add_parser("plan", help="peak memory, disk, FLOPs and time of a prune run, "
+                                    "step by step, from the model's config alone")
+    p.add_argument("model", help="Hub id (only config.json is fetched), local folder, .gguf "
+                                 "file, or alias")
+    p.add_argument("--hardware", default=None,
+                   help="device to plan for: h100, h200, a100, l4, rtx4090, cpu-amx, cpu-fp32 "
+                        "(default: this machine's GPU if known, else cpu-fp32)")
+    p.add_argument("--host-memory", type=float, default=None,
+                   help="host memory in GB for the fit check (default: this machine's)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--sparsity", type=float, default=0.3)
+    p.add_argument("--method", default="spap")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="method option, repeatable (as for prune)")
+    _add_calib_flags(p)
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    _add_shape_flags(p)
+    p.add_argument("--eval", dest="evaluate", action="store_true")
+    _add_eval_window_flags(p)
+    _add_offload_flag(p)
+    p.add_argument("--low-memory", action="store_true")
 
     p = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model")
     p.add_argument("model", help="folder written by spap prune, or any model spec")
@@ -318,6 +343,53 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import dataclasses
+
+    from .config import PruneConfig, parse_options
+    from .plan import GB, HARDWARE, default_hardware, fixes, model_config, plan, shapes_of
+
+    hw_name = args.hardware or default_hardware()
+    if hw_name not in HARDWARE:
+        raise SpapError(f"unknown hardware '{hw_name}'; use {', '.join(HARDWARE)}")
+    hw = HARDWARE[hw_name]
+    names = {f.name for f in dataclasses.fields(PruneConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    given["method_options"] = parse_options(args.option)
+    cfg = PruneConfig.build(**given, device="cuda" if hw.kind == "cuda" else "cpu")
+    cfg.validate()
+    shapes = shapes_of(model_config(args.model))
+    p = plan(shapes, cfg, hw)
+    host = int(args.host_memory * GB) if args.host_memory else None
+    fix = fixes(shapes, cfg, hw, host)
+    if args.json:
+        print(json.dumps({"model": args.model, "settings": cfg.to_json(), **p.to_json(),
+                          "fits": not fix, "fixes": fix}, indent=1))
+        return 0
+    gb = 1e9
+    print(f"{args.model}: {shapes.model_type}, {shapes.params / 1e9:.2f}B parameters, "
+          f"{shapes.layers} layers, MLP width {shapes.width} -> {p.kept}; "
+          f"{cfg.nsamples} x {cfg.seqlen} tokens; on {hw.name}"
+          + ("; activations off the device" if p.offload else ""))
+    rows = [(s.name, s.count, f"{s.device_bytes / gb:.2f}", f"{s.host_bytes / gb:.2f}",
+             f"{s.disk_bytes / gb:.2f}", f"{s.total_flops / 1e12:,.0f}",
+             f"{s.seconds(hw):,.0f}") for s in p.steps]
+    rows.append(("peak / total", "", f"{p.device_peak / gb:.2f}", f"{p.host_peak / gb:.2f}",
+                 f"{p.disk_peak / gb:.2f}", f"{p.flops / 1e12:,.0f}", f"{p.seconds:,.0f}"))
+    _print_table(rows, ("step", "x", "device GB", "host GB", "disk GB", "TFLOP", "s"))
+    big = p.peak_step("device")
+    top = sorted(big.device.items(), key=lambda kv: -kv[1])[:3]
+    print(f"\ndevice peak in '{big.name}': " + ", ".join(f"{k} {v / gb:.1f} GB" for k, v in top))
+    print(f"time: FLOPs at {hw.efficiency:.0%} of {hw.source}")
+    if not fix:
+        print("fits")
+    else:
+        print("does not fit; " + "; ".join(
+            f"{f['flags']}: device {f['device_peak_bytes'] / gb:.1f} GB, host "
+            f"{f['host_peak_bytes'] / gb:.1f} GB{' (fits)' if f['fits'] else ''}" for f in fix))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .data import bos_line
     from .eval.ppl import perplexity
@@ -402,8 +474,8 @@ def cmd_options(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "bench": cmd_bench,
-            "options": cmd_options}
+COMMANDS = {"prune": cmd_prune, "plan": cmd_plan, "eval": cmd_eval, "compare": cmd_compare,
+            "bench": cmd_bench, "options": cmd_options}
 
 
 def main(argv: list[str] | None = None) -> int:

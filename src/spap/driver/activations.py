@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 # device memory: the rest is for the current layer, its statistics (an n x n Gram in float64),
 # the solver's work and the MLP inputs some solvers collect.
 DEVICE_SHARE = 0.5
+# ... and also while they, with what a layer's step holds on the device beside them whatever
+# the choice (`resident_bytes`: the Grams, recovery's inputs, targets and drift), fit in this
+# share of it (the rest: the layer, its forward's temporaries, the solver's n x n work and
+# recovery's weights and closed form; spap plan: at 0.75, Llama-3.1-70B with the drift target
+# kept its activations on an 80 GB device and needed 82 GB, at 0.6 it offloads them: 73 GB)
+DEVICE_FIT = 0.6
 
 Batch = tuple[torch.Tensor, tuple, dict]
 
@@ -66,10 +72,12 @@ def _map_tensors(obj: Any, fn) -> Any:
 
 
 def choose_offload(mode: str, device: torch.device, nbytes: int,
-                   free_bytes: int | None = None) -> bool:
-    """Whether `nbytes` of activations go off `device`: always for "cpu", never for "device";
-    for "auto", only on CUDA and only when they exceed DEVICE_SHARE of the free device memory
-    (`free_bytes`, read from the driver when None)."""
+                   free_bytes: int | None = None, resident: int = 0) -> bool:
+    """Whether `nbytes` of activations (every copy that follows the choice: the calibration
+    inputs, and the dense stream's beside them) go off `device`: always for "cpu", never for
+    "device"; for "auto", only on CUDA and only when they exceed DEVICE_SHARE of the free
+    device memory (`free_bytes`, read from the driver when None), or when with `resident`
+    bytes (what stays on the device anyway, `resident_bytes`) they exceed DEVICE_FIT of it."""
     if mode not in OFFLOAD_MODES:
         raise SpapError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got '{mode}'")
     if mode != "auto":
@@ -78,7 +86,22 @@ def choose_offload(mode: str, device: torch.device, nbytes: int,
         return False  # host memory is the device's memory: nothing to gain
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
-    return nbytes > DEVICE_SHARE * free_bytes
+    return nbytes > DEVICE_SHARE * free_bytes or nbytes + resident > DEVICE_FIT * free_bytes
+
+
+def resident_bytes(tokens: int, hidden: int, width: int, out: int, elem: int, *,
+                   gram: bool, inputs: bool, drift: bool) -> int:
+    """Bytes a layer's step holds on the compute device beside the activations, wherever
+    those live: the float64 Grams of all and of the held-out windows with one window's
+    float32 product (`gram`), recovery's inputs, targets and, with `drift`, drift rows of
+    every token in the activations' dtype (`elem` bytes), twice while they are concatenated
+    (`inputs`), and the float64 drift cross terms (m x n, all and held-out)."""
+    total = (2 * 8 + 4) * width * width if gram else 0
+    if inputs:
+        total += 2 * tokens * (hidden + out * (2 if drift else 1)) * elem
+    if drift:
+        total += 2 * 8 * out * width
+    return total
 
 
 class ActivationStore:

@@ -73,7 +73,13 @@ from ..solvers.base import LayerProblem, Solver
 from ..solvers.heads import HeadLayout, HeadSolver, keep_counts
 from ..solvers.presets import FALLBACK, effort_for
 from ..solvers.stats import DriftAccumulator, StatsAccumulator, reduce_stats
-from .activations import ActivationStore, StopForward, choose_offload, tensor_bytes
+from .activations import (
+    ActivationStore,
+    StopForward,
+    choose_offload,
+    resident_bytes,
+    tensor_bytes,
+)
 from .heads import prune_layer_heads
 from .records import LayerRecord, n_keep_for
 from .stores import IN_MODEL, LayerSink, LayerSource
@@ -129,12 +135,14 @@ def capture_layer_inputs(model, layer0: nn.Module, ids: torch.Tensor, device,
 @torch.no_grad()
 def capture_stores(model, layer0: nn.Module, calib: torch.Tensor | list[torch.Tensor],
                    probe: torch.Tensor | None, device: torch.device, batch_size: int,
-                   offload: str = "auto") -> tuple[ActivationStore, ActivationStore | None]:
+                   offload: str = "auto", copies: int = 1,
+                   resident: int = 0) -> tuple[ActivationStore, ActivationStore | None]:
     """Layer 0's inputs for the calibration and probe windows, each in an ActivationStore.
     `calib` may be a list of window tensors (e.g. fit and held-out windows), each batched on
     its own and stored in order. Where the activations live is decided from the first batch's
     size times the number of tokens (`activations.choose_offload`), before the rest is
-    captured."""
+    captured: `copies` of them (2 when a dense stream is carried beside), with `resident`
+    bytes that the layer's steps hold on the device anyway."""
     parts = [p for p in (calib if isinstance(calib, (list, tuple)) else [calib]) if p.numel()]
     tokens = sum(p.numel() for p in parts) + (probe.numel() if probe is not None else 0)
     store: ActivationStore | None = None
@@ -142,8 +150,8 @@ def capture_stores(model, layer0: nn.Module, calib: torch.Tensor | list[torch.Te
         for b in capture_layer_inputs(model, layer0, part, device, batch_size):
             if store is None:  # the first batch tells the size of them all
                 per_token = tensor_bytes(b) / b[0].shape[:-1].numel()
-                store = ActivationStore(device, choose_offload(offload, device,
-                                                               int(per_token * tokens)))
+                store = ActivationStore(device, choose_offload(
+                    offload, device, copies * int(per_token * tokens), resident=resident))
             store.append(*b)
             del b
     assert store is not None, "no calibration windows"
@@ -209,9 +217,18 @@ def prune_layers(
         fit, held = _shares(shard, calib[:n_fit], calib[n_fit:], batch_size)
         if probe is not None:
             probe = probe[shard.share(probe.shape[0], batch_size)]
+        dense_stream = (getattr(solver, "needs_dense_stream", False)
+                        or getattr(solver, "needs_drift", False))
+        down = adapter.out_linear(layers[0])
+        resident = resident_bytes(
+            fit.numel() + held.numel(), next(iter(adapter.in_linears(layers[0]).values()))
+            .in_features, down.in_features, down.out_features, down.weight.element_size(),
+            gram=solver.needs_gram, inputs=bool(getattr(solver, "needs_inputs", False)),
+            drift=getattr(solver, "needs_drift", False))
         with prec.autocast():
             batches, probes = capture_stores(model, layers[0], [fit, held], probe, device,
-                                             batch_size, settings.offload)
+                                             batch_size, settings.offload,
+                                             2 if dense_stream else 1, resident)
         heldout = (math.ceil(held.shape[0] / batch_size), held.numel())
         if info is not None:
             info["capture_s"] = time.perf_counter() - t0

@@ -117,7 +117,7 @@ def damp(h: torch.Tensor, delta: float) -> torch.Tensor:
     mean_diag = torch.diagonal(h).mean()
     if mean_diag <= 0:
         mean_diag = torch.ones((), dtype=h.dtype, device=h.device)
-    return h + delta * mean_diag * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return _shifted(h, delta * mean_diag)
 
 
 def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -180,8 +180,15 @@ def solve_toward(gram_kk: torch.Tensor, cross: torch.Tensor, anchor: torch.Tenso
     anchor (m, k). The one ridge solve of the refit toward the dense weights, from the Gram
     (`refit_toward_dense`) or from explicit activations (the recovery's down step)."""
     mu = lam * float(torch.diagonal(gram_kk).mean())
-    eye = torch.eye(gram_kk.shape[0], dtype=gram_kk.dtype, device=gram_kk.device)
-    return spd_solve(gram_kk + mu * eye, cross + mu * anchor.T).T  # (m, k)
+    return spd_solve(_shifted(gram_kk, mu), cross + mu * anchor.T).T  # (m, k)
+
+
+def _shifted(a: torch.Tensor, mu: float | torch.Tensor) -> torch.Tensor:
+    """a + mu I as one new matrix (no identity and no multiple of it: two k x k fewer), the
+    same numbers as forming them."""
+    out = a.clone()
+    out.diagonal().add_(mu)
+    return out
 
 
 def refit_toward_dense(
@@ -217,14 +224,13 @@ class _HeldoutBlocks:
         self.const = float(((h_val[self.pruned][:, self.pruned] @ self.w_p.T)
                             * self.w_p.T).sum())  # tr(W0_P Hv_PP W0_P^T)
         self.mean_diag = float(torch.diagonal(self.hf_kk).mean())
-        self.eye = torch.eye(keep.numel(), dtype=w0.dtype, device=w0.device)
 
     def solve(self, lam, extra=None):
         """(Hf_KK + mu I)^-1 applied to [rhs0 + mu W0_K^T | extra] (k, m [+ extra's])."""
         rhs = self.rhs0 + lam * self.mean_diag * self.w_k.T
         if extra is not None:
             rhs = torch.cat([rhs, extra], 1)
-        return spd_solve(self.hf_kk + lam * self.mean_diag * self.eye, rhs)
+        return spd_solve(_shifted(self.hf_kk, lam * self.mean_diag), rhs)
 
     def weight_error(self, dk):
         """tr(dW Hv dW^T) for dW = [dk | -W0_P]."""
@@ -360,13 +366,15 @@ class RefitOptions:
         return [float(x) for x in str(self.drift_grid).split(",") if x.strip()]
 
     def refit_kept(self, w0: torch.Tensor, stats, keep: torch.Tensor,
-                   h_damped: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                   h_damped: torch.Tensor | None = None,
+                   gram: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """The kept down projection (m, k) in w0's dtype, and what was chosen (for `info`).
 
         `stats` is the layer's ActStats (gram and gram_heldout); `h_damped`, when the caller
-        has already formed the damped Gram in w0's dtype, saves forming it again."""
+        has already formed the damped Gram in w0's dtype, saves forming it again, and `gram`,
+        the undamped one in w0's dtype, saves a copy of that (n x n each)."""
         self.check_refit()
-        h = stats.gram.to(w0.dtype)
+        h = gram if gram is not None else stats.gram.to(w0.dtype)
         if self.refit == "exact":
             hd = h_damped if h_damped is not None else damp(h, self.damp)
             return refit_down(w0, hd, keep), {"refit": "exact"}

@@ -225,7 +225,7 @@ class SpapSolver(RefitOptions, OutputWeighting):
         keep = decision.keep
         w0 = problem.w_down.to(dt)
         lam = decision.info.get("ridge")
-        h_fit = (stats.gram - stats.gram_heldout).to(dt)
+        h_fit = _difference(stats.gram, stats.gram_heldout, dt)
         w_start = (refit_toward_dense(w0, h_fit, keep, lam) if lam is not None
                    else refit_toward_dense(w0, damp(h_fit, self.damp), keep, 0.0))
         targets = problem.targets
@@ -238,10 +238,11 @@ class SpapSolver(RefitOptions, OutputWeighting):
             return
         if alpha:  # the drift target (refit.py): W0 x + alpha D, for the start and the epochs
             drift = stats.drift
-            c_fit = (drift.cross - drift.cross_heldout).to(dt)  # (m, n)
+            c_fit = _difference(drift.cross, drift.cross_heldout, dt)  # (m, n)
             w_start = solve_toward(h_fit[keep][:, keep],
                                    h_fit[keep] @ w0.T + alpha * c_fit[:, keep].T,
                                    w0[:, keep], lam)
+        h_fit = c_fit = None  # (n, n) and (m, n): not needed by the epochs
         res = recover(
             problem.inputs, targets,
             {k: v[keep] for k, v in problem.w_in.items()}, w_start, problem.act,
@@ -381,6 +382,16 @@ def _fractions(grid, name: str = "recovery_shrink") -> tuple[float, ...]:
     if name == "continuation_mu" and len(out) != 2:
         raise ValueError(f"continuation_mu must be two numbers, the first and the last "
                          f"epoch's penalty, such as '0.1,10', got {grid!r}")
+    return out
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor, dt: torch.dtype,
+                rows: int = 1024) -> torch.Tensor:
+    """(a - b).to(dt), bit for bit, a block of rows at a time: a float64 temporary of the
+    full size (an n x n Gram, 1.6 GB at n = 14336) never exists."""
+    out = torch.empty(a.shape, dtype=dt, device=a.device)
+    for s in range(0, a.shape[0], rows):
+        out[s:s + rows] = a[s:s + rows] - b[s:s + rows]
     return out
 
 

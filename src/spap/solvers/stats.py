@@ -179,14 +179,25 @@ class StatsAccumulator:
             self.sum_heldout = s if self.sum_heldout is None else self.sum_heldout + s
             self.sqsum_heldout = sq if self.sqsum_heldout is None else self.sqsum_heldout + sq
         if self.gram is not None:
-            g = gram_of(x, xf).to(self.device, torch.float64)  # (n, n)
-            self.gram += g
+            g = gram_of(x, xf).to(self.device)  # (n, n)
+            _add_rows(self.gram, g)
             if heldout:
-                self.gram_heldout = g if self.gram_heldout is None else self.gram_heldout + g
+                if self.gram_heldout is None:
+                    self.gram_heldout = g.to(torch.float64)
+                else:
+                    _add_rows(self.gram_heldout, g)
 
     def result(self, drift: DriftStats | None = None) -> ActStats:
         return ActStats(self.count, self.sum, self.sqsum, self.gram, self.gram_heldout, drift,
                         self.count_heldout, self.sum_heldout, self.sqsum_heldout)
+
+
+def _add_rows(total: torch.Tensor, part: torch.Tensor, rows: int = 1024) -> None:
+    """total += part (float32 into float64) a block of rows at a time: the float64 copy of
+    `part` that a mixed-dtype sum makes is a block, never the full n x n (1.6 GB at n =
+    14336)."""
+    for s in range(0, total.shape[0], rows):
+        total[s:s + rows] += part[s:s + rows]
 
 
 def stats_from_activations(x: torch.Tensor, want_gram: bool = True) -> ActStats:

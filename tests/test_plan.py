@@ -15,22 +15,25 @@ from conftest import bench_script, tiny_config, tiny_model
 from spap.config import PruneConfig
 from spap.plan import HARDWARE, fixes, plan, shapes_of
 
-# the published configs' shapes (no weights)
+# the published configs' shapes and dtypes (no weights)
 REAL = {
     "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336,
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+                         head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                         dtype="bfloat16"),
     "llama-3.1-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672,
                           num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                          head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+                          head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                          dtype="bfloat16"),
     "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864,
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         vocab_size=151936, tie_word_embeddings=True),
+                         vocab_size=151936, tie_word_embeddings=True, dtype="bfloat16"),
     "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944,
                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                       vocab_size=152064, tie_word_embeddings=False),
+                       vocab_size=152064, tie_word_embeddings=False, dtype="bfloat16"),
     "opt-125m": dict(model_type="opt", hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
-                     num_attention_heads=12, vocab_size=50272, word_embed_proj_dim=768),
+                     num_attention_heads=12, vocab_size=50272, word_embed_proj_dim=768,
+                     dtype="float16"),
 }
 #: the recipe with the drift target and recovery's Adam steps (its dense stream, drift rows
 #: and cross terms are in the plan only with it)
@@ -63,8 +66,9 @@ def test_shapes_of_published_configs(shapes):
 @pytest.mark.parametrize("options", [{}, DRIFT, {"recovery": "none"}])
 def test_steps_add_up_to_the_totals(shapes, hw, options):
     for name, s in shapes.items():
-        cfg = PruneConfig(method_options=options, nsamples=16, seqlen=64 if "tiny" in name
-                          else 2048)
+        # effort "none": the options alone are the recipe (the default level is planned below)
+        cfg = PruneConfig(method_options=options, nsamples=16, effort="none",
+                          seqlen=64 if "tiny" in name else 2048)
         p = plan(s, cfg, hw)
         steps = p.steps
         assert p.device_peak == max(st.device_bytes for st in steps) > 0
@@ -82,6 +86,17 @@ def test_steps_add_up_to_the_totals(shapes, hw, options):
         assert ("dense stream" in names) == (options == DRIFT)
         if HARDWARE[hw].kind == "cpu":  # the CPU's memory is the host's
             assert p.device_peak == p.host_peak
+
+
+def test_the_default_level_is_what_is_planned(shapes):
+    """Without a level, spap runs its default one (the drift target, up to 16 epochs): the
+    plan carries the dense stream and prices the level's epochs."""
+    s = shapes["llama-3.1-8b"]
+    default = plan(s, PruneConfig(nsamples=16, seqlen=2048), "h100")
+    none = plan(s, PruneConfig(nsamples=16, seqlen=2048, effort="none"), "h100")
+    assert "dense stream" in [st.name for st in default.steps]
+    assert "dense stream" not in [st.name for st in none.steps]
+    assert default.flops > none.flops
 
 
 def test_drift_and_recovery_terms_scale_with_the_tokens(shapes):

@@ -104,6 +104,7 @@ class Shapes:
     vocab: int
     attn_width: int  # query heads x head_dim (the attention's score and value cost)
     head_dim: int
+    dtype_bytes: int = 4  # the checkpoint's own dtype (what --dtype auto loads); float32 if none
 
     @property
     def outside_params(self) -> int:
@@ -136,7 +137,15 @@ def shapes_of(config) -> Shapes:
         hidden=first.in_features, width=down.in_features, out=down.out_features,
         in_roles=len(rows), params=sum(p.numel() for p in model.parameters()),
         layer_params=sum(p.numel() for p in layer.parameters()),
-        vocab=config.vocab_size, attn_width=heads * head_dim, head_dim=head_dim)
+        vocab=config.vocab_size, attn_width=heads * head_dim, head_dim=head_dim,
+        dtype_bytes=_checkpoint_bytes(config))
+
+
+def _checkpoint_bytes(config) -> int:
+    """Bytes per element of the checkpoint's own dtype (float32 where it records none)."""
+    from .modelio.loading import resolve_dtype
+
+    return resolve_dtype("auto", config=config).itemsize
 
 
 @dataclass
@@ -230,15 +239,23 @@ class Plan:
 
 
 def _solver(settings: PruneConfig):
+    """The solver a prune with these settings runs: its effort level's options, then the
+    explicit ones (solvers/presets.py), so the plan follows the default recipe."""
     from .solvers import get_solver
+    from .solvers.presets import effort_for
 
-    return get_solver(settings.method, **settings.method_options)
+    return get_solver(settings.method,
+                      **effort_for(settings.method, settings.effort,
+                                   settings.method_options).options)
 
 
-def _dtype_bytes(settings: PruneConfig, kind: str) -> int:
+def _dtype_bytes(settings: PruneConfig, shapes: Shapes) -> int:
+    """Bytes per element of the model as loaded: the checkpoint's own dtype under "auto"."""
     from .modelio.loading import resolve_dtype
 
-    return resolve_dtype(settings.dtype, "cuda" if kind == "cuda" else "cpu").itemsize
+    if settings.dtype == "auto":
+        return shapes.dtype_bytes
+    return resolve_dtype(settings.dtype).itemsize
 
 
 def _pow2(x: int) -> int:
@@ -258,8 +275,10 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
     s, cfg = shapes, settings
     solver = _solver(cfg)
     gpu = hw.kind == "cuda"
-    e = _dtype_bytes(cfg, hw.kind)
-    half = e < 4  # the layers' forwards run at the bf16 rate
+    e = _dtype_bytes(cfg, s)
+    # the layers' forwards run at the bf16 rate: a half-precision model, or bf16 autocast
+    # (--compute auto on hardware with bf16 units, precision.py)
+    half = e < 4 or cfg.compute == "bfloat16" or (cfg.compute == "auto" and hw.bf16_tflops > hw.fp32_tflops)
     fwd = "bf16" if half else "fp32"
     d, n, m, r, L = s.hidden, s.width, s.out, s.in_roles, s.layers
     k = n_keep_for(n, cfg.sparsity, cfg.round_to)

@@ -278,7 +278,8 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
     e = _dtype_bytes(cfg, s)
     # the layers' forwards run at the bf16 rate: a half-precision model, or bf16 autocast
     # (--compute auto on hardware with bf16 units, precision.py)
-    half = e < 4 or cfg.compute == "bfloat16" or (cfg.compute == "auto" and hw.bf16_tflops > hw.fp32_tflops)
+    half = (e < 4 or cfg.compute == "bfloat16"
+            or (cfg.compute == "auto" and hw.bf16_tflops > hw.fp32_tflops))
     fwd = "bf16" if half else "fp32"
     d, n, m, r, L = s.hidden, s.width, s.out, s.in_roles, s.layers
     k = n_keep_for(n, cfg.sparsity, cfg.round_to)

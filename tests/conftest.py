@@ -19,6 +19,20 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
+@pytest.fixture(autouse=True)
+def _mechanics_level(request, monkeypatch):
+    """SPAP's default level (solvers/presets.py) runs recovery for up to 16 epochs of 64
+    steps, which on tiny random models costs minutes per test and tests nothing the
+    mechanics tests check: there, spap runs at effort "none" (its solver's own option
+    defaults) unless the test is marked `default_level` or passes a level itself. Spawned
+    processes do not see this: tests that spawn pass `effort` explicitly."""
+    if request.node.get_closest_marker("default_level"):
+        return
+    from spap.solvers import presets
+
+    monkeypatch.setitem(presets.DEFAULT_LEVEL, "spap", "none")
+
+
 def bench_script(name: str):
     """bench/<name>.py loaded as a module (the bench scripts are not a package)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")

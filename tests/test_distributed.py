@@ -71,7 +71,9 @@ def _prune_tiny(family: str, method: str, options: dict, settings: dict | None =
     calib = random_ids(n_windows, SEQLEN, seed=1)
     probe = random_ids(4, SEQLEN, seed=2)
     res = spap.prune(model, calib_ids=calib, probe_ids=probe, sparsity=0.5, method=method,
-                     method_options=options, **{"batch_size": 1, **(settings or {})})
+                     method_options=options,
+                     # (an explicit level: spawned ranks do not see conftest's)
+                     **{"batch_size": 1, "effort": "none", **(settings or {})})
     with torch.no_grad():
         logits = model(random_ids(2, SEQLEN, seed=3)).logits
     return {"keeps": [r.keep for r in res.layers],

@@ -42,6 +42,7 @@ def test_explicit_options_override_the_level_and_are_recorded_as_such():
     assert rec["overridden"] == ["recovery_epochs"]
 
 
+@pytest.mark.default_level
 def test_without_a_level_spap_runs_its_default_level_and_a_baseline_as_published():
     res = spap.prune(tiny_model("llama"), calib_ids=random_ids(8, 16), sparsity=0.5)
     assert res.report["effort"]["level"] == "default"

@@ -88,6 +88,7 @@ def test_steps_add_up_to_the_totals(shapes, hw, options):
             assert p.device_peak == p.host_peak
 
 
+@pytest.mark.default_level
 def test_the_default_level_is_what_is_planned(shapes):
     """Without a level, spap runs its default one (the drift target, up to 16 epochs): the
     plan carries the dense stream and prices the level's epochs."""

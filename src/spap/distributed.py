@@ -72,13 +72,10 @@ class Shard:
         return t
 
     def sum_all_(self, tensors: list[torch.Tensor]) -> None:
-        """All-reduce every tensor of `tensors` (one dtype and device) in place, as one flat
-        buffer: one collective for all of them (e.g. the gradients of one Adam step)."""
-        if not self.distributed or not tensors:
-            return
-        flat = self.sum_(torch.cat([t.reshape(-1) for t in tensors]))
-        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-            t.copy_(part.view_as(t))
+        """All-reduce every tensor of `tensors` in place (e.g. the gradients of one Adam
+        step): one collective each, on the tensors themselves, so no copy of them is made."""
+        for t in tensors:
+            self.sum_(t)
 
     def sum_float(self, x: float, device: torch.device | str = "cpu") -> float:
         """A Python float summed over ranks (in float64)."""

@@ -26,7 +26,8 @@ above the visible CUDA device count are skipped; on the CPU any N runs (one thre
 unless OMP_NUM_THREADS says otherwise). From each run's spap.json (rank 0's): timings.prune_s
 (the layers, without loading or saving), total_s, rank 0's peak memory, and every rank's
 calibration activation bytes, and the layers' seconds per solve step summed over layers
-(`seconds_by_step`: solve_recovery_adam, ...). The JSON (`--out`, default
+(`seconds_by_step`: solve_recovery_adam, ...) and the recovery epochs each layer kept. The
+JSON (`--out`, default
 bench/results/dp-scaling-<model>.json) is rewritten after every run; the exit status is 1 if
 a run failed or (without --keep-may-differ) kept other channels than N=1.
 """
@@ -123,7 +124,9 @@ def summary(report: dict[str, Any], wall_s: float) -> dict[str, Any]:
             "host_rss_peak_bytes_rank0": mem.get("host_rss_peak_bytes"),
             "token_hash": report["calibration"].get("token_hash"),
             "distributed": dist, "layer_error_mean": report["layer_error_mean"],
-            "seconds_by_step": steps}
+            "seconds_by_step": steps,
+            "recovery_epochs_by_layer": [(layer.get("info") or {}).get("recovery_epochs")
+                                         for layer in report.get("layers", [])]}
 
 
 def keep_diff(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:

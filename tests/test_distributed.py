@@ -85,10 +85,10 @@ def _prune_tiny(family: str, method: str, options: dict, settings: dict | None =
 
 def _same(a: dict, b: dict) -> None:
     """Equal up to the order of float64 sums: every product covers the same tokens (one
-    window at a time) and recovery takes one process's Adam steps on the whole minibatch, so
-    only the ranks' float64 partial sums are added in another order. (Summing per-rank
-    float32 gradients instead moved recovered weights by 1.6e-4 here, and changed masks on
-    SmolLM2: this tolerance catches that.)"""
+    window at a time) and recovery (recovery_parallel=exact) takes one process's Adam steps
+    on the whole minibatch, so only the ranks' float64 partial sums are added in another
+    order. (Summing per-rank float32 gradients instead, the default split, moved recovered
+    weights by 1.6e-4 here, and changed masks on SmolLM2: this tolerance catches that.)"""
     assert a["keeps"] == b["keeps"]
     assert a["state"].keys() == b["state"].keys()
     for k in a["state"]:
@@ -99,17 +99,21 @@ def _same(a: dict, b: dict) -> None:
         assert h1 == pytest.approx(h2, rel=1e-9, abs=1e-12)
 
 
+#: recovery in one process's order on every rank (test_split_recovery.py tests the default,
+#: the Adam steps split between the ranks)
+EXACT = {"recovery_parallel": "exact"}
+
 CASES = [
-    ("llama", "spap", {}),  # gated, with recovery (per-step gradient sums)
+    ("llama", "spap", EXACT),  # gated, with recovery (one process's steps on every rank)
     ("llama", "obs", {"refit": "ridge"}),  # the held-out ridge from the summed Grams
-    ("opt", "spap", {}),  # not gated, biases
+    ("opt", "spap", EXACT),  # not gated, biases
     ("opt", "wanda-sp", {}),
     ("llama", "obs", {}, {"heads": 0.5}),  # heads too: their Gram summed, their cut broadcast
     ("llama", "flap", {}, {"offload": "cpu"}),  # activations in host memory, streamed
     ("opt", "fasp", {"refit": "ridge"}),
     ("llama", "obs", {"out_weight": "fisher"}),  # the output Fisher summed over the ranks
     # recovery's rerun: minibatches of all ranks' fit and held-out tokens, in one order
-    ("llama", "spap", {"recovery_rerun": True, "recovery_steps": 8}),
+    ("llama", "spap", {"recovery_rerun": True, "recovery_steps": 8, **EXACT}),
 ]
 
 
@@ -211,7 +215,7 @@ def _three_rank_checks():
     from spap.errors import SpapError
 
     stats = _uneven_stats(26)
-    spap_run = _prune_tiny("llama", "spap", {}, {"batch_size": 2}, n_windows=26)
+    spap_run = _prune_tiny("llama", "spap", EXACT, {"batch_size": 2}, n_windows=26)
     try:  # 4 windows: 3 fit windows in 2 batches of 2, for 3 ranks
         _uneven_stats(4)
         refused = None
@@ -241,7 +245,7 @@ def test_uneven_shares_give_the_one_process_statistics_and_too_few_are_refused(t
     ranks = three_ranks
     assert ranks[0][0]["ranks"]["fit_windows"] == [8, 8, 7]
     assert ranks[0][0]["ranks"]["heldout_windows"] == [2, 1, 0]
-    spap_one = _prune_tiny("llama", "spap", {}, {"batch_size": 2}, n_windows=26)
+    spap_one = _prune_tiny("llama", "spap", EXACT, {"batch_size": 2}, n_windows=26)
     for r, refused, spap_run, _ in ranks:
         _same(spap_run, spap_one)  # recovery with a rank that holds no held-out window
         assert len(r["seen"]) == len(one["seen"]) == 2

@@ -13,7 +13,8 @@ process would run (`--batch-size` windows each), and the batches into N contiguo
 order, the first ones taking one batch more. Whole batches make every rank's layer forwards
 the same bits as one process's; contiguous shares keep every rank's tokens a contiguous
 range of one process's token order, which is what lets recovery draw the same global
-minibatches as one process (`Shard.offset`). A rank may hold no held-out or probe window
+minibatches as one process (`Shard.offset`) and split each one's Adam step between the
+ranks (`Shard.sum_all_` of the gradients). A rank may hold no held-out or probe window
 (it then adds zeros to those sums); every rank needs one fit batch.
 
 `LOCAL` is the one-process shard: every collective is a no-op, so code written against a
@@ -69,6 +70,12 @@ class Shard:
 
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
+
+    def sum_all_(self, tensors: list[torch.Tensor]) -> None:
+        """All-reduce every tensor of `tensors` in place (e.g. the gradients of one Adam
+        step): one collective each, on the tensors themselves, so no copy of them is made."""
+        for t in tensors:
+            self.sum_(t)
 
     def sum_float(self, x: float, device: torch.device | str = "cpu") -> float:
         """A Python float summed over ranks (in float64)."""

@@ -75,21 +75,30 @@ Learning rates are relative to each tensor's RMS, so one setting serves every mo
 
 In a data-parallel run (`shard`, see distributed.py) each rank holds its own share of the
 tokens, fit and held-out; every sum (losses, the closed form's Gram and cross term) is
-summed over ranks in float64, and each minibatch is drawn from one permutation of all fit
-tokens, as one process draws it. Every rank contributes the rows of the minibatch that it
-holds, at their places in it (zeros elsewhere), and one all-reduce gives every rank the
-whole minibatch in one process's order: each rank then takes exactly one process's Adam
-step. Summing per-rank gradients instead would change the order of float32 additions at
-every step, and Adam, which divides each step by the gradient's own size, lets such
-differences grow until later layers choose other channels (seen on SmolLM2); the minibatch
-(tokens x (d + m)) is also less to send than the gradients of gate and up (k x d each).
-The steps are thus not split across ranks: data parallelism speeds up the layers' forward
-passes and statistics, not recovery's Adam steps.
+summed over ranks in float64, and every rank draws the same permutation of all fit tokens,
+as one process draws it, so every rank has the same minibatches and takes the same number
+of steps. How the Adam steps are shared (`parallel`):
+
+- "split" (default): each rank computes the loss and its gradients on the rows of each
+  minibatch that it holds (no rows move between ranks), the loss divided by the whole
+  minibatch's token count; the gradients are summed over ranks (one all-reduce per step)
+  and every rank takes the same Adam step, so the weights stay the same on every rank and
+  equal one process's up to the order of the additions in the gradients. Each rank does
+  about 1/N of the steps' work. With float32 products the weights moved by about 1e-7 from
+  one process's on a test layer; with bf16 products each rank's part of a gradient is
+  rounded on its own (about 4e-3 there), and Adam, which divides each step by the
+  gradient's own size, carries such differences on, so a deep model's later layers may
+  choose other channels than one process.
+- "exact": every rank contributes the rows of the minibatch that it holds, at their places
+  in it (zeros elsewhere), and one all-reduce gives every rank the whole minibatch in one
+  process's order (`_gather_rows`): each rank then takes exactly one process's Adam step,
+  the same bits, but the steps are not split (every rank does all of them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -102,6 +111,7 @@ from ..precision import autocast, bf16_products
 from .refit import solve_toward
 
 MODES = ("alternating", "joint")
+PARALLEL = ("split", "exact")  # how a data-parallel run shares the Adam steps (module docstring)
 
 
 @dataclass
@@ -191,6 +201,7 @@ def recover(
     rerun: bool = False,
     compute: torch.dtype = torch.float32,
     window: int = 0,
+    parallel: str = "split",
 ) -> RecoveryResult:
     """Recover the kept weights on tokens a[:p - n_val], y[:p - n_val], choosing the number of
     epochs (0..`epochs`) on the last `n_val` tokens. `w_down_dense` (m, k) and `ridge` define the
@@ -198,9 +209,14 @@ def recover(
     `steps`, `patience`, `shrink`, `final_refit`, `rerun` and `out_root` are the pieces of
     the module docstring; `compute` the dtype of the products and `window` the tokens per
     calibration window (module docstring; 0: unknown, products over whole chunks).
+    `parallel`: in a data-parallel run, "split" (each rank's rows of every minibatch, the
+    gradients summed over ranks) or "exact" (one process's steps on every rank, bit for bit).
     """
     if mode not in MODES:
         raise ValueError(f"unknown recovery mode '{mode}'; use {' or '.join(MODES)}")
+    if parallel not in PARALLEL:
+        raise ValueError(f"unknown recovery_parallel '{parallel}'; use "
+                         f"{' or '.join(PARALLEL)}")
     device = torch.device(device) if device is not None else w_down.device
     f32 = torch.float32
     data = LayerTokens(a, y, n_val, device, chunk, shard, b_down, out_root, compute=compute,
@@ -271,21 +287,32 @@ def recover(
         if len(fracs) * mb_ > n_all:  # few tokens: several passes
             perm = torch.cat([perm] + [torch.randperm(n_all, generator=gen) for _ in
                                        range(math.ceil(len(fracs) * mb_ / n_all) - 1)])
-        if not tokens.shard.distributed:  # (one copy per epoch, not an index copy per step)
+        perm = perm[:len(fracs) * mb_]
+        split = parallel == "split" and tokens.shard.distributed
+        if split:  # this rank's rows of every minibatch, at their local places
+            own, counts = tokens.own_rows(perm, mb_)
+            ends = [0, *itertools.accumulate(counts)]
+        elif not tokens.shard.distributed:  # (one copy per epoch, not an index copy per step)
             perm = perm.to(tokens.a.device)
         groups = list(zip(opt.param_groups, (lr * scale[k] for k in trainable)))
+        leaves = [ps[k] for k in trainable]
         for i, frac in enumerate(fracs):
             for g, base in groups:
                 g["lr"] = base * frac
-            idx = perm[i * mb_:(i + 1) * mb_]
-            aa, yy = tokens.minibatch(idx)
+            if split:
+                aa, yy = tokens.rows(own[ends[i]:ends[i + 1]])
+            else:
+                aa, yy = tokens.minibatch(perm[i * mb_:(i + 1) * mb_])
             with torch.enable_grad():
                 with autocast(device.type, compute):
                     out = fwd(ps, aa)
                 r = tokens.weigh(out.float() - yy)
-                loss = (r * r).sum() / (tokens.y_sq_fit * idx.numel())
+                # (over the whole minibatch's tokens: the ranks' losses add up to its loss)
+                loss = (r * r).sum() / (tokens.y_sq_fit * mb_)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+            if split:  # the whole minibatch's gradient on every rank: the same step
+                tokens.shard.sum_all_([t.grad for t in leaves])
             opt.step()
 
     def rates(ep):
@@ -347,7 +374,8 @@ class LayerTokens:
     """One layer problem's tokens on this rank (fit rows first, then the last `n_val` held-out
     ones) and the float64 sums over all ranks that recovery's steps take of them: the
     squared norms of the targets, a held-out loss, the down projection's Gram and cross
-    term, and a minibatch of all ranks' fit tokens (`_gather_rows`). With `root` (m, m) the
+    term; and of a minibatch of all ranks' fit tokens, this rank's rows (`own_rows`, for
+    parallel="split") or all of them on every rank (`minibatch`). With `root` (m, m) the
     norms and losses are of outputs weighted by it (`weigh`); the Gram and cross term are
     not. `compute`: the dtype of the products, `window` the tokens per calibration window
     (the module docstring's precision)."""
@@ -433,6 +461,26 @@ class LayerTokens:
         self.shard.sum_(gram)
         self.shard.sum_(cross)
         return gram, cross
+
+    def own_rows(self, perm: torch.Tensor, mb: int) -> tuple[torch.Tensor, list[int]]:
+        """This rank's rows of the minibatches perm[i mb:(i + 1) mb] of all ranks' tokens (as
+        `minibatch` numbers them): their local indices, minibatch after minibatch, on the
+        device that holds the tokens, and how many each minibatch has. Worked out once per
+        epoch on the CPU, so a step costs no index copy and no device sync."""
+        mine = (perm >= self.fit_lo) & (perm < self.fit_lo + self.n_fit)
+        local = perm - self.fit_lo
+        if self.every:
+            j = perm - self.n_fit_only - self.val_lo  # among this rank's held-out tokens
+            val = (j >= 0) & (j < self.p - self.n_fit)
+            local = torch.where(val, self.n_fit + j, local)
+            mine = mine | val
+        counts = mine.view(-1, mb).sum(1).tolist()
+        return local[mine].to(self.a.device), counts
+
+    def rows(self, local: torch.Tensor):
+        """This rank's rows `local` of a and y, in float32 on the device."""
+        return (self.a[local].to(self.device, torch.float32),
+                self.y[local].to(self.device, torch.float32))
 
     def minibatch(self, idx: torch.Tensor):
         """Rows `idx` of all ranks' fit tokens (with `every`, of all ranks' fit tokens then

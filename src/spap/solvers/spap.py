@@ -61,7 +61,7 @@ import torch
 from .base import Decision, LayerProblem, top_k_keep
 from .continuation import continue_penalty
 from .obs import greedy_obs
-from .recovery import MODES, PhaseTimer, recover
+from .recovery import MODES, PARALLEL, PhaseTimer, recover
 from .refit import (
     RefitOptions,
     complement,
@@ -134,6 +134,9 @@ class SpapSolver(RefitOptions, OutputWeighting):
     # direction alike; "fisher", the loss-weighted error of out_weight=fisher (weighting.py),
     # for gate and up and every held-out choice, whatever out_weight the decision uses
     recovery_weight: str = "none"
+    # in a data-parallel run: "split", each rank's rows of every minibatch and the gradients
+    # summed over ranks (the steps shared); "exact", one process's steps on every rank
+    recovery_parallel: str = "split"
     # recovery=continuation: the penalty weight (relative to each channel's H_ii) of the first
     # and the last epoch, geometric in between; and how the channels to remove are re-chosen
     # between epochs: "loo" (the cheapest by their leave-one-out cost) or "fixed" (the
@@ -171,6 +174,9 @@ class SpapSolver(RefitOptions, OutputWeighting):
         if self.recovery_target not in ("layer", "model"):
             raise ValueError(f"unknown recovery_target '{self.recovery_target}'; use layer or "
                              "model")
+        if self.recovery_parallel not in PARALLEL:
+            raise ValueError(f"unknown recovery_parallel '{self.recovery_parallel}'; use "
+                             f"{' or '.join(PARALLEL)}")
         if self.recovery not in (*MODES, "continuation", "none"):
             raise ValueError(f"unknown recovery '{self.recovery}'; use "
                              f"{', '.join(MODES)}, continuation or none")
@@ -257,6 +263,7 @@ class SpapSolver(RefitOptions, OutputWeighting):
             out_root=(self.fisher_root(problem, torch.float64, dev)
                       if self.recovery_weight == "fisher" else None),
             compute=problem.compute_dtype, window=problem.window_tokens,
+            parallel=self.recovery_parallel,
         )
         decision.info.update(recovery_epochs=res.epochs, recovery_heldout_loss=res.heldout,
                              recovery_seconds=res.seconds)

@@ -1,5 +1,5 @@
 """Recovery's Adam steps split between the ranks of a data-parallel run (recovery.py,
-`parallel="split"`, the default), against one process, on 2 gloo ranks on the CPU.
+`parallel="split"`), against one process, on 2 gloo ranks on the CPU.
 
 Each rank computes the loss and its gradients on the rows of every minibatch that it holds
 (every rank draws the same permutation of all fit tokens); the gradients are summed over the
@@ -147,11 +147,13 @@ def test_the_ranks_rows_of_each_minibatch_are_the_minibatch(two_ranks, every):
 #: units) and in float32; the tolerances on weights and logits: measured 9e-4 and 2e-4 at the
 #: default (bf16 here), 1e-8 and 2e-7 in float32; without the sum over ranks 1e-1 and 2e-2
 #: (and other channels) at the default, 1e-3 and 4e-3 in float32
-PRECISIONS = {"auto": ({}, 5e-3, 2e-3), "float32": ({"compute": "float32"}, 1e-6, 1e-5)}
+PRECISIONS = {"auto": ({"effort": "default"}, 5e-3, 2e-3),
+              "float32": ({"effort": "default", "compute": "float32"}, 1e-6, 1e-5)}
+SPLIT = {"recovery_parallel": "split"}  # (the default is one process's order)
 
 
 def _prunes():
-    return {name: _prune_tiny("llama", "spap", {}, settings)
+    return {name: _prune_tiny("llama", "spap", SPLIT, settings)
             for name, (settings, _, _) in PRECISIONS.items()}
 
 
@@ -160,7 +162,7 @@ def test_split_two_rank_prune_keeps_the_one_process_channels(two_rank_prunes, pr
     """The default recipe's recovery split between 2 ranks, on a tiny model: the same
     channels as one process, and the weights and logits equal up to float reordering."""
     settings, w_tol, logit_tol = PRECISIONS[precision]
-    one = _prune_tiny("llama", "spap", {}, settings)
+    one = _prune_tiny("llama", "spap", SPLIT, settings)
     ranks = [r[precision] for r in two_rank_prunes]
     assert all(i.get("recovery_epochs", 0) > 0 for i in one["info"])
     for r in ranks:

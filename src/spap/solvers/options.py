@@ -82,9 +82,10 @@ LINES: dict[str, tuple[str, str]] = {
                         "layer, model"),
     "recovery_weight": ("output weighting of recovery's loss: none, or the loss's Fisher",
                         "none, fisher"),
-    "recovery_parallel": ("in a run on several processes: split = each rank's share of every "
-                          "minibatch, gradients summed (faster; equal up to float rounding); "
-                          "exact = every rank takes one process's steps (bit-identical)",
+    "recovery_parallel": ("in a run on several processes: exact = every rank takes one "
+                          "process's steps (bit-identical); split = each rank's share of every "
+                          "minibatch, gradients summed (equal up to float rounding; pays only "
+                          "where a step costs more than the gradients' all-reduce)",
                           "split, exact"),
     "continuation_mu": ("recovery=continuation: penalty weight of the first and the last "
                         "epoch, relative to H_ii", "two numbers, 0 < first <= last"),

@@ -201,7 +201,7 @@ def recover(
     rerun: bool = False,
     compute: torch.dtype = torch.float32,
     window: int = 0,
-    parallel: str = "split",
+    parallel: str = "exact",
 ) -> RecoveryResult:
     """Recover the kept weights on tokens a[:p - n_val], y[:p - n_val], choosing the number of
     epochs (0..`epochs`) on the last `n_val` tokens. `w_down_dense` (m, k) and `ridge` define the

@@ -134,9 +134,10 @@ class SpapSolver(RefitOptions, OutputWeighting):
     # direction alike; "fisher", the loss-weighted error of out_weight=fisher (weighting.py),
     # for gate and up and every held-out choice, whatever out_weight the decision uses
     recovery_weight: str = "none"
-    # in a data-parallel run: "split", each rank's rows of every minibatch and the gradients
-    # summed over ranks (the steps shared); "exact", one process's steps on every rank
-    recovery_parallel: str = "split"
+    # in a data-parallel run: "exact", one process's steps on every rank (the default: the
+    # split was measured slower on 2 CPU ranks, dp-scaling-*-split/exact.json); "split", each
+    # rank's rows of every minibatch and the gradients summed over ranks (the steps shared)
+    recovery_parallel: str = "exact"
     # recovery=continuation: the penalty weight (relative to each channel's H_ii) of the first
     # and the last epoch, geometric in between; and how the channels to remove are re-chosen
     # between epochs: "loo" (the cheapest by their leave-one-out cost) or "fixed" (the

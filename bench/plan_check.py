@@ -221,7 +221,7 @@ def run(case_name: str, label: str, with_plan: bool, nsamples: int | None,
     options = {**RECIPE, "recovery_epochs": case["epochs"], **case.get("options", {})}
     cfg = PruneConfig(method="spap", method_options=options, nsamples=case["nsamples"],
                       seqlen=case["seqlen"], batch_size=case["batch_size"], device="cpu",
-                      dtype="float32")
+                      dtype="float32", compute="float32")  # (the float32 path, as planned)
     g = torch.Generator().manual_seed(1)
     calib = torch.randint(0, config.vocab_size, (cfg.nsamples, cfg.seqlen), generator=g)
     solver = get_solver("spap", **options)
@@ -259,7 +259,7 @@ def recompare(path: Path) -> dict[str, Any]:
     config = _config(case)
     cfg = PruneConfig(method="spap", method_options=res["recipe"], nsamples=case["nsamples"],
                       seqlen=case["seqlen"], batch_size=case["batch_size"], device="cpu",
-                      dtype="float32")
+                      dtype="float32", compute="float32")  # (the float32 path, as planned)
     res.update(compare(config, cfg, res["measured_step_peak_bytes"]))
     return res
 

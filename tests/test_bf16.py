@@ -64,16 +64,17 @@ def test_bf16_prune_save_reload_compare(family, method, tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_layer_errors_match_float32(family, method):
-    """The bfloat16 run does what the float32 run does: the layer errors agree up to bfloat16's
-    rounding of the weights and activations (relative 2**-8 per element, which leaves the
-    error of a 25% cut of a tiny random layer within 5%)."""
+    """The bfloat16 run does what the float32 run does: its layer errors are no more than 5%
+    above float32's (bfloat16's rounding of the weights and activations is relative 2**-8 per
+    element). They may be lower: recovery's held-out choice of epochs can differ by a
+    rounding on a tiny random layer, and then either run may fit better."""
     f32 = prune_in(torch.float32, family, method)
     b16 = prune_in(torch.bfloat16, family, method)
     e32 = [r.rel_error for r in f32.layers]
     e16 = [r.rel_error for r in b16.layers]
     assert all(0 < e for e in e16)
     for x, y in zip(e32, e16):
-        assert y == pytest.approx(x, rel=0.05, abs=1e-4)
+        assert y <= 1.05 * x + 1e-4, (x, y)
 
 
 def test_bf16_low_memory_equals_in_memory(tmp_path):

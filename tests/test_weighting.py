@@ -202,6 +202,7 @@ def test_recovery_weight_alone_makes_the_driver_collect_the_fisher(monkeypatch):
     monkeypatch.setattr(SpapSolver, "solve",
                         lambda self, pr, k: seen.append(pr.out_weight) or orig(self, pr, k))
     spap.prune(model, calib_ids=ids, sparsity=0.5, method="spap", batch_size=2,
+               compute="float32",  # (the reference below runs in float32)
                method_options={"recovery_weight": "fisher", "recovery_epochs": 1})
     n_fit = ids.shape[0] - heldout_windows(ids.shape[0])
     want = output_fisher(dense, get_adapter(dense.config), ids[:n_fit], batch_size=2)

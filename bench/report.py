@@ -924,8 +924,9 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
                          + f"; strongest baseline {best['method']} {fmt(best['ppl'])}")
     lines += ["", "Gap ratio: the level's distance to the dense perplexity over the strongest "
               "baseline's of the same run and tokens (below 1 is better); baselines run at the "
-              "same precision; times are one CPU thread of a 2-core machine with two jobs "
-              "running. " + "; ".join(notes) + "."]
+              "same precision; times are one CPU thread per job on a 2-core machine shared "
+              "with other jobs (load average 4 to 9), so they are rough: the float32 row ran "
+              "in a second job beside the first, over the same hours. " + "; ".join(notes) + "."]
     return lines
 
 

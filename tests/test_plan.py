@@ -162,6 +162,22 @@ def test_cli_plan_json_and_table(tmp_path, capsys, monkeypatch):
     assert main(["plan", folder, "--hardware", "tpu"]) == 2
 
 
+def test_cli_plan_takes_the_prune_recipe_flags(tmp_path, capsys, monkeypatch):
+    """`spap plan` accepts prune's --effort and --compute, and plans what they run."""
+    from spap.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = _folder(tmp_path, "qwen2.5-0.5b")
+    steps = {}
+    for level in ("none", "fast"):
+        assert main(["plan", folder, "--hardware", "h100", "--json", "--effort", level,
+                     "--compute", "float32", "--nsamples", "16"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["settings"]["effort"] == level and data["settings"]["compute"] == "float32"
+        steps[level] = [s["name"] for s in data["steps"]]
+    assert "dense stream" in steps["fast"] and "dense stream" not in steps["none"]
+
+
 def test_prune_records_the_plan_beside_the_measured():
     import spap
 

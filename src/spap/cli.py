@@ -26,6 +26,25 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
 
 
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    """What is run and how: the method, its options, the effort level, the precision (one
+    definition for `prune` and `plan`, which must accept the same recipe)."""
+    p.add_argument("--method", default="spap",
+                   help="spap (default), obs, fasp, flap, wanda-sp, magnitude")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="method option, repeatable (e.g. --option recovery=none); "
+                        "`spap options METHOD` lists them with their defaults and meaning")
+    p.add_argument("--effort", default=None, choices=("fast", "default", "max", "none"),
+                   help="a named set of method options that trades time for quality: "
+                        "fast, default (spap's when none is given), max; none: the "
+                        "method's own option defaults. --option values override it "
+                        "(recorded in spap.json)")
+    p.add_argument("--compute", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="precision of the matrix products: auto (bf16 where the device "
+                        "multiplies it fast, else float32), float32 (reproduces earlier "
+                        "runs), bfloat16; sums and solves keep their precision")
+
+
 def _add_calib_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="wiki-offline",
                    help="wiki-offline (default), lambada-offline, wikitext2, c4, or a local "
@@ -100,20 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the lowest perplexity on the held-out calibration windows (one prune "
                         "per split, plus the final one)")
     p.add_argument("--out", required=True, help="output folder (save_pretrained format)")
-    p.add_argument("--method", default="spap",
-                   help="spap (default), obs, fasp, flap, wanda-sp, magnitude")
-    p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="method option, repeatable (e.g. --option recovery=none); "
-                        "`spap options METHOD` lists them with their defaults and meaning")
-    p.add_argument("--effort", default=None, choices=("fast", "default", "max", "none"),
-                   help="a named set of method options that trades time for quality: "
-                        "fast, default (spap's when none is given), max; none: the "
-                        "method's own option defaults. --option values override it "
-                        "(recorded in spap.json)")
-    p.add_argument("--compute", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="precision of the matrix products: auto (bf16 where the device "
-                        "multiplies it fast, else float32), float32 (reproduces earlier "
-                        "runs), bfloat16; sums and solves keep their precision")
+    _add_method_flags(p)
     _add_head_flags(p)
     _add_calib_flags(p)
     _add_model_flags(p)
@@ -147,12 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host memory in GB for the fit check (default: this machine's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--sparsity", type=float, default=0.3)
-    p.add_argument("--method", default="spap")
-    p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="method option, repeatable (as for prune)")
+    _add_method_flags(p)
     _add_calib_flags(p)
     p.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16")
+                   help="auto (the checkpoint's own dtype; float32 for GGUF files), float32, "
+                        "bfloat16, float16")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     _add_shape_flags(p)
     p.add_argument("--eval", dest="evaluate", action="store_true")

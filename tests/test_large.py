@@ -56,16 +56,21 @@ def same_state(a, b) -> bool:
 
 
 # ---- streamed activations -------------------------------------------------------------------
-@pytest.mark.parametrize("family,method", [("llama", "spap"), ("opt", "obs"), ("qwen2", "fasp")])
-def test_streamed_equals_in_memory(family, method):
+@pytest.mark.parametrize("family,method,effort", [
+    ("llama", "spap", None), ("opt", "obs", None), ("qwen2", "fasp", None),
+    # recovery with the drift target: its rows live in host memory beside the activations
+    ("llama", "spap", "fast")])
+def test_streamed_equals_in_memory(family, method, effort):
     calib = random_ids(8, 32, seed=1)
     probe = random_ids(3, 24, seed=7)
     runs = {}
     for offload in ("device", "cpu"):
         model = tiny_model(family)
         res = spap.prune(model, calib_ids=calib, sparsity=0.4, method=method, batch_size=3,
-                         probe_ids=probe, offload=offload)
+                         probe_ids=probe, offload=offload, effort=effort)
         runs[offload] = (model, res)
+    if effort is not None:
+        assert all(r.info.get("recovery_epochs") is not None for r in runs["cpu"][1].layers)
     (dm, dr), (cm, cr) = runs["device"], runs["cpu"]
     assert [r.keep for r in dr.layers] == [r.keep for r in cr.layers]
     assert [r.rel_error_heldout for r in dr.layers] == [r.rel_error_heldout for r in cr.layers]

@@ -109,7 +109,8 @@ def test_drift_and_recovery_terms_scale_with_the_tokens(shapes):
     f, g = ({st.name: st for st in p.steps} for p in (few, many))
     rows = "recovery's inputs/targets/drift"
     assert g["recovery"].device[rows] == 4 * f["recovery"].device[rows]
-    assert g["recovery"].device[rows] == 128 * 2048 * (4096 + 2 * 4096) * 2
+    # inputs and targets in bf16, the drift rows in float32
+    assert g["recovery"].device[rows] == 128 * 2048 * (2 * 4096 * 2 + 4096 * 4)
     gram = "Gram (float64)"
     assert g["decision"].device[gram] == f["decision"].device[gram] == 8 * 14336**2
 
@@ -123,6 +124,12 @@ def test_offload_moves_the_activations_to_pinned_host_memory(shapes):
     assert "activations" not in cap.device and "activations" in cap.host
     assert cap.host["activations"] >= 128 * 2048 * 8192 * 2  # (power-of-two pinned buffers)
     assert off.device_peak < on.device_peak - 2 * 128 * 2048 * 8192 * 2 * 0.99
+    # recovery's rows and its float32 target go to the host with them: the device holds a
+    # minibatch and a chunk of the closed form
+    rec = {st.name: st for st in off.steps}["recovery"]
+    for term in ("recovery's inputs/targets/drift", "targets plus alpha drift (float32)"):
+        assert term in rec.host and term not in rec.device
+    assert rec.transfer_bytes > 0
     auto = plan(s, PruneConfig(method_options=DRIFT), "l4")  # 24 GB: auto offloads
     assert auto.offload
 
@@ -235,16 +242,33 @@ def test_auto_offload_counts_what_stays_on_the_device():
     """choose_offload: activations that fit half the free memory still go to the host when
     with the dense stream's copy and what a layer's step keeps on the device (the Grams,
     recovery's rows) they would not fit."""
-    from spap.driver.activations import choose_offload, resident_bytes
+    from spap.driver.activations import choose_offload, resident_bytes, row_bytes
 
     cuda = torch.device("cuda")
     assert not choose_offload("auto", cuda, 40, free_bytes=100)
     assert choose_offload("auto", cuda, 40, free_bytes=100, resident=40)
     assert not choose_offload("auto", torch.device("cpu"), 40, free_bytes=100, resident=90)
     # Llama-3.1-8B, 128 x 2048 tokens in bfloat16 with the drift target: the Grams (2 x 1.6
-    # GB and a window's product), the drift cross terms and recovery's rows, twice while
-    # they are concatenated
+    # GB and a window's product) and the drift cross terms stay on the device; recovery's
+    # rows (inputs and targets in bf16, drift in float32), twice while they are
+    # concatenated, go where the activations go
     n, d, t = 14336, 4096, 128 * 2048
-    got = resident_bytes(t, d, n, d, 2, gram=True, inputs=True, drift=True)
-    assert got == 20 * n * n + 2 * t * 3 * d * 2 + 16 * d * n
-    assert resident_bytes(t, d, n, d, 2, gram=False, inputs=False, drift=False) == 0
+    assert resident_bytes(n, d, gram=True, drift=True) == 20 * n * n + 16 * d * n
+    assert resident_bytes(n, d, gram=False, drift=False) == 0
+    assert row_bytes(t, d, d, 2, drift=True) == 2 * t * (2 * d * 2 + d * 4)
+    assert row_bytes(t, d, d, 4, drift=False) == 2 * t * 2 * d * 4
+
+
+@pytest.mark.default_level
+def test_llama_8b_fits_a_24_gb_gpu_and_70b_one_80_gb_gpu(shapes):
+    """At the default recipe and 128 x 2048 tokens: Llama-3.1-8B on a 24 GB GPU at the
+    defaults (auto moves the activations and recovery's rows to the host), Llama-3.1-70B on
+    one 80 GB GPU with --low-memory --offload cpu."""
+    s8, s70 = shapes["llama-3.1-8b"], shapes["llama-3.1-70b"]
+    p8 = plan(s8, PruneConfig(sparsity=0.5), "rtx4090")
+    assert p8.recipe["drift"] and p8.recipe["recovery"] and p8.offload
+    assert p8.device_peak < 24e9 * 0.7
+    on = plan(s8, PruneConfig(sparsity=0.5, offload="device"), "rtx4090")
+    assert on.device_peak > 24e9  # (what the rows on the host save)
+    p70 = plan(s70, PruneConfig(sparsity=0.5, low_memory=True, offload="cpu"), "h100")
+    assert p70.device_peak < 80e9 * 0.7

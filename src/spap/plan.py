@@ -268,7 +268,7 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
     entry). `free_device`: free device memory for the "auto" offload choice (default: the
     hardware's memory less the weights outside the decoder layers)."""
     from .data import heldout_windows
-    from .driver.activations import choose_offload, resident_bytes
+    from .driver.activations import choose_offload, resident_bytes, row_bytes
     from .driver.records import n_keep_for
 
     hw = HARDWARE[hardware] if isinstance(hardware, str) else hardware
@@ -317,8 +317,10 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
     layer_w = s.layer_params * e
     if free_device is None and gpu:
         free_device = int(hw.memory_gb * GB) - outside
-    resident = resident_bytes(T, d, n, m, e, gram=gram, inputs=inputs, drift=drift)
-    off = choose_offload(cfg.offload, _torch_device(hw.kind), copies * acts,
+    resident = resident_bytes(n, m, gram=gram, drift=drift)
+    # recovery's rows go where the activations go (twice their size while concatenated)
+    follow = row_bytes(T, d, m, e, drift=drift) if inputs else 0
+    off = choose_offload(cfg.offload, _torch_device(hw.kind), copies * acts + follow,
                          free_bytes=free_device, resident=resident) if gpu else False
     # offloaded activations sit in pinned host buffers, one per tensor, rounded up to a power
     # of two by the CUDA host allocator
@@ -353,7 +355,10 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
     grams = {"Gram (float64)": 8 * n * n, "held-out Gram (float64)": 8 * n * n} if gram else {}
     drift_sums = ({"drift cross term (float64)": 8 * m * n,
                    "held-out drift cross term (float64)": 8 * m * n} if drift else {})
-    rec_rows = T * (d + m * (2 if drift else 1)) * e if inputs else 0
+    # recovery's inputs and targets in the model's dtype, its drift rows in float32 at least;
+    # on the device, or with offloaded activations in host memory beside them
+    rec_rows = follow // 2
+    f32e = max(e, 4)
     weights64 = 8 * (m * n + r * n * d)  # the LayerProblem's float64 copies of the weights
     steps: list[Step] = []
 
@@ -398,7 +403,7 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
         _, kept, rows, worst, moment = max(cases, key=lambda c: c[0])
         for name, b in kept.items():
             place(step, name, b)
-        place(step, "recovery's inputs/targets/drift rows", rows)
+        place(step, "recovery's inputs/targets/drift rows", rows, not off)
         place(step, f"largest per-batch moment ({worst})", moment)
 
     st = base(Step("collect", L, flops={fwd: layer_flops}, transfer_bytes=stream_moves / 2,
@@ -420,14 +425,14 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
     def solver_state(step: Step) -> None:
         for name, b in {**grams, **drift_sums}.items():
             place(step, name, b)
-        place(step, "recovery's inputs/targets/drift", rec_rows)
+        place(step, "recovery's inputs/targets/drift", rec_rows, not off)
         place(step, "weights in float64", weights64)
 
     if inputs:
         st = base(Step("concatenate", L, note="recovery's rows concatenated (twice their "
                                                "size for a moment)"))
         solver_state(st)
-        place(st, "recovery's rows (the lists)", rec_rows)
+        place(st, "recovery's rows (the lists)", rec_rows, not off)
         steps.append(st)
 
     st = base(Step("decision", L, note="the damped Gram's inverse and greedy OBS"))
@@ -472,7 +477,7 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
         weights = trainable + m * k
         place(st, "fit Gram (float32)", n * n * 4)
         if drift:
-            place(st, "targets plus alpha drift", T * m * e)
+            place(st, "targets plus alpha drift (float32)", T * m * f32e, not off)
         place(st, "weights (float32): current, start, best", 3 * weights * 4)
         place(st, "Adam moments and gradients (float32)", 3 * trainable * 4)
         if gpu and half:
@@ -488,11 +493,18 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
               max(step_mem, sums_mem, solve_mem))
         per_token = 4.0 * trainable + 4.0 * m * k
         fwd_x = 2.0 * trainable
-        st.flops = {
-            ("bf16" if gpu and half else "fp32"): epochs * steps_per_epoch * mb * per_token,
-            "fp32": epochs * (T_fit * fwd_x + H * (fwd_x + 2.0 * m * k)),
-            "fp64": epochs * (2.0 * T_fit * (k * k + k * m) + k**3 / 3),
-        }
+        # the closed form's products: per window in bf16 (added across windows in float64)
+        # when the products are bf16, else in float64 (the float32 path as it was)
+        st.flops = {}
+        for prec, f in ((("bf16" if gpu and half else "fp32"),
+                         epochs * steps_per_epoch * mb * per_token),
+                        ("fp32", epochs * (T_fit * fwd_x + H * (fwd_x + 2.0 * m * k))),
+                        (("bf16" if half else "fp64"), epochs * 2.0 * T_fit * (k * k + k * m)),
+                        ("fp64", epochs * k**3 / 3)):
+            st.flops[prec] = st.flops.get(prec, 0.0) + f
+        if off:  # each Adam step's minibatch, and each epoch's closed form and held-out loss
+            row = d * e + m * f32e
+            st.transfer_bytes = (epochs * (steps_per_epoch * mb + T_fit + H) + T) * row
         steps.append(st)
 
     st = base(Step("replay", L, flops={fwd: 2 * (s.layer_params - s.mlp_params(p_rm)) * T

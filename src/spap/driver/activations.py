@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # the solver's work and the MLP inputs some solvers collect.
 DEVICE_SHARE = 0.5
 # ... and also while they, with what a layer's step holds on the device beside them whatever
-# the choice (`resident_bytes`: the Grams, recovery's inputs, targets and drift), fit in this
+# the choice (`resident_bytes`: the Grams and drift cross terms), fit in this
 # share of it (the rest: the layer, its forward's temporaries, the solver's n x n work and
 # recovery's weights and closed form; spap plan: at 0.75, Llama-3.1-70B with the drift target
 # kept its activations on an 80 GB device and needed 82 GB, at 0.6 it offloads them: 73 GB)
@@ -74,7 +74,7 @@ def _map_tensors(obj: Any, fn) -> Any:
 def choose_offload(mode: str, device: torch.device, nbytes: int,
                    free_bytes: int | None = None, resident: int = 0) -> bool:
     """Whether `nbytes` of activations (every copy that follows the choice: the calibration
-    inputs, and the dense stream's beside them) go off `device`: always for "cpu", never for
+    inputs, the dense stream's beside them, recovery's rows) go off `device`: always for "cpu", never for
     "device"; for "auto", only on CUDA and only when they exceed DEVICE_SHARE of the free
     device memory (`free_bytes`, read from the driver when None), or when with `resident`
     bytes (what stays on the device anyway, `resident_bytes`) they exceed DEVICE_FIT of it."""
@@ -89,19 +89,22 @@ def choose_offload(mode: str, device: torch.device, nbytes: int,
     return nbytes > DEVICE_SHARE * free_bytes or nbytes + resident > DEVICE_FIT * free_bytes
 
 
-def resident_bytes(tokens: int, hidden: int, width: int, out: int, elem: int, *,
-                   gram: bool, inputs: bool, drift: bool) -> int:
+def resident_bytes(width: int, out: int, *, gram: bool, drift: bool) -> int:
     """Bytes a layer's step holds on the compute device beside the activations, wherever
     those live: the float64 Grams of all and of the held-out windows with one window's
-    float32 product (`gram`), recovery's inputs, targets and, with `drift`, drift rows of
-    every token in the activations' dtype (`elem` bytes), twice while they are concatenated
-    (`inputs`), and the float64 drift cross terms (m x n, all and held-out)."""
+    float32 product (`gram`), and the float64 drift cross terms (m x n, all and held-out)."""
     total = (2 * 8 + 4) * width * width if gram else 0
-    if inputs:
-        total += 2 * tokens * (hidden + out * (2 if drift else 1)) * elem
     if drift:
         total += 2 * 8 * out * width
     return total
+
+
+def row_bytes(tokens: int, hidden: int, out: int, elem: int, *, drift: bool) -> int:
+    """Bytes of recovery's rows of every token, which live where the activations do (and
+    follow them off the device): inputs and targets in the activations' dtype (`elem`
+    bytes), with `drift` the drift rows in float32 at least, twice while they are
+    concatenated."""
+    return 2 * tokens * ((hidden + out) * elem + (out * max(elem, 4) if drift else 0))
 
 
 class ActivationStore:

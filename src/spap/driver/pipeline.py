@@ -78,6 +78,7 @@ from .activations import (
     StopForward,
     choose_offload,
     resident_bytes,
+    row_bytes,
     tensor_bytes,
 )
 from .heads import prune_layer_heads
@@ -135,14 +136,15 @@ def capture_layer_inputs(model, layer0: nn.Module, ids: torch.Tensor, device,
 @torch.no_grad()
 def capture_stores(model, layer0: nn.Module, calib: torch.Tensor | list[torch.Tensor],
                    probe: torch.Tensor | None, device: torch.device, batch_size: int,
-                   offload: str = "auto", copies: int = 1,
-                   resident: int = 0) -> tuple[ActivationStore, ActivationStore | None]:
+                   offload: str = "auto", copies: int = 1, resident: int = 0,
+                   follow: int = 0) -> tuple[ActivationStore, ActivationStore | None]:
     """Layer 0's inputs for the calibration and probe windows, each in an ActivationStore.
     `calib` may be a list of window tensors (e.g. fit and held-out windows), each batched on
     its own and stored in order. Where the activations live is decided from the first batch's
     size times the number of tokens (`activations.choose_offload`), before the rest is
-    captured: `copies` of them (2 when a dense stream is carried beside), with `resident`
-    bytes that the layer's steps hold on the device anyway."""
+    captured: `copies` of them (2 when a dense stream is carried beside) and `follow` bytes
+    that go where they go (recovery's rows), with `resident` bytes that the layer's steps
+    hold on the device anyway."""
     parts = [p for p in (calib if isinstance(calib, (list, tuple)) else [calib]) if p.numel()]
     tokens = sum(p.numel() for p in parts) + (probe.numel() if probe is not None else 0)
     store: ActivationStore | None = None
@@ -151,7 +153,8 @@ def capture_stores(model, layer0: nn.Module, calib: torch.Tensor | list[torch.Te
             if store is None:  # the first batch tells the size of them all
                 per_token = tensor_bytes(b) / b[0].shape[:-1].numel()
                 store = ActivationStore(device, choose_offload(
-                    offload, device, copies * int(per_token * tokens), resident=resident))
+                    offload, device, copies * int(per_token * tokens) + follow,
+                    resident=resident))
             store.append(*b)
             del b
     assert store is not None, "no calibration windows"
@@ -220,15 +223,17 @@ def prune_layers(
         dense_stream = (getattr(solver, "needs_dense_stream", False)
                         or getattr(solver, "needs_drift", False))
         down = adapter.out_linear(layers[0])
-        resident = resident_bytes(
+        drift = getattr(solver, "needs_drift", False)
+        resident = resident_bytes(down.in_features, down.out_features,
+                                  gram=solver.needs_gram, drift=drift)
+        rows = row_bytes(
             fit.numel() + held.numel(), next(iter(adapter.in_linears(layers[0]).values()))
-            .in_features, down.in_features, down.out_features, down.weight.element_size(),
-            gram=solver.needs_gram, inputs=bool(getattr(solver, "needs_inputs", False)),
-            drift=getattr(solver, "needs_drift", False))
+            .in_features, down.out_features, down.weight.element_size(), drift=drift
+        ) if getattr(solver, "needs_inputs", False) else 0
         with prec.autocast():
             batches, probes = capture_stores(model, layers[0], [fit, held], probe, device,
                                              batch_size, settings.offload,
-                                             2 if dense_stream else 1, resident)
+                                             2 if dense_stream else 1, resident, rows)
         heldout = (math.ceil(held.shape[0] / batch_size), held.numel())
         if info is not None:
             info["capture_s"] = time.perf_counter() - t0
@@ -512,12 +517,21 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     n = down.in_features
     k = n_keep_for(n, sparsity, round_to)
     t0 = time.perf_counter()
+    # recovery's rows live where the activations do: in host memory when those are offloaded
+    # (recovery then moves one minibatch, or one chunk of its closed form, at a time)
+    offloaded = bool(getattr(batches, "offload", False))
+
+    def home(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+        if offloaded:
+            return t.to("cpu", copy=copy)
+        return t.clone() if copy else t
+
     dense_targets = None
     if dense is not None and not drift:  # the dense layer on the dense inputs, before any cut
         dense_targets = []
         hook = adapter.out_linear(layer).register_forward_hook(
-            lambda _m, _a, out: dense_targets.append(out.detach().reshape(-1, out.shape[-1])
-                                                     .clone()))
+            lambda _m, _a, out: dense_targets.append(
+            home(out.detach().reshape(-1, out.shape[-1]), copy=True)))
         try:
             with prec.autocast():
                 _propagate(layer, dense)
@@ -559,7 +573,7 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
         state["x"] = a[0]
 
     def flat(t):
-        return t.detach().reshape(-1, t.shape[-1])
+        return home(t.detach().reshape(-1, t.shape[-1]))
 
     def grab_input(_m, a):
         if not state["dense"]:
@@ -569,7 +583,7 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
         if not state["dense"]:
             # (cloned: some families, e.g. falcon, add into the down projection's output in
             # place)
-            targets.append(flat(out).clone())
+            targets.append(home(out.detach().reshape(-1, out.shape[-1]), copy=True))
 
     if drift:
         if check_additive:

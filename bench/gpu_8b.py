@@ -39,7 +39,11 @@ runs):
             every rank's peak memory and the kept width, and the parent records them beside
             the one-process run of the same variant (time ratio, same width). Skipped with
             one device.
-4. speed    spap.eval.speed.bench: the dense model against one whose every MLP is cut to the
+4. placement  the dense model's loss on two random windows, whole on the device and spread
+            by spap.eval.placement over a third of its size on the GPU and host memory (what
+            `spap eval` and `--eval` do with a model larger than the GPU): the same loss, the
+            model unchanged afterwards.
+5. speed    spap.eval.speed.bench: the dense model against one whose every MLP is cut to the
             width the pruning gives at --round-to (the last variant's model if it pruned all
             layers, otherwise the dense model cut by the magnitude method: speed does not
             depend on which channels are kept), prefill of --prompt-len tokens and greedy
@@ -336,6 +340,36 @@ def worker(args) -> int:
     return 0
 
 
+def placement(rec: dict[str, Any], state: dict[str, Any], args, device: torch.device) -> None:
+    """The dense model evaluated whole on the device and spread by spap.eval.placement with a
+    device budget of a third of its weights (the rest in host memory, accelerate's CPU
+    offload), as a model larger than the GPU is: the same loss, the model unchanged after."""
+    from spap.eval.placement import model_bytes, placed
+    from spap.eval.ppl import nll_of_windows
+
+    model = state["dense"]
+    ids = torch.randint(0, model.config.vocab_size, (2, 256),
+                        generator=torch.Generator().manual_seed(3))
+    def checksum() -> float:
+        return sum(float(p.detach().float().sum()) for p in model.parameters())
+
+    check = checksum()
+    out = {}
+    for name, budget in (("whole", None), ("spread", {
+            device.index or 0: model_bytes(model) // 3, "cpu": 4 * model_bytes(model)})):
+        t0 = time.perf_counter()
+        with placed(model, device, max_memory=budget) as where:
+            nll, count = nll_of_windows(model, ids, batch_size=1)
+        sync(device)
+        out[name] = {"nll_per_token": nll / count, "seconds": time.perf_counter() - t0,
+                     "placement": where}
+        log(f"  {name}: nll/token {nll / count:.5f}, {out[name]['seconds']:.1f} s, {where}")
+    rec.update(out)
+    rec["same_loss"] = abs(out["whole"]["nll_per_token"] - out["spread"]["nll_per_token"]) < 1e-2
+    rec["model_unchanged"] = (checksum() == check
+                              and all(p.device.type == "cpu" for p in model.parameters()))
+
+
 def speed(rec: dict[str, Any], state: dict[str, Any], args, device: torch.device) -> None:
     import spap
     from spap.eval.speed import bench, format_table
@@ -532,6 +566,8 @@ def main(argv=None) -> int:
             results.step("prune", lambda r: prune_runs(r, state, args, device, results))
         if "torchrun" not in skip:
             results.step("torchrun", lambda r: torchrun(r, state, args, device))
+        if "placement" not in skip:
+            results.step("placement", lambda r: placement(r, state, args, device))
         if "speed" not in skip:
             results.step("speed", lambda r: speed(r, state, args, device))
     state.clear()

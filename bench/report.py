@@ -894,6 +894,8 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
              "out-of-domain ppl (gap ratio) | prune time (x wanda-sp) |",
              "|---|---|---|---|---|---|"]
     notes = []
+    # (model, sparsity, level, products) -> [(seed, in-domain ratio, out-of-domain ratio)]
+    over_seeds: dict[tuple, list[tuple[int, float | None, float | None]]] = {}
     for name, d in files:
         seed = d["protocol"]["calibration"].get("seed", 0)
         base = [r for r in d["records"] if _is_baseline(r) and r["ppl"] is not None
@@ -905,13 +907,17 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
                 continue
             best = min((b for b in base if b["sparsity"] == r["sparsity"]),
                        key=lambda b: b["ppl"], default=None)
-            ratio = (f"{r['gap'] / best['gap']:.3f}" if best and best["gap"] > 0 else "n/a")
-            ood = "n/a"
+            q = r["gap"] / best["gap"] if best and best["gap"] > 0 else None
+            ratio = f"{q:.3f}" if q is not None else "n/a"
+            ood, q2 = "n/a", None
             if also and r.get("ppl_also") and best and best.get("ppl_also"):
                 src = also[0]
                 dense2 = d["dense_ppl_also"][src]
                 g, gb = r["ppl_also"][src] - dense2, best["ppl_also"][src] - dense2
-                ood = f"{fmt(r['ppl_also'][src])} ({g / gb:.3f})" if gb > 0 else "n/a"
+                q2 = g / gb if gb > 0 else None
+                ood = f"{fmt(r['ppl_also'][src])} ({q2:.3f})" if q2 is not None else "n/a"
+            over_seeds.setdefault((d["model"], r["sparsity"], _level(d, r), _compute(d, r)),
+                                  []).append((seed, q, q2))
             w = wanda.get(r["sparsity"])
             t = _minutes(r["seconds"]) + (f" ({r['seconds'] / w['seconds']:.1f}x)" if w else "")
             lines.append(f"| {d['model']} ({seed}) | `{_level(d, r)}` | {_compute(d, r)} | "
@@ -922,6 +928,21 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
                          + (f" ({fmt(d['dense_ppl_also'][also[0]])} on {also[0]})" if also
                             else "")
                          + f"; strongest baseline {best['method']} {fmt(best['ppl'])}")
+    means = []
+    for (model, sp, level, prec), got in over_seeds.items():
+        seeds = sorted({x[0] for x in got})
+        if len(seeds) < 2:
+            continue
+        cells = []
+        for i, text in ((1, "Wikipedia"), (2, "out of domain")):
+            vals = [x[i] for x in got if x[i] is not None]
+            if vals:
+                cells.append(f"{text} {sum(vals) / len(vals):.3f} "
+                             f"({', '.join(f'{v:.3f}' for v in vals)})")
+        means.append(f"- {model}, r={sp:g}, `{level}` ({prec}), calibration seeds "
+                     f"{', '.join(map(str, seeds))}: mean gap ratio " + "; ".join(cells) + ".")
+    if means:
+        lines += ["", *means]
     lines += ["", "Gap ratio: the level's distance to the dense perplexity over the strongest "
               "baseline's of the same run and tokens (below 1 is better); baselines run at the "
               "same precision; times are one CPU thread per job on a 2-core machine shared "

@@ -61,6 +61,9 @@ def test_tiny_cpu_run(tmp_path, capsys):
     assert runs["spap"]["layer_error_mean"] < base["layer_error_mean"]
     assert runs["spap-fast"]["layer_error_mean"] < base["layer_error_mean"]
     assert "EXTRAPOLATED" in out
+    place = data["placement"]  # spread over a device budget, then back: the same model
+    assert place["spread"]["placement"]["where"] == "device map"
+    assert place["same_loss"] and place["model_unchanged"]
     speed = data["speed"]
     assert speed["width"] == {"dense": dense_width, "pruned": width}
     assert [s["batch"] for s in speed["summary"]] == [1, 2]

@@ -409,15 +409,16 @@ def _push(out: Path, cfg: PruneConfig) -> str | None:
 
 
 def _perplexity(model, tok, cfg: PruneConfig, stream: torch.Tensor) -> dict[str, Any]:
+    from .eval.placement import placed
     from .eval.ppl import perplexity
 
-    model.to(cfg.device)
-    try:
-        return perplexity(model, tok, seqlen=cfg.eval_seqlen, windows=cfg.eval_windows,
-                          batch_size=cfg.batch_size, stream=stream, progress=cfg.progress,
-                          shard=current(), bos=cfg.bos)
-    finally:
-        model.to("cpu")
+    shard = current()
+    # (whole on the device, or spread over GPUs and host memory when larger: placement.py)
+    with placed(model, cfg.device, own_device_only=shard.distributed) as where:
+        r = perplexity(model, tok, seqlen=cfg.eval_seqlen, windows=cfg.eval_windows,
+                       batch_size=cfg.batch_size, stream=stream, progress=cfg.progress,
+                       shard=shard, bos=cfg.bos)
+    return {**r, "placement": where}
 
 
 def _job_timings(report: dict[str, Any], timings: dict[str, float], t_start: float) -> None:

@@ -396,16 +396,28 @@ def cmd_plan(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import bos_line
-    from .eval.ppl import perplexity
+    from .eval.placement import placed
     from .modelio.loading import load_model, resolve_device
 
     device = resolve_device(args.device)
     if args.tasks is None and args.no_ppl:
         raise SpapError("nothing to do: drop --no-ppl or give --tasks")
     model, tok, src = load_model(args.model, args.dtype, device)
-    model.to(device)
-    result: dict = {"model": src.spec}
+    with placed(model, device) as where:
+        result = _evaluate(args, model, tok, src, device, where)
+    if args.json:
+        from .files import write_json_atomic
+
+        write_json_atomic(args.json, result, nan="null")
+    return 0
+
+
+def _evaluate(args, model, tok, src, device, where) -> dict:
+    """cmd_eval's measurements of a model placed for evaluation (eval/placement.py)."""
+    from .data import bos_line
+    from .eval.ppl import perplexity
+
+    result: dict = {"model": src.spec, "placement": where}
     if not args.no_ppl:
         r = perplexity(model, tok, data=args.data, seqlen=args.seqlen, windows=args.windows,
                        batch_size=args.batch_size, progress=True, bos=args.bos)
@@ -418,16 +430,12 @@ def cmd_eval(args) -> int:
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         zs = zero_shot(model, tok, tasks, limit=args.limit, batch_size=args.batch_size,
-                       device=device)
+                       device=None if "device_map" in where else device)
         result["zero_shot"] = zs
         for name, t in zs["tasks"].items():
             extra = f"  acc_norm {t['acc_norm']:.4f}" if t.get("acc_norm") is not None else ""
             print(f"{name:14s} acc {t['acc']:.4f}{extra}  (n={t.get('n')}, {t.get('split')})")
-    if args.json:
-        from .files import write_json_atomic
-
-        write_json_atomic(args.json, result, nan="null")
-    return 0
+    return result
 
 
 def cmd_compare(args) -> int:

@@ -74,10 +74,11 @@ def _map_tensors(obj: Any, fn) -> Any:
 def choose_offload(mode: str, device: torch.device, nbytes: int,
                    free_bytes: int | None = None, resident: int = 0) -> bool:
     """Whether `nbytes` of activations (every copy that follows the choice: the calibration
-    inputs, the dense stream's beside them, recovery's rows) go off `device`: always for "cpu", never for
-    "device"; for "auto", only on CUDA and only when they exceed DEVICE_SHARE of the free
-    device memory (`free_bytes`, read from the driver when None), or when with `resident`
-    bytes (what stays on the device anyway, `resident_bytes`) they exceed DEVICE_FIT of it."""
+    inputs, the dense stream's beside them, recovery's rows) go off `device`: always for
+    "cpu", never for "device"; for "auto", only on CUDA and only when they exceed
+    DEVICE_SHARE of the free device memory (`free_bytes`, read from the driver when None),
+    or when with `resident` bytes (what stays on the device anyway, `resident_bytes`) they
+    exceed DEVICE_FIT of it."""
     if mode not in OFFLOAD_MODES:
         raise SpapError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got '{mode}'")
     if mode != "auto":

@@ -161,6 +161,27 @@ def test_output_fisher_is_the_sum_of_gradient_outer_products():
         torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
+def test_output_fisher_recomputes_each_layer_and_gives_the_same_sums(family):
+    """The checkpointed pass keeps only the layers' inputs: every decoder layer runs twice
+    per batch (its forward again in the backward pass), and the sums are the plain pass's."""
+    model = tiny_model(family)
+    adapter = get_adapter(model.config)
+    ids = random_ids(4, 12, seed=3)
+    calls = [0] * len(adapter.layers(model))
+    for i, layer in enumerate(adapter.layers(model)):  # (the MLP inside: the recomputation
+        # calls the layer's forward itself, not the module)
+        adapter.out_linear(layer).register_forward_pre_hook(
+            lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+    plain = output_fisher(model, adapter, ids, batch_size=2, checkpointed=False)
+    assert calls == [2] * len(calls)
+    got = output_fisher(model, adapter, ids, batch_size=2)
+    assert calls == [2 + 4] * len(calls)
+    for g, p in zip(got, plain):
+        torch.testing.assert_close(g, p, rtol=1e-5, atol=1e-9)
+    assert all("forward" not in layer.__dict__ for layer in adapter.layers(model))
+
+
 def test_the_driver_hands_each_layer_the_dense_models_fisher_on_the_fit_windows(monkeypatch):
     import copy
 

@@ -522,12 +522,14 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
     steps.append(st)
 
     if fisher:
-        st = base(Step("fisher", 1, flops={fwd: 6.0 * s.params * T_fit},
+        st = base(Step("fisher", 1, flops={fwd: 8.0 * s.params * T_fit},
                        note="the dense model's backward pass, one window at a time"),
                   layer=False)
         place(st, "the whole model", s.params * e - outside)
-        place(st, "one window's saved activations and logits",
-              L * S * (6 * d + 3 * n) * e + 2 * S * s.vocab * 4)
+        # (each layer checkpointed: every layer's input kept, one layer's activations
+        # recomputed at a time in the backward pass, driver/sensitivity.py)
+        place(st, "one window's layer inputs, a layer's activations, the logits",
+              L * S * d * e + S * (6 * d + 3 * n) * e + 2 * S * s.vocab * 4)
         st.host["output Fisher of every layer (float64)"] = L * m * m * 8
         steps.append(st)
 

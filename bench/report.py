@@ -896,6 +896,8 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
     notes = []
     # (model, sparsity, level, products) -> [(seed, in-domain ratio, out-of-domain ratio)]
     over_seeds: dict[tuple, list[tuple[int, float | None, float | None]]] = {}
+    files = sorted(files, key=lambda f: (f[1]["model"],
+                                         f[1]["protocol"]["calibration"].get("seed", 0)))
     for name, d in files:
         seed = d["protocol"]["calibration"].get("seed", 0)
         base = [r for r in d["records"] if _is_baseline(r) and r["ppl"] is not None
@@ -930,6 +932,7 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
                          + f"; strongest baseline {best['method']} {fmt(best['ppl'])}")
     means = []
     for (model, sp, level, prec), got in over_seeds.items():
+        got = sorted(got)
         seeds = sorted({x[0] for x in got})
         if len(seeds) < 2:
             continue

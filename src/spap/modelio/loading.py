@@ -237,6 +237,7 @@ def open_lazy(spec: str, dtype: str | torch.dtype, device: str) -> LazyModel:
     reader = CheckpointReader(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     model = empty_model(config, resolve_dtype(dtype, config=config))
+    reader.adopt_names(model)  # (the names transformers renames on loading)
     layers = adapter.layers(model)
     load_outside_layers(model, layers, reader)
     gen = (GenerationConfig.from_pretrained(folder)

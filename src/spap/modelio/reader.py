@@ -9,9 +9,13 @@ asked for. `load_outside_layers` fills the embeddings, final norm and head; `loa
 fills one decoder layer when the driver's turn comes to it (`driver.stores.FromCheckpoint`).
 `loading.open_lazy` does all of it for a model spec.
 
-Tensor names are the model's `state_dict` names, which for the supported families are the
-names `save_pretrained` writes; `saved_names` drops tied duplicates (the LM head of a model
-with tied embeddings) exactly as `save_pretrained` does.
+Tensor names are the model's `state_dict` names. Where transformers renames a family's
+checkpoint names on loading (its conversion mapping: GPT-NeoX's `embed_out` is the model's
+`lm_head`, Gemma 3's `language_model.model` its `model.language_model`), `adopt_names` reads
+each checkpoint name under the name transformers gives it, so a checkpoint in either form is
+read; a family whose checkpoint tensors transformers converts (splits, merges) rather than
+renames is refused with --low-memory. `saved_names` drops tied duplicates (the LM head of a
+model with tied embeddings) exactly as `save_pretrained` does.
 """
 
 from __future__ import annotations
@@ -53,15 +57,43 @@ class CheckpointReader:
                 "drop --low-memory)"
             )
 
+        self.aliases: dict[str, str] = {}  # model name -> checkpoint name (adopt_names)
+        self.converted: list[str] = []  # checkpoint names transformers converts, not renames
+
+    def adopt_names(self, model: nn.Module) -> None:
+        """Read each checkpoint name also under the name transformers' conversion mapping
+        gives it on loading (`from_pretrained`'s renamings, as it applies them)."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        if not renamings and not converters:
+            return
+        for name in self.files:
+            new, converter = rename_source_key(name, renamings, converters)
+            if converter is not None:
+                self.converted.append(name)
+            elif new != name:
+                self.aliases.setdefault(new, name)
+
     def resolve(self, name: str, base_prefix: str | None) -> str | None:
-        """The checkpoint's name for model tensor `name`: itself, or without the base model
-        prefix (checkpoints saved from the bare base model, e.g. facebook/opt-*)."""
-        if name in self.files:
-            return name
+        """The checkpoint's name for model tensor `name`: itself, the checkpoint name that
+        transformers renames to it (`adopt_names`), or either without the base model prefix
+        (checkpoints saved from the bare base model, e.g. facebook/opt-*)."""
+        candidates = [name]
         if base_prefix and name.startswith(base_prefix + "."):
-            short = name[len(base_prefix) + 1:]
-            if short in self.files:
-                return short
+            candidates.append(name[len(base_prefix) + 1:])
+        for c in candidates:
+            if c in self.files:
+                return c
+            if c in self.aliases:
+                return self.aliases[c]
         return None
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -120,6 +152,12 @@ def load_module(model: nn.Module, module: nn.Module, prefix: str, reader: Checkp
 
 
 def _missing(missing: list[str], reader: CheckpointReader) -> SpapError:
+    if reader.converted:
+        return SpapError(
+            f"the checkpoint in '{reader.folder}' stores {len(reader.converted)} tensor(s) in a "
+            f"form transformers converts on loading (e.g. '{reader.converted[0]}'), which "
+            "--low-memory does not read; drop --low-memory, or re-save the model with "
+            "save_pretrained first")
     return SpapError(
         f"the checkpoint in '{reader.folder}' lacks {len(missing)} tensor(s) the model needs, "
         f"e.g. '{missing[0]}'; is it a complete save_pretrained folder?"
@@ -175,3 +213,19 @@ def saved_names(model: nn.Module) -> list[str]:
         if len(group) > 1:
             drop.update(n for n in group if n in tied)
     return [n for n in model.state_dict() if n not in drop]
+
+
+def names_on_disk(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """{model name: the name save_pretrained writes it under} for `names`: transformers'
+    conversion mapping reverted (`revert_weight_conversion`, on empty stand-ins), which
+    for most families is the name itself."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out = {}
+    for n in names:
+        renamed = revert_weight_conversion(model, {n: torch.empty(0)})
+        if len(renamed) != 1:  # (a converted tensor: the writer keeps the model's name)
+            out[n] = n
+        else:
+            out[n] = next(iter(renamed))
+    return out

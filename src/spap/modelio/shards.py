@@ -34,7 +34,7 @@ from torch import nn
 
 from .card import write_card
 from .export import check_output_dir, write_report
-from .reader import INDEX_FILE, empty_model, module_name, saved_names
+from .reader import INDEX_FILE, empty_model, module_name, names_on_disk, saved_names
 from .runfolder import STATE_FILE, RunFolder
 
 METADATA = {"format": "pt"}
@@ -63,9 +63,10 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _layer_shard(model: nn.Module, run: RunFolder, index: int, prefix: str,
-                 expected: list[str], target: Path) -> None:
+                 expected: list[str], target: Path, disk: dict[str, str]) -> None:
     """Layer `index`'s file as shard `target`, with zero biases added where the model has a
-    bias the file lacks (surgery.add_missing_biases added them to the meta model)."""
+    bias the file lacks (surgery.add_missing_biases added them to the meta model), and its
+    tensors under the names save_pretrained writes (`disk`: model name -> that name)."""
     from safetensors.torch import load_file, save_file
 
     src = run.layer_file(index)
@@ -75,13 +76,15 @@ def _layer_shard(model: nn.Module, run: RunFolder, index: int, prefix: str,
     if extra or any(not n.endswith(".bias") for n in missing):
         raise RuntimeError(f"layer {index} file does not match the model (missing {missing}, "
                            f"extra {extra}); this is a bug in spap, please report it")
-    if not missing:
+    renamed = any(disk[n] != n for n in expected)
+    if not missing and not renamed:
         _link_or_copy(src, target)
         return
     tensors = load_file(str(src))
     for n in missing:
         p = model.get_parameter(n)
         tensors[n] = torch.zeros(p.shape, dtype=p.dtype)
+    tensors = {disk[n]: t for n, t in tensors.items()}
     tmp = target.with_name(f".{target.name}.tmp")
     save_file(tensors, str(tmp), metadata=METADATA)
     os.replace(tmp, target)
@@ -103,8 +106,10 @@ def check_structure(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
     if getattr(ref, "all_tied_weights_keys", None):
         ref.tie_weights()
     sd = ref.state_dict()
-    want = {n: (list(sd[n].shape), _SAFETENSORS_DTYPE.get(sd[n].dtype, str(sd[n].dtype)))
-            for n in saved_names(ref)}
+    names = saved_names(ref)
+    disk = names_on_disk(ref, names)
+    want = {disk[n]: (list(sd[n].shape), _SAFETENSORS_DTYPE.get(sd[n].dtype, str(sd[n].dtype)))
+            for n in names}
     index = json.loads((folder / INDEX_FILE).read_text())
     got: dict[str, tuple[list[int], str]] = {}
     for shard in sorted(set(index["weight_map"].values())):
@@ -139,6 +144,7 @@ def write_sharded(model: nn.Module, layers: nn.ModuleList, run: RunFolder, token
     t0 = time.perf_counter()
     out = check_output_dir(out, overwrite)
     names = saved_names(model)
+    disk = names_on_disk(model, names)  # (as save_pretrained names them)
     prefix = module_name(model, layers) + "."
     n_shards = len(layers) + 1
     folder = run.path
@@ -149,16 +155,16 @@ def write_sharded(model: nn.Module, layers: nn.ModuleList, run: RunFolder, token
         raise RuntimeError("tensors outside the decoder layers were never loaded; a bug in spap")
     first = shard_name(1, n_shards)
     tmp = folder / f".{first}.tmp"
-    save_file({n: sd[n].detach().cpu().contiguous() for n in outside}, str(tmp),
+    save_file({disk[n]: sd[n].detach().cpu().contiguous() for n in outside}, str(tmp),
               metadata=METADATA)
     os.replace(tmp, folder / first)
-    weight_map.update(dict.fromkeys(outside, first))
+    weight_map.update(dict.fromkeys((disk[n] for n in outside), first))
     for i in range(len(layers)):
         lp = f"{prefix}{i}."
         expected = [n for n in names if n.startswith(lp)]
         target = shard_name(i + 2, n_shards)
-        _layer_shard(model, run, i, lp, expected, folder / target)
-        weight_map.update(dict.fromkeys(expected, target))
+        _layer_shard(model, run, i, lp, expected, folder / target, disk)
+        weight_map.update(dict.fromkeys((disk[n] for n in expected), target))
     total_size = 0
     for shard in set(weight_map.values()):
         for shape, dt in _header(folder / shard).values():

@@ -105,8 +105,16 @@ def _materialize_alias(alias: GgufAlias) -> Path:
         saved = work / "model"
         model.save_pretrained(saved)
         tok.save_pretrained(saved)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(saved, target)
+        # (another process may have finished the same conversion meanwhile and be reading
+        # its folder: that one is kept, never replaced under it)
+        if not (target / "config.json").exists():
+            if target.exists():  # (no config: an empty or broken folder, not a finished one)
+                shutil.rmtree(target, ignore_errors=True)
+            try:
+                os.replace(saved, target)
+            except OSError:
+                if not (target / "config.json").exists():
+                    raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

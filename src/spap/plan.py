@@ -422,8 +422,8 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
         collect_terms(st, only_forward=True)
         steps.append(st)
 
-    def solver_state(step: Step) -> None:
-        for name, b in {**grams, **drift_sums}.items():
+    def solver_state(step: Step, statistics: bool = True) -> None:
+        for name, b in ({**grams, **drift_sums} if statistics else {}).items():
             place(step, name, b)
         place(step, "recovery's inputs/targets/drift", rec_rows, not off)
         place(step, "weights in float64", weights64)
@@ -472,12 +472,21 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
         st = base(Step("recovery", L, note=f"up to {epochs} epochs of {steps_per_epoch} Adam "
                                             f"steps on {mb} tokens, then the down projection "
                                             "in closed form"))
-        solver_state(st)
         trainable = r * k * d
         weights = trainable + m * k
-        place(st, "fit Gram (float32)", n * n * 4)
+        # its start (the refit on the fit windows, from the statistics) and its epochs (the
+        # statistics and the fit Gram freed before them), whichever holds more
+        start = base(Step("recovery", L))
+        solver_state(start)
+        place(start, "fit Gram (float32)", n * n * 4)
+        # (H_fit's kept rows, its kept block, the shifted block and its factor, the
+        # right-hand sides; with the drift target its cross term)
+        place(start, "the start's kept blocks and right-hand sides",
+              (k * n + 3 * k * k + 2 * k * m + (m * n if drift else 0)) * 4)
+        solver_state(st, statistics=False)
         if drift:
-            place(st, "targets plus alpha drift (float32)", T * m * f32e, not off)
+            for one in (start, st):
+                place(one, "targets plus alpha drift (float32)", T * m * f32e, not off)
         place(st, "weights (float32): current, start, best", 3 * weights * 4)
         place(st, "Adam moments and gradients (float32)", 3 * trainable * 4)
         if gpu and half:
@@ -491,6 +500,8 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
         solve_mem = 3 * k * k * 8 + 3 * k * m * 8
         place(st, "largest of a minibatch's forward and the float64 closed form",
               max(step_mem, sums_mem, solve_mem))
+        if start.device_bytes + start.host_bytes > st.device_bytes + st.host_bytes:
+            st.device, st.host = start.device, start.host
         per_token = 4.0 * trainable + 4.0 * m * k
         fwd_x = 2.0 * trainable
         # the closed form's products: per window in bf16 (added across windows in float64)
@@ -511,14 +522,13 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
                                        + attn_flops + 2.0 * s.mlp_params(n) * T},
                    transfer_bytes=stream_moves / copies,
                    note="the pruned layer on every batch, against the dense MLP"))
-    for name, b in {**grams, **drift_sums}.items():  # (the accumulators live until the end)
-        place(st, name, b)
+    # (the statistics went with the solved problem)
     place(st, "decision's weights (float64)", 8 * (m * k + r * k * d))
     place(st, "dense MLP copy", s.mlp_params(n) * e)
     # the pruned layer's down input held while the dense MLP recomputes the reference (two
     # n-wide intermediates at once) and the float64 error sums take their copies
     place(st, "one batch's dense reference and its float64 error",
-          max(Tb * (k + 2 * n) * e + 3 * Tb * m * 8, Tb * (3 * k + 2 * d) * e))
+          max(Tb * (k + 3 * n) * e + 4 * Tb * m * 8, Tb * (3 * k + 2 * d) * e))
     steps.append(st)
 
     if fisher:

@@ -632,7 +632,9 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
         shard=shard,
         out_weight=None if out_weight is None else out_weight.to(down.weight.device),
         compute_dtype=prec.compute,
+        solved_once=True,
     )
+    acc = drift_acc = None  # (the statistics live on in the problem alone: a solver frees them)
     if solver.needs_inputs:
         problem.inputs = torch.cat(inputs)  # (p, d)
         # (p, m): the dense MLP on these inputs, or the dense model's own MLP output

@@ -64,6 +64,14 @@ class LayerProblem:
     # tokens per calibration window of `inputs` (0: unknown), so that a solver's products can
     # cover whole windows, the same tokens however the windows are shared between ranks
     window_tokens: int = 0
+    # the driver's problems are solved once: a solver may then drop `stats` (the Grams,
+    # n x n float64 twice) once it no longer needs them, before recovery's epochs
+    solved_once: bool = False
+
+    def release_stats(self) -> None:
+        """Drop the statistics when the problem is solved once (`solved_once`)."""
+        if self.solved_once:
+            self.stats = None
 
     @property
     def n(self) -> int:

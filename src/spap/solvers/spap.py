@@ -250,6 +250,8 @@ class SpapSolver(RefitOptions, OutputWeighting):
                                    h_fit[keep] @ w0.T + alpha * c_fit[:, keep].T,
                                    w0[:, keep], lam)
         h_fit = c_fit = None  # (n, n) and (m, n): not needed by the epochs
+        stats = drift = None  # nor are the statistics: the driver's Grams go now
+        problem.release_stats()
         res = recover(
             problem.inputs, targets,
             {k: v[keep] for k, v in problem.w_in.items()}, w_start, problem.act,

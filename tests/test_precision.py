@@ -159,3 +159,43 @@ def test_bf16_products_restore_the_backend_setting():
             assert mm.fp32_precision == "bf16"
             raise RuntimeError
     assert mm.fp32_precision == before
+
+
+def _matmul_dtypes(fn) -> set[torch.dtype]:
+    """The dtypes of the matrix products `fn` runs (aten mm, addmm, bmm, matmul)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[torch.dtype] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "matmul"):
+                seen.add(args[0].dtype if func.overloadpacket.__name__ != "addmm"
+                         else args[1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+def test_drift_cross_term_is_a_float32_product_with_bf16_compute():
+    """With bf16 compute the drift's cross term D^T x is a float32 product (a float64 one
+    runs at 1/64 of the rate on most GPUs), summed across batches in float64; the float32
+    path keeps its float64 product. Both agree to float32's precision."""
+    from spap.solvers.stats import DriftAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(1e-3 * torch.randn(64, 16, generator=g), torch.randn(64, 48, generator=g),
+                torch.randn(64, 16, generator=g)) for _ in range(3)]
+    accs = {exact: DriftAccumulator(16, 48, exact=exact) for exact in (True, False)}
+    for exact, acc in accs.items():
+        dtypes = _matmul_dtypes(lambda acc=acc: [acc.add(*b, heldout=i == 2)
+                                                 for i, b in enumerate(batches)])
+        assert dtypes == ({torch.float64} if exact else {torch.float32})
+    a, b = (accs[e].result() for e in (True, False))
+    assert a.cross.dtype == b.cross.dtype == torch.float64
+    scale = float(a.cross.abs().max())  # (float32's rounding, relative to the largest term)
+    torch.testing.assert_close(b.cross, a.cross, rtol=0, atol=1e-6 * scale)
+    torch.testing.assert_close(b.cross_heldout, a.cross_heldout, rtol=0, atol=1e-6 * scale)
+    assert a.sq == b.sq and a.out_sq == b.out_sq

@@ -411,8 +411,9 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
     collect_terms(st)
     if gram:
         st.flops["bf16" if (gpu and half) else "fp32"] = 2.0 * T * n * n
-    if drift:
-        st.flops["fp64"] = 2.0 * T * m * n
+    if drift:  # (its cross term: a float32 product with bf16 compute, stats.DriftAccumulator)
+        st.flops["fp32" if half else "fp64"] = (st.flops.get("fp32", 0.0) if half else 0.0) \
+            + 2.0 * T * m * n
     steps.append(st)
 
     if dense:

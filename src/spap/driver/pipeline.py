@@ -588,7 +588,8 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     if drift:
         if check_additive:
             _check_additive(layer, down, batches[0])
-        drift_acc = DriftAccumulator(down.out_features, n, down.weight.device)
+        drift_acc = DriftAccumulator(down.out_features, n, down.weight.device,
+                                     exact=prec.compute == torch.float32)
     hooks = [down.register_forward_pre_hook(collect)]
     if solver.needs_inputs:
         # the MLP inputs and the dense layer's output on them, the recovery's data and target

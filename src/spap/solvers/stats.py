@@ -20,6 +20,7 @@ import torch
 
 from ..distributed import Shard
 from ..errors import SpapError
+from ..precision import exact as exact_products
 
 
 @dataclass
@@ -90,24 +91,37 @@ class DriftStats:
 
 class DriftAccumulator:
     """Accumulates `DriftStats` from per-batch drift D (tokens, m), the down projection's input
-    x (tokens, n) of the same tokens and the dense hidden state y_dense (tokens, m)."""
+    x (tokens, n) of the same tokens and the dense hidden state y_dense (tokens, m).
 
-    def __init__(self, m: int, n: int, device: torch.device | str = "cpu"):
+    `exact` (the float32 path, as earlier runs): each batch's cross term D^T x is a float64
+    product. Otherwise (bf16 compute, precision.py) it is a float32 product, exact in its
+    inputs' digits and summed in float32 over one batch's tokens only, added across batches
+    in float64: a float64 product runs at 1/64 of the float32 rate on most GPUs (the
+    consumer and workstation ones) and at half of it on a CPU, for the largest product of a
+    layer's collect with the drift target."""
+
+    def __init__(self, m: int, n: int, device: torch.device | str = "cpu", exact: bool = True):
         self.m, self.n = m, n
         self.device = torch.device(device)
+        self.exact = exact
         self.sums = [torch.zeros(m, n, dtype=torch.float64, device=self.device), 0.0, 0.0]
         self.held: list | None = None
 
     def add(self, d: torch.Tensor, x: torch.Tensor, y_dense: torch.Tensor,
             heldout: bool = False) -> None:
-        d = d.detach().reshape(-1, self.m).double()  # (tokens, m)
-        x = x.detach().reshape(-1, self.n).double()  # (tokens, n)
-        y = y_dense.detach().reshape(-1, self.m).double()  # (tokens, m)
-        batch = [(d.T @ x).to(self.device), float(d.pow(2).sum()), float(y.pow(2).sum())]
-        self.sums = [a + b for a, b in zip(self.sums, batch)]
+        wide = torch.float64 if self.exact else torch.float32
+        d = d.detach().reshape(-1, self.m)  # (tokens, m)
+        x = x.detach().reshape(-1, self.n)  # (tokens, n)
+        y = y_dense.detach().reshape(-1, self.m)  # (tokens, m)
+        with exact_products(d.device.type):
+            cross = (d.to(wide).T @ x.to(wide)).to(self.device, torch.float64)
+        batch = [cross, float(d.double().pow(2).sum()), float(y.double().pow(2).sum())]
+        self.sums[0] += cross
+        self.sums[1:] = [a + b for a, b in zip(self.sums[1:], batch[1:])]
         if heldout:
-            self.held = batch if self.held is None else [a + b for a, b in
-                                                         zip(self.held, batch)]
+            self.held = ([cross.clone(), *batch[1:]] if self.held is None else
+                         [self.held[0].add_(cross), *(a + b for a, b in
+                                                       zip(self.held[1:], batch[1:]))])
 
     def result(self) -> DriftStats:
         if self.held is None:

@@ -272,3 +272,15 @@ def test_llama_8b_fits_a_24_gb_gpu_and_70b_one_80_gb_gpu(shapes):
     assert on.device_peak > 24e9  # (what the rows on the host save)
     p70 = plan(s70, PruneConfig(sparsity=0.5, low_memory=True, offload="cpu"), "h100")
     assert p70.device_peak < 80e9 * 0.7
+
+
+@pytest.mark.default_level
+def test_fixes_name_the_level_without_the_loss_sensitivity_pass(shapes):
+    """--effort max's pass holds the whole model on the device: on a GPU too small for it,
+    the fix named is --effort default."""
+    small = dataclasses.replace(HARDWARE["l4"], memory_gb=17)
+    cfg = PruneConfig(sparsity=0.5, effort="max")
+    p = plan(shapes["llama-3.1-8b"], cfg, small)
+    assert p.recipe["fisher"] and max(p.steps, key=lambda s: s.device_bytes).name == "fisher"
+    rows = fixes(shapes["llama-3.1-8b"], cfg, small, host_bytes=10**12)
+    assert any(r["flags"].endswith("--effort default") and r["fits"] for r in rows)

@@ -609,6 +609,10 @@ def fixes(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
         tries.append(("--low-memory", {"low_memory": True, "evaluate": False}))
     if settings.batch_size > 1:
         tries.append(("--batch-size 1", {"batch_size": 1}))
+    fisher_peak = max(base.steps, key=lambda st: st.device_bytes).name == "fisher"
+    if base.recipe.get("fisher") and settings.effort == "max" and fisher_peak:
+        # (the loss-sensitivity pass holds the whole model on the device)
+        tries.append(("--effort default", {"effort": "default"}))
     out = []
     combined: dict[str, Any] = {}
     names: list[str] = []

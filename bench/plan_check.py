@@ -4,8 +4,8 @@ Each case runs the driver (`driver.pipeline.prune_layers`) on a model of real sh
 random weights and random calibration ids, while a thread samples the process's anonymous
 resident memory (RssAnon: the tensors, not the pages of torch's libraries, which a new op
 pages in as it first runs) every few milliseconds; the driver's steps are told apart by
-wrapping the functions that start them (capture, collect, the concatenation of recovery's
-rows, decision, refit, recovery, replay), so every sample is counted to the step that was
+wrapping the functions that start them (capture, collect,
+decision, refit, recovery, replay), so every sample is counted to the step that was
 running. A step's
 measured peak is its largest sample less a baseline: the sample after the model was built
 less the model's own bytes (Python, torch, and what loading left behind); glibc is told to
@@ -160,7 +160,6 @@ def instrument(sampler: StepSampler) -> None:
 
     _wrap(pipeline, "capture_stores", sampler, "capture")
     _wrap(pipeline, "_prune_one", sampler, "collect")
-    _wrap(pipeline, "LayerProblem", sampler, "concatenate")
     _wrap(SpapSolver, "solve", sampler, "decision")
     _wrap(SpapSolver, "refit_kept", sampler, "refit")
     _wrap(SpapSolver, "recover", sampler, "recovery")
@@ -301,7 +300,7 @@ def compare(config, cfg, measured: dict[str, int]) -> dict[str, Any]:
     predicted = {s.name: s.host_bytes for s in p.steps}
     # collect and the dense stream's forward are interleaved per batch: one measured step
     pairs = {"capture": ["capture"], "collect": ["collect", "dense stream"],
-             "concatenate": ["concatenate"], "decision": ["decision"], "refit": ["refit"],
+             "decision": ["decision"], "refit": ["refit"],
              "recovery": ["recovery"], "replay": ["replay"]}
     rows = {}
     for step, names in pairs.items():

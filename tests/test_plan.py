@@ -250,13 +250,12 @@ def test_auto_offload_counts_what_stays_on_the_device():
     assert not choose_offload("auto", torch.device("cpu"), 40, free_bytes=100, resident=90)
     # Llama-3.1-8B, 128 x 2048 tokens in bfloat16 with the drift target: the Grams (2 x 1.6
     # GB and a window's product) and the drift cross terms stay on the device; recovery's
-    # rows (inputs and targets in bf16, drift in float32), twice while they are
-    # concatenated, go where the activations go
+    # rows (inputs and targets in bf16, drift in float32) go where the activations go
     n, d, t = 14336, 4096, 128 * 2048
     assert resident_bytes(n, d, gram=True, drift=True) == 20 * n * n + 16 * d * n
     assert resident_bytes(n, d, gram=False, drift=False) == 0
-    assert row_bytes(t, d, d, 2, drift=True) == 2 * t * (2 * d * 2 + d * 4)
-    assert row_bytes(t, d, d, 4, drift=False) == 2 * t * 2 * d * 4
+    assert row_bytes(t, d, d, 2, drift=True) == t * (2 * d * 2 + d * 4)
+    assert row_bytes(t, d, d, 4, drift=False) == t * 2 * d * 4
 
 
 @pytest.mark.default_level

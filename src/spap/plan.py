@@ -12,8 +12,8 @@ meta device once, to count parameters generically).
 
 The terms follow the code as written: the calibration activations (and the dense stream's
 copy with the drift target) in the model's dtype; the float64 Grams of all and of the
-held-out windows, which live until the layer is replayed; recovery's inputs, targets and
-drift rows of every token on the device, concatenated (twice their size for a moment);
+held-out windows, which live until recovery's epochs start; recovery's inputs, targets and
+drift rows of every token, written in place batch by batch where the activations live;
 the solve in `solve_dtype` (n x n matrices: the Gram, its inverse and greedy OBS's two
 stores); recovery's float32 master weights, their start and best copies, Adam's two moments
 and gradients, a minibatch, and the down projection's float64 closed form (k x k). `tests/
@@ -318,7 +318,7 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
     if free_device is None and gpu:
         free_device = int(hw.memory_gb * GB) - outside
     resident = resident_bytes(n, m, gram=gram, drift=drift)
-    # recovery's rows go where the activations go (twice their size while concatenated)
+    # recovery's rows go where the activations go
     follow = row_bytes(T, d, m, e, drift=drift) if inputs else 0
     off = choose_offload(cfg.offload, _torch_device(hw.kind), copies * acts + follow,
                          free_bytes=free_device, resident=resident) if gpu else False
@@ -357,7 +357,7 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
                    "held-out drift cross term (float64)": 8 * m * n} if drift else {})
     # recovery's inputs and targets in the model's dtype, its drift rows in float32 at least;
     # on the device, or with offloaded activations in host memory beside them
-    rec_rows = follow // 2
+    rec_rows = follow
     f32e = max(e, 4)
     weights64 = 8 * (m * n + r * n * d)  # the LayerProblem's float64 copies of the weights
     steps: list[Step] = []
@@ -428,13 +428,6 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
             place(step, name, b)
         place(step, "recovery's inputs/targets/drift", rec_rows, not off)
         place(step, "weights in float64", weights64)
-
-    if inputs:
-        st = base(Step("concatenate", L, note="recovery's rows concatenated (twice their "
-                                               "size for a moment)"))
-        solver_state(st)
-        place(st, "recovery's rows (the lists)", rec_rows, not off)
-        steps.append(st)
 
     st = base(Step("decision", L, note="the damped Gram's inverse and greedy OBS"))
     solver_state(st)

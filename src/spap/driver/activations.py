@@ -103,9 +103,8 @@ def resident_bytes(width: int, out: int, *, gram: bool, drift: bool) -> int:
 def row_bytes(tokens: int, hidden: int, out: int, elem: int, *, drift: bool) -> int:
     """Bytes of recovery's rows of every token, which live where the activations do (and
     follow them off the device): inputs and targets in the activations' dtype (`elem`
-    bytes), with `drift` the drift rows in float32 at least, twice while they are
-    concatenated."""
-    return 2 * tokens * ((hidden + out) * elem + (out * max(elem, 4) if drift else 0))
+    bytes), with `drift` the drift rows in float32 at least."""
+    return tokens * ((hidden + out) * elem + (out * max(elem, 4) if drift else 0))
 
 
 class ActivationStore:
@@ -185,6 +184,11 @@ class ActivationStore:
         return other
 
     # -- accounting ------------------------------------------------------------------------
+    @property
+    def tokens(self) -> int:
+        """The tokens of every batch (no batch is moved to read it)."""
+        return sum(h.shape[:-1].numel() for h, _, _ in self._batches)
+
     @property
     def nbytes(self) -> int:
         return sum(tensor_bytes(b) for b in self._batches)

@@ -497,6 +497,35 @@ def _output_fisher(model, adapter, layers, fit, source, device, home, shard, pro
     return fisher
 
 
+class RowBuffer:
+    """Rows (tokens, width) of every batch, copied in place into one tensor of `capacity`
+    rows, allocated at the first batch in its dtype and width, on `device` (None: where the
+    batches are). `result()` is the rows written."""
+
+    def __init__(self, capacity: int, device: torch.device | None = None):
+        self.capacity, self.device = capacity, device
+        self.buf: torch.Tensor | None = None
+        self.filled = 0
+
+    def add(self, t: torch.Tensor) -> None:
+        t = t.reshape(-1, t.shape[-1])
+        if self.buf is None:
+            self.buf = torch.empty(max(self.capacity, t.shape[0]), t.shape[-1], dtype=t.dtype,
+                                   device=self.device or t.device)
+        end = self.filled + t.shape[0]
+        if end > self.buf.shape[0]:  # (a batch larger than the first: grow, rarely)
+            grown = torch.empty(end, t.shape[-1], dtype=self.buf.dtype, device=self.buf.device)
+            grown[:self.filled] = self.buf[:self.filled]
+            self.buf = grown
+        self.buf[self.filled:end] = t
+        self.filled = end
+
+    def result(self) -> torch.Tensor:
+        if self.buf is None:
+            raise RuntimeError("no rows were collected; this is a bug in spap")
+        return self.buf[:self.filled]
+
+
 def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probes=None,
                heldout=(0, 0), dense=None, drift=False, check_additive=False, shard=LOCAL,
                out_weight=None, prec: Precision = FLOAT32):
@@ -521,17 +550,18 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     # (recovery then moves one minibatch, or one chunk of its closed form, at a time)
     offloaded = bool(getattr(batches, "offload", False))
 
-    def home(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
-        if offloaded:
-            return t.to("cpu", copy=copy)
-        return t.clone() if copy else t
+    home = torch.device("cpu") if offloaded else None
+    tokens = (batches.tokens if isinstance(batches, ActivationStore)
+              else sum(b[0].shape[:-1].numel() for b in batches))
+
+    def rows() -> RowBuffer:
+        return RowBuffer(tokens, home)
 
     dense_targets = None
     if dense is not None and not drift:  # the dense layer on the dense inputs, before any cut
-        dense_targets = []
+        dense_targets = rows()
         hook = adapter.out_linear(layer).register_forward_hook(
-            lambda _m, _a, out: dense_targets.append(
-            home(out.detach().reshape(-1, out.shape[-1]), copy=True)))
+            lambda _m, _a, out: dense_targets.add(out.detach()))
         try:
             with prec.autocast():
                 _propagate(layer, dense)
@@ -554,9 +584,9 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
 
     # collect
     acc = StatsAccumulator(n, solver.needs_gram, down.weight.device)
-    inputs: list[torch.Tensor] = []
-    targets: list[torch.Tensor] = []
-    drifts: list[torch.Tensor] = []
+    # recovery's rows, written in place batch by batch (no list of batches to concatenate:
+    # twice their size for a moment)
+    inputs, targets, drifts = rows(), rows(), rows()
     # The trailing held-out batches also count into a held-out Gram, for solvers that choose a
     # setting out of sample.
     n_held = heldout[0]
@@ -572,18 +602,15 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
             acc.add(a[0], heldout=is_heldout())
         state["x"] = a[0]
 
-    def flat(t):
-        return home(t.detach().reshape(-1, t.shape[-1]))
-
     def grab_input(_m, a):
         if not state["dense"]:
-            inputs.append(flat(a[0]))
+            inputs.add(a[0].detach())
 
     def grab_target(_m, _a, out):
         if not state["dense"]:
-            # (cloned: some families, e.g. falcon, add into the down projection's output in
-            # place)
-            targets.append(home(out.detach().reshape(-1, out.shape[-1]), copy=True))
+            # (copied now: some families, e.g. falcon, add into the down projection's output
+            # in place)
+            targets.add(out.detach())
 
     if drift:
         if check_additive:
@@ -612,7 +639,7 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
                 d = out_dense.to(wide) - out.to(wide)
                 drift_acc.add(d, state.pop("x"), out_dense, heldout=is_heldout())
                 if solver.needs_inputs:
-                    drifts.append(flat(d))
+                    drifts.add(d)
                 dense.put(j, out_dense)
     finally:
         for h in hooks:
@@ -637,13 +664,13 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     )
     acc = drift_acc = None  # (the statistics live on in the problem alone: a solver frees them)
     if solver.needs_inputs:
-        problem.inputs = torch.cat(inputs)  # (p, d)
+        problem.inputs = inputs.result()  # (p, d)
         # (p, m): the dense MLP on these inputs, or the dense model's own MLP output
-        problem.targets = torch.cat(dense_targets if dense_targets is not None else targets)
+        problem.targets = (dense_targets if dense_targets is not None else targets).result()
         problem.heldout_tokens = heldout[1] if n_held else 0
         problem.window_tokens = int(batches[0][0].shape[-2])  # (batch, seq, d): seq
         if drift:
-            problem.drift = torch.cat(drifts)  # (p, m), the same rows as targets
+            problem.drift = drifts.result()  # (p, m), the same rows as targets
         del inputs, targets, dense_targets, drifts
     decision = solve_layer(solver, problem, k, index)
     _broadcast_decision(shard, decision)

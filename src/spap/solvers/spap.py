@@ -238,8 +238,7 @@ class SpapSolver(RefitOptions, OutputWeighting):
         targets = problem.targets
         alpha = decision.info.get("drift_alpha") or 0.0
         if alpha:  # (in float32 at least: a bf16 model's D is smaller than its rounding)
-            wide = torch.promote_types(targets.dtype, torch.float32)
-            targets = targets.to(wide) + alpha * problem.drift.to(wide)
+            targets = _plus_drift(targets, problem.drift, alpha)
         if self.recovery == "continuation":
             self._continue(problem, decision, targets, lam, dev)
             return
@@ -392,6 +391,17 @@ def _fractions(grid, name: str = "recovery_shrink") -> tuple[float, ...]:
     if name == "continuation_mu" and len(out) != 2:
         raise ValueError(f"continuation_mu must be two numbers, the first and the last "
                          f"epoch's penalty, such as '0.1,10', got {grid!r}")
+    return out
+
+
+def _plus_drift(targets: torch.Tensor, drift: torch.Tensor, alpha: float,
+                rows: int = 8192) -> torch.Tensor:
+    """targets + alpha D in float32 at least, the same numbers as forming them whole, a block
+    of rows at a time: one new (p, m) tensor, no temporaries of its size."""
+    wide = torch.promote_types(targets.dtype, torch.float32)
+    out = torch.empty(targets.shape, dtype=wide, device=targets.device)
+    for s in range(0, targets.shape[0], rows):
+        out[s:s + rows] = targets[s:s + rows].to(wide) + alpha * drift[s:s + rows].to(wide)
     return out
 
 

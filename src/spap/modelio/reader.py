@@ -219,8 +219,11 @@ def names_on_disk(model: nn.Module, names: list[str]) -> dict[str, str]:
     """{model name: the name save_pretrained writes it under} for `names`: transformers'
     conversion mapping reverted (`revert_weight_conversion`, on empty stand-ins), which
     for most families is the name itself."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import revert_weight_conversion
 
+    if not get_model_conversion_mapping(model, add_legacy=False):
+        return {n: n for n in names}  # (most families: nothing renamed)
     out = {}
     for n in names:
         renamed = revert_weight_conversion(model, {n: torch.empty(0)})

@@ -890,14 +890,19 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
     if not files:
         return ["Not yet measured: no `bench/results/effort-*.json` exists, so there is no "
                 "figure to give here yet."]
-    lines = ["| model (seed) | `--effort` | products | Wikipedia ppl (gap ratio) | "
-             "out-of-domain ppl (gap ratio) | prune time (x wanda-sp) |",
+    lines = ["| model, sparsity (calibration seed) | `--effort` | products | "
+             "Wikipedia ppl (gap ratio) | out-of-domain ppl (gap ratio) | "
+             "prune time (x wanda-sp) |",
              "|---|---|---|---|---|---|"]
     notes = []
     # (model, sparsity, level, products) -> [(seed, in-domain ratio, out-of-domain ratio)]
     over_seeds: dict[tuple, list[tuple[int, float | None, float | None]]] = {}
-    files = sorted(files, key=lambda f: (f[1]["model"],
-                                         f[1]["protocol"]["calibration"].get("seed", 0)))
+    def order(f):
+        d = f[1]
+        return (d["model"], -max((r["sparsity"] for r in d["records"]), default=0),
+                d["protocol"]["calibration"].get("seed", 0))
+
+    files = sorted(files, key=order)
     for name, d in files:
         seed = d["protocol"]["calibration"].get("seed", 0)
         base = [r for r in d["records"] if _is_baseline(r) and r["ppl"] is not None
@@ -922,7 +927,8 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
                                   []).append((seed, q, q2))
             w = wanda.get(r["sparsity"])
             t = _minutes(r["seconds"]) + (f" ({r['seconds'] / w['seconds']:.1f}x)" if w else "")
-            lines.append(f"| {d['model']} ({seed}) | `{_level(d, r)}` | {_compute(d, r)} | "
+            lines.append(f"| {d['model']}, r={r['sparsity']:g} ({seed}) | `{_level(d, r)}` | "
+                         f"{_compute(d, r)} | "
                          f"{fmt(r['ppl'])} ({ratio}) | {ood} | {t} |")
         if best is not None:
             notes.append(f"`{name}`: r={best['sparsity']:g}, {_calib(d)} calibration tokens, "

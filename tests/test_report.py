@@ -277,9 +277,9 @@ def test_effort_table_gives_each_level_against_the_strongest_baseline(report):
                         "settings": {"effort": "default", "compute": "float32"}}])
     rows = [line for line in report.effort_lines([("tiny", d)]) if line.startswith("| tiny")]
     assert rows == [
-        "| tiny (0) | `fast` | bfloat16 | 21.00 (0.750) | 50.00 (0.500) | 2 min (8.0x) |",
-        "| tiny (0) | `default` | bfloat16 | 20.00 (0.500) | 45.00 (0.250) | 30 s (2.0x) |",
-        "| tiny (0) | `default` | float32 | 20.00 (0.500) | n/a | 2 min (6.0x) |",
+        "| tiny, r=0.3 (0) | `fast` | bfloat16 | 21.00 (0.750) | 50.00 (0.500) | 2 min (8.0x) |",
+        "| tiny, r=0.3 (0) | `default` | bfloat16 | 20.00 (0.500) | 45.00 (0.250) | 30 s (2.0x) |",
+        "| tiny, r=0.3 (0) | `default` | float32 | 20.00 (0.500) | n/a | 2 min (6.0x) |",
     ]
 
 

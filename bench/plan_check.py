@@ -4,9 +4,8 @@ Each case runs the driver (`driver.pipeline.prune_layers`) on a model of real sh
 random weights and random calibration ids, while a thread samples the process's anonymous
 resident memory (RssAnon: the tensors, not the pages of torch's libraries, which a new op
 pages in as it first runs) every few milliseconds; the driver's steps are told apart by
-wrapping the functions that start them (capture, collect,
-decision, refit, recovery, replay), so every sample is counted to the step that was
-running. A step's
+wrapping the functions that start them (capture, collect, decision, refit, recovery,
+replay), so every sample is counted to the step that was running. A step's
 measured peak is its largest sample less a baseline: the sample after the model was built
 less the model's own bytes (Python, torch, and what loading left behind); glibc is told to
 map every allocation over 1 MiB on its own (mallopt's M_MMAP_THRESHOLD), so freed tensors
@@ -136,13 +135,8 @@ def _wrap(owner, name: str, sampler: StepSampler, step: str, restore: bool = Fal
     """owner.name runs as `step` (back to the caller's step afterwards when `restore`)."""
     fn = getattr(owner, name)
 
-    from spap.memory import trim_host_heap
-
     @functools.wraps(fn)
     def inner(*a, **kw):
-        # (what the last step freed back to the OS first, so that a step's peak is what is
-        # alive in it, not the heap the one before left behind)
-        trim_host_heap()
         before = sampler.enter(step)
         try:
             return fn(*a, **kw)
@@ -206,29 +200,6 @@ def build(case: dict[str, Any]):
     return model, config
 
 
-def _warm_up(case: dict[str, Any]) -> None:
-    """The same recipe once on a 1-layer model of a few channels, so that the baseline holds
-    what any run holds besides its tensors (the modules it imports, the kernels' workspaces,
-    the thread pools) and the measured peaks are the run's tensors."""
-    from spap.config import PruneConfig
-    from spap.driver.pipeline import prune_layers
-    from spap.models import get_adapter
-    from spap.solvers import get_solver
-
-    small = {**case, "layers": 1, "vocab": 64, "shape": {
-        "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-        "num_key_value_heads": 1, "head_dim": 16}}
-    small.pop("alias", None)
-    small.setdefault("config", "bench/configs/llama-3.1-8b.json")
-    model, config = build(small)
-    options = {**RECIPE, "recovery_epochs": 1, **case.get("options", {})}
-    cfg = PruneConfig(method="spap", method_options=options, nsamples=8, seqlen=16,
-                      batch_size=4, device="cpu", dtype="float32", compute="float32")
-    calib = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
-    prune_layers(model, get_adapter(config), calib, get_solver("spap", **options), cfg,
-                 device="cpu")
-
-
 def run(case_name: str, label: str, with_plan: bool, nsamples: int | None,
         seqlen: int | None) -> dict[str, Any]:
     from spap.config import PruneConfig
@@ -241,7 +212,6 @@ def run(case_name: str, label: str, with_plan: bool, nsamples: int | None,
     case = dict(CASES[case_name])
     case["nsamples"] = nsamples or case["nsamples"]
     case["seqlen"] = seqlen or case["seqlen"]
-    _warm_up(case)
     model, config = build(case)
     trim_host_heap()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -164,6 +164,9 @@ class Step:
     disk_io_bytes: float = 0.0  # read or written
     note: str = ""
 
+    def add_flops(self, precision: str, flops: float) -> None:
+        self.flops[precision] = self.flops.get(precision, 0.0) + flops
+
     @property
     def device_bytes(self) -> int:
         return sum(self.device.values())
@@ -318,9 +321,10 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
     if free_device is None and gpu:
         free_device = int(hw.memory_gb * GB) - outside
     resident = resident_bytes(n, m, gram=gram, drift=drift)
-    # recovery's rows go where the activations go
-    follow = row_bytes(T, d, m, e, drift=drift) if inputs else 0
-    off = choose_offload(cfg.offload, _torch_device(hw.kind), copies * acts + follow,
+    # recovery's inputs and targets in the model's dtype, its drift rows in float32 at least:
+    # they go where the activations go (on the device, or in host memory beside them)
+    rec_rows = row_bytes(T, d, m, e, drift=drift) if inputs else 0
+    off = choose_offload(cfg.offload, _torch_device(hw.kind), copies * acts + rec_rows,
                          free_bytes=free_device, resident=resident) if gpu else False
     # offloaded activations sit in pinned host buffers, one per tensor, rounded up to a power
     # of two by the CUDA host allocator
@@ -355,9 +359,6 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
     grams = {"Gram (float64)": 8 * n * n, "held-out Gram (float64)": 8 * n * n} if gram else {}
     drift_sums = ({"drift cross term (float64)": 8 * m * n,
                    "held-out drift cross term (float64)": 8 * m * n} if drift else {})
-    # recovery's inputs and targets in the model's dtype, its drift rows in float32 at least;
-    # on the device, or with offloaded activations in host memory beside them
-    rec_rows = follow
     f32e = max(e, 4)
     weights64 = 8 * (m * n + r * n * d)  # the LayerProblem's float64 copies of the weights
     steps: list[Step] = []
@@ -412,8 +413,7 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
     if gram:
         st.flops["bf16" if (gpu and half) else "fp32"] = 2.0 * T * n * n
     if drift:  # (its cross term: a float32 product with bf16 compute, stats.DriftAccumulator)
-        st.flops["fp32" if half else "fp64"] = (st.flops.get("fp32", 0.0) if half else 0.0) \
-            + 2.0 * T * m * n
+        st.add_flops("fp32" if half else "fp64", 2.0 * T * m * n)
     steps.append(st)
 
     if dense:
@@ -501,12 +501,10 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
         # the closed form's products: per window in bf16 (added across windows in float64)
         # when the products are bf16, else in float64 (the float32 path as it was)
         st.flops = {}
-        for prec, f in ((("bf16" if gpu and half else "fp32"),
-                         epochs * steps_per_epoch * mb * per_token),
-                        ("fp32", epochs * (T_fit * fwd_x + H * (fwd_x + 2.0 * m * k))),
-                        (("bf16" if half else "fp64"), epochs * 2.0 * T_fit * (k * k + k * m)),
-                        ("fp64", epochs * k**3 / 3)):
-            st.flops[prec] = st.flops.get(prec, 0.0) + f
+        st.add_flops("bf16" if gpu and half else "fp32", epochs * steps_per_epoch * mb * per_token)
+        st.add_flops("fp32", epochs * (T_fit * fwd_x + H * (fwd_x + 2.0 * m * k)))
+        st.add_flops("bf16" if half else "fp64", epochs * 2.0 * T_fit * (k * k + k * m))
+        st.add_flops("fp64", epochs * k**3 / 3)
         if off:  # each Adam step's minibatch, and each epoch's closed form and held-out loss
             row = d * e + m * f32e
             st.transfer_bytes = (epochs * (steps_per_epoch * mb + T_fit + H) + T) * row
@@ -519,7 +517,7 @@ def plan(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
     # (the statistics went with the solved problem)
     place(st, "decision's weights (float64)", 8 * (m * k + r * k * d))
     place(st, "dense MLP copy", s.mlp_params(n) * e)
-    # the pruned layer's down input held while the dense MLP recomputes the reference (two
+    # the pruned layer's down input held while the dense MLP recomputes the reference (three
     # n-wide intermediates at once) and the float64 error sums take their copies
     place(st, "one batch's dense reference and its float64 error",
           max(Tb * (k + 3 * n) * e + 4 * Tb * m * 8, Tb * (3 * k + 2 * d) * e))
@@ -602,8 +600,8 @@ def fixes(shapes: Shapes, settings: PruneConfig, hardware: Hardware | str,
         tries.append(("--low-memory", {"low_memory": True, "evaluate": False}))
     if settings.batch_size > 1:
         tries.append(("--batch-size 1", {"batch_size": 1}))
-    fisher_peak = max(base.steps, key=lambda st: st.device_bytes).name == "fisher"
-    if base.recipe.get("fisher") and settings.effort == "max" and fisher_peak:
+    if (base.recipe.get("fisher") and settings.effort == "max"
+            and base.peak_step("device").name == "fisher"):
         # (the loss-sensitivity pass holds the whole model on the device)
         tries.append(("--effort default", {"effort": "default"}))
     out = []

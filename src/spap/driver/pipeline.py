@@ -499,8 +499,8 @@ def _output_fisher(model, adapter, layers, fit, source, device, home, shard, pro
 
 class RowBuffer:
     """Rows (tokens, width) of every batch, copied in place into one tensor of `capacity`
-    rows, allocated at the first batch in its dtype and width, on `device` (None: where the
-    batches are). `result()` is the rows written."""
+    rows (the tokens of all batches), allocated at the first batch in its dtype and width,
+    on `device` (None: where the batches are). `result()` is the rows written."""
 
     def __init__(self, capacity: int, device: torch.device | None = None):
         self.capacity, self.device = capacity, device
@@ -510,13 +510,9 @@ class RowBuffer:
     def add(self, t: torch.Tensor) -> None:
         t = t.reshape(-1, t.shape[-1])
         if self.buf is None:
-            self.buf = torch.empty(max(self.capacity, t.shape[0]), t.shape[-1], dtype=t.dtype,
+            self.buf = torch.empty(self.capacity, t.shape[-1], dtype=t.dtype,
                                    device=self.device or t.device)
         end = self.filled + t.shape[0]
-        if end > self.buf.shape[0]:  # (a batch larger than the first: grow, rarely)
-            grown = torch.empty(end, t.shape[-1], dtype=self.buf.dtype, device=self.buf.device)
-            grown[:self.filled] = self.buf[:self.filled]
-            self.buf = grown
         self.buf[self.filled:end] = t
         self.filled = end
 
@@ -548,14 +544,8 @@ def _prune_one(adapter, layer, index, batches, solver, sparsity, round_to, probe
     t0 = time.perf_counter()
     # recovery's rows live where the activations do: in host memory when those are offloaded
     # (recovery then moves one minibatch, or one chunk of its closed form, at a time)
-    offloaded = bool(getattr(batches, "offload", False))
-
-    home = torch.device("cpu") if offloaded else None
-    tokens = (batches.tokens if isinstance(batches, ActivationStore)
-              else sum(b[0].shape[:-1].numel() for b in batches))
-
     def rows() -> RowBuffer:
-        return RowBuffer(tokens, home)
+        return RowBuffer(batches.tokens, torch.device("cpu") if batches.offload else None)
 
     dense_targets = None
     if dense is not None and not drift:  # the dense layer on the dense inputs, before any cut

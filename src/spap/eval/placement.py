@@ -53,9 +53,9 @@ def spread(weights: int, free: dict[int, int], host_free: int) -> dict[Any, int]
 def _free_memory(device: torch.device, own_only: bool) -> tuple[dict[int, int], int]:
     import psutil
 
-    indices = ([device.index or 0] if own_only else
-               [device.index or 0] + [i for i in range(torch.cuda.device_count())
-                                      if i != (device.index or 0)])
+    first = device.index or 0
+    others = [] if own_only else [i for i in range(torch.cuda.device_count()) if i != first]
+    indices = [first, *others]
     return ({i: torch.cuda.mem_get_info(i)[0] for i in indices},
             psutil.virtual_memory().available)
 

@@ -115,13 +115,13 @@ class DriftAccumulator:
         y = y_dense.detach().reshape(-1, self.m)  # (tokens, m)
         with exact_products(d.device.type):
             cross = (d.to(wide).T @ x.to(wide)).to(self.device, torch.float64)
-        batch = [cross, float(d.double().pow(2).sum()), float(y.double().pow(2).sum())]
-        self.sums[0] += cross
-        self.sums[1:] = [a + b for a, b in zip(self.sums[1:], batch[1:])]
-        if heldout:
-            self.held = ([cross.clone(), *batch[1:]] if self.held is None else
-                         [self.held[0].add_(cross), *(a + b for a, b in
-                                                       zip(self.held[1:], batch[1:]))])
+        sq, out_sq = float(d.double().pow(2).sum()), float(y.double().pow(2).sum())
+        if heldout and self.held is None:
+            self.held = [torch.zeros_like(cross), 0.0, 0.0]
+        for sums in (self.sums, self.held) if heldout else (self.sums,):
+            sums[0] += cross
+            sums[1] += sq
+            sums[2] += out_sq
 
     def result(self) -> DriftStats:
         if self.held is None:

@@ -135,8 +135,13 @@ def _wrap(owner, name: str, sampler: StepSampler, step: str, restore: bool = Fal
     """owner.name runs as `step` (back to the caller's step afterwards when `restore`)."""
     fn = getattr(owner, name)
 
+    from spap.memory import trim_host_heap
+
     @functools.wraps(fn)
     def inner(*a, **kw):
+        # (what the last step freed back to the OS first, so that a step's peak is what is
+        # alive in it, not the heap the one before left behind)
+        trim_host_heap()
         before = sampler.enter(step)
         try:
             return fn(*a, **kw)
@@ -200,8 +205,44 @@ def build(case: dict[str, Any]):
     return model, config
 
 
+def _warm_up(case: dict[str, Any]) -> None:
+    """The same recipe once on a 1-layer model of a few channels, so that the baseline holds
+    what any run holds besides its tensors (the modules it imports, the kernels' workspaces,
+    the thread pools) and the measured peaks are the run's tensors."""
+    from spap.config import PruneConfig
+    from spap.driver.pipeline import prune_layers
+    from spap.models import get_adapter
+    from spap.solvers import get_solver
+
+    small = {**case, "layers": 1, "vocab": 64, "shape": {
+        "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 16}}
+    small.pop("alias", None)
+    small.setdefault("config", "bench/configs/llama-3.1-8b.json")
+    model, config = build(small)
+    options = {**RECIPE, "recovery_epochs": 1, **case.get("options", {})}
+    cfg = PruneConfig(method="spap", method_options=options, nsamples=8, seqlen=16,
+                      batch_size=4, device="cpu", dtype="float32", compute="float32")
+    calib = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
+    prune_layers(model, get_adapter(config), calib, get_solver("spap", **options), cfg,
+                 device="cpu")
+
+
 def run(case_name: str, label: str, with_plan: bool, nsamples: int | None,
         seqlen: int | None) -> dict[str, Any]:
+    """`_run` on one thread, as the plan's terms count a step's temporaries (several threads
+    add their own workspaces), and as the results files were measured; the caller's thread
+    count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(case_name, label, with_plan, nsamples, seqlen)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(case_name: str, label: str, with_plan: bool, nsamples: int | None,
+         seqlen: int | None) -> dict[str, Any]:
     from spap.config import PruneConfig
     from spap.driver.pipeline import prune_layers
     from spap.memory import trim_host_heap
@@ -212,6 +253,7 @@ def run(case_name: str, label: str, with_plan: bool, nsamples: int | None,
     case = dict(CASES[case_name])
     case["nsamples"] = nsamples or case["nsamples"]
     case["seqlen"] = seqlen or case["seqlen"]
+    _warm_up(case)
     model, config = build(case)
     trim_host_heap()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -185,11 +185,13 @@ def _acc(task: dict) -> tuple[float, float | None]:
 
 def zeroshot_section(model: str, d: dict) -> list[str]:
     """Accuracy +- lm-eval's standard error per task; the mean's error combines the tasks'
-    (independent items). A difference within two standard errors of the difference is a tie."""
+    (independent items). The first pruned model against each other one: a difference within
+    two standard errors of the difference is a tie."""
     rows = d["models"]
     tasks = list(next(iter(rows.values()))["tasks"])
+    dtype = f", {d['dtype']} weights" if d.get("dtype") else ""
     lines = [f"### {model}: zero-shot accuracy (lm-eval {d.get('lm_eval_version')}, "
-             f"limit {d.get('limit')} per task, offline task data)", "",
+             f"limit {d.get('limit')} per task, offline task data{dtype})", "",
              "| model | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
     means = {}
     for name, r in rows.items():
@@ -217,20 +219,20 @@ def zeroshot_section(model: str, d: dict) -> list[str]:
                   + (f"; calibration {cal['nsamples']} x {cal['seqlen']} tokens of "
                      f"{cal.get('source')} (hash {cal['token_hash'][:12]})"
                      if cal.get("token_hash") else "") + "."]
-    if len(pruned) >= 2:
-        a, b = pruned[0], pruned[1]
+    a = pruned[0] if pruned else None
+    for b in pruned[1:]:
         (ma, sa), (mb, sb) = means[a], means[b]
-        if sa is not None and sb is not None:
-            diff, se = ma - mb, math.sqrt(sa * sa + sb * sb)
-            verdict = "a tie (within two standard errors)" if abs(diff) <= 2 * se else (
-                f"{a if diff > 0 else b} ahead")
-            lines += ["", f"{a} against {b}: mean difference {diff:+.3f} ± {se:.3f}: "
-                      f"{verdict}."]
-            if "dense" in means and means["dense"][0] > mb:
-                drop_a, drop_b = means["dense"][0] - ma, means["dense"][0] - mb
-                lines[-1] += (f" Mean accuracy drop from dense: {drop_a:.3f} and {drop_b:.3f}, "
-                              f"a ratio of {drop_a / drop_b:.2f} (goal: at most "
-                              f"{ZS_DROP_GOAL:g}, or a tie).")
+        if sa is None or sb is None:
+            continue
+        diff, se = ma - mb, math.sqrt(sa * sa + sb * sb)
+        verdict = "a tie (within two standard errors)" if abs(diff) <= 2 * se else (
+            f"{a if diff > 0 else b} ahead")
+        lines += ["", f"{a} against {b}: mean difference {diff:+.3f} ± {se:.3f}: {verdict}."]
+        if "dense" in means and means["dense"][0] > mb:
+            drop_a, drop_b = means["dense"][0] - ma, means["dense"][0] - mb
+            lines[-1] += (f" Mean accuracy drop from dense: {drop_a:.3f} and {drop_b:.3f}, "
+                          f"a ratio of {drop_a / drop_b:.2f} (goal: at most "
+                          f"{ZS_DROP_GOAL:g}, or a tie).")
     return lines
 
 

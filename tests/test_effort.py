@@ -61,8 +61,12 @@ def test_without_a_level_spap_runs_its_default_level_and_a_baseline_as_published
 
 def test_baselines_take_the_generic_options_they_accept():
     obs = effort_for("obs", "max", {})
-    assert obs.options == {"refit": "ridge", "refit_target": "drift"}
-    assert "recovery_epochs" in obs.not_applicable and "out_weight" in obs.not_applicable
+    assert obs.options == {"refit": "ridge", "refit_target": "drift", "out_weight": "fisher"}
+    assert "recovery_epochs" in obs.not_applicable and "out_weight" not in obs.not_applicable
+    assert effort_for("flap", "max", {}).options == {}
+    res = spap.prune(tiny_model("llama"), calib_ids=random_ids(8, 16), sparsity=0.5,
+                     method="obs", effort="max")
+    assert res.report["options"]["out_weight"] == "fisher"
     assert effort_for("wanda-sp", "default", {}).options == {}
     res = spap.prune(tiny_model("llama"), calib_ids=random_ids(8, 16), sparsity=0.5,
                      method="fasp", effort="default")

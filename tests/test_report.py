@@ -81,6 +81,10 @@ def test_zeroshot_section_shows_errors_and_calls_ties(report):
     text = "\n".join(report.zeroshot_section("m", d))
     assert "0.660 ± 0.020" in text
     assert "spap-0.3 against obs-ridge-0.3: mean difference +0.005" in text and "a tie" in text
+    d["models"]["wanda-sp-0.3"] = {"tasks": {"piqa": task(0.55, 0.02), "boolq": task(0.50, 0.02)}}
+    text = "\n".join(report.zeroshot_section("m", d))
+    assert "spap-0.3 against wanda-sp-0.3: mean difference +0.095" in text
+    assert "spap-0.3 ahead" in text
 
 
 def test_heldout_goal_is_evaluated_separately(report):

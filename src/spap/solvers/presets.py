@@ -5,8 +5,9 @@ Options given explicitly (`--option key=value`) override the level's and are rec
 such, so a run's record says which options came from the level and which from the user.
 
 SPAP takes every option of a level; a baseline (obs, fasp, ...) takes the generic ones it
-accepts (`GENERIC`: the shared refit and its target), so at the same level a baseline and
-SPAP fit the same target with the same refit: a fair fight. A method that accepts none of
+accepts (`GENERIC`: the shared refit, its target and the loss-weighted output error), so at
+the same level a baseline and SPAP fit the same target with the same refit and rank masks by
+the same error: a fair fight. A method that accepts none of
 them runs as it would without a level.
 
 The drift target (`refit_target=drift`) needs a decoder layer whose output is the residual
@@ -46,7 +47,7 @@ EFFORTS: tuple[str, ...] = tuple(PRESETS)
 #: `spap prune MODEL --sparsity R` gives it; a baseline runs as published unless asked
 DEFAULT_LEVEL: dict[str, str] = {"spap": "default"}
 #: the options of a level that every method accepting them takes (baselines included)
-GENERIC = ("refit", "refit_target")
+GENERIC = ("refit", "refit_target", "out_weight")
 #: what a level's drift target falls back to where the drift target cannot be used
 FALLBACK = {"refit_target": "layer"}
 

@@ -4,13 +4,17 @@ change the numbers only by bf16-sized amounts on a tiny model, and that every su
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pytest
 import torch
 
 import spap
 from conftest import random_ids, tiny_model
+from spap.distributed import Shard
 from spap.models import get_adapter
 from spap.precision import autocast, bf16_products, detect, resolve
+from spap.solvers import recovery
 from spap.solvers.recovery import LayerTokens
 from spap.solvers.stats import StatsAccumulator
 
@@ -121,22 +125,57 @@ def test_mixed_precision_keeps_the_same_channels_and_bf16_close_weights():
     assert differ  # the bf16 run did run in bf16
 
 
-def test_recovery_products_cover_whole_windows_whatever_the_chunks():
-    """In bf16 the float32 products run one calibration window at a time, so the sums do not
-    depend on how the tokens are chunked (or shared between ranks) beyond the order of the
-    float64 additions; products over whole chunks would differ by float32 round-off."""
+@dataclass(frozen=True)
+class _PartOf(Shard):
+    """One rank of a data-parallel run seen alone: `firsts` maps a count this rank holds to
+    (its first index, the total); no collective, so the sums are this rank's part."""
+
+    firsts: dict = field(default_factory=dict)
+
+    def offset(self, n, device="cpu"):
+        return self.firsts[n]
+
+    def sum_(self, t):
+        return t
+
+    def sum_float(self, x, device="cpu"):
+        return x
+
+
+def test_recovery_products_cover_whole_groups_of_windows(monkeypatch):
+    """In bf16 each float32 product covers a group of whole windows, whatever the chunks:
+    ranks whose shares are whole groups add the same products as one process (their sums
+    add up to one process's to float64 order; products per chunk would differ, as the
+    chunks differ); a share that splits a group changes the products by float32 round-off."""
+    monkeypatch.setattr(recovery, "PRODUCT_TOKENS", 4 * 64)  # 4 windows of 64 tokens
     g = torch.Generator().manual_seed(1)
-    p, d, k, m, window = 4096, 8, 16, 4, 64
-    a, w, y = (torch.randn(*s, generator=g) for s in ((p, d), (k, d), (p, m)))
+    window, n_val, d, k, m = 64, 16, 8, 16, 4
+    fit = 16 * window
+    a, y = 1 + torch.rand(fit + 2 * n_val, d, generator=g), torch.rand(fit + 2 * n_val, m,
+                                                                        generator=g)
+    w = 1 + torch.rand(k, d, generator=g)
 
-    def sums(chunk):
-        data = LayerTokens(a, y, n_val=window, device=torch.device("cpu"), chunk=chunk,
-                           compute=bf16, window=window)
-        return data.down_sums(lambda aa: torch.nn.functional.silu(aa @ w.T))
+    def sums(rows, shard, chunk=8192, held_out=n_val):
+        data = LayerTokens(a[rows], y[rows], n_val=held_out, device=torch.device("cpu"),
+                           chunk=chunk, shard=shard, compute=bf16, window=window)
+        return data.down_sums(lambda aa: aa @ w.T)
 
-    (g1, c1), (g2, c2) = sums(2 * window), sums(40 * window)
-    torch.testing.assert_close(g1, g2, rtol=1e-13, atol=1e-12)
-    torch.testing.assert_close(c1, c2, rtol=1e-13, atol=1e-12)
+    held = list(range(fit, fit + 2 * n_val))
+    one_g, one_c = sums(list(range(fit)) + held, Shard(), chunk=2 * window, held_out=2 * n_val)
+
+    def two_ranks(cut):  # rank 0 holds fit rows [0, cut), rank 1 the rest
+        r0 = sums(list(range(cut)) + held[:n_val],
+                  _PartOf(0, 2, {cut: (0, fit), n_val: (0, 2 * n_val)}))
+        r1 = sums(list(range(cut, fit)) + held[n_val:],
+                  _PartOf(1, 2, {fit - cut: (cut, fit), n_val: (n_val, 2 * n_val)}))
+        return r0[0] + r1[0], r0[1] + r1[1]
+
+    aligned_g, aligned_c = two_ranks(8 * window)  # (a group boundary)
+    torch.testing.assert_close(aligned_g, one_g, rtol=1e-13, atol=0)
+    torch.testing.assert_close(aligned_c, one_c, rtol=1e-13, atol=0)
+    split_g, _ = two_ranks(7 * window)  # (inside a group)
+    rel = float(((split_g - one_g).abs() / one_g).max())
+    assert 1e-12 < rel < 1e-5
 
 
 def test_each_layer_record_times_the_solve_steps():

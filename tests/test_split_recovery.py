@@ -53,11 +53,18 @@ CASES = {
 
 def _recover(a, y, n_val, parallel, case):
     from spap.distributed import current
-    from spap.solvers.recovery import recover
+    from spap.solvers import recovery
 
     _, _, start, w_down = _layer()
-    res = recover(a, y, start, w_down, F.silu, "up", n_val, w_down_dense=w_down, ridge=1.0,
-                  lr=0.02, device="cpu", shard=current(), parallel=parallel, **CASES[case])
+    # bf16 products over 4 windows: each rank's FIT tokens are whole groups, as one
+    # process's (recovery.py's precision)
+    recovery.PRODUCT_TOKENS, before = 4 * WINDOW, recovery.PRODUCT_TOKENS
+    try:
+        res = recovery.recover(a, y, start, w_down, F.silu, "up", n_val, w_down_dense=w_down,
+                               ridge=1.0, lr=0.02, device="cpu", shard=current(),
+                               parallel=parallel, **CASES[case])
+    finally:
+        recovery.PRODUCT_TOKENS = before
     return {"w_in": res.w_in, "w_down": res.w_down, "epochs": res.epochs,
             "heldout": res.heldout}
 

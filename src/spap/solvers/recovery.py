@@ -60,11 +60,15 @@ float32 accumulation and output (on CUDA by `torch.mm(..., out_dtype=float32)`, 
 oneDNN's bf16 math mode, `precision.bf16_products`) and added across chunks in float64, as
 every sum here is. Products of bf16 numbers are exact in float32, so the Gram only loses what
 rounding x to bf16 loses, never its accumulation (the cross term also rounds y - b_down to
-bf16, as the pipeline's autocast forwards already do to the dense targets). Those products
-cover one calibration window at a time (`window`, its token count), so that, as in the
-statistics of the pipeline, every product covers the same tokens however the windows are
-shared between the ranks of a data-parallel run, and only the order of the float64 sums can
-change.
+bf16, as the pipeline's autocast forwards already do to the dense targets). Each product
+covers a group of whole calibration windows (`window`, a window's token count; as many as fit
+in `PRODUCT_TOKENS`), counted from a rank's first token, so that where every rank's share
+is whole groups a data-parallel run multiplies the same tokens together as one process and
+only the order of the float64 sums changes; otherwise the products differ from one
+process's by float32 round-off.
+(One window per product would make every share exact, but adding each window's (k, k)
+float32 product into the float64 sum, a pass over memory, then costs more than the product:
+these sums took 2.2x as long at Qwen2.5-0.5B's shapes on the CPU, bench/README.md.)
 
 Everything runs on minibatches of `batch` tokens (the activations stay where they
 are, e.g. on the CPU, and only a minibatch moves), so memory is the
@@ -370,6 +374,11 @@ def recover(
     )
 
 
+#: the tokens a product of the closed form's sums covers at most (in whole windows): float32
+#: accumulation over this many tokens, float64 across products
+PRODUCT_TOKENS = 4096
+
+
 class LayerTokens:
     """One layer problem's tokens on this rank (fit rows first, then the last `n_val` held-out
     ones) and the float64 sums over all ranks that recovery's steps take of them: the
@@ -386,8 +395,11 @@ class LayerTokens:
         self.a, self.y, self.device, self.chunk, self.shard = a, y, device, chunk, shard
         self.compute = compute
         self.window = window if window > 0 else chunk
-        if compute != torch.float32:  # whole windows per chunk: a window never straddles two
-            self.chunk = max(1, chunk // self.window) * self.window
+        # the tokens of one product: whole windows (module docstring), as many as fit in
+        # PRODUCT_TOKENS (a window unknown: a chunk); a chunk is whole groups
+        self.group = (max(1, PRODUCT_TOKENS // window) * window if window > 0 else chunk)
+        if compute != torch.float32:
+            self.chunk = max(1, chunk // self.group) * self.group
         self.root = root.to(device, torch.float32) if root is not None else None
         self.p = a.shape[0]
         self.n_fit = self.p - n_val
@@ -420,6 +432,27 @@ class LayerTokens:
             yield (self.a[s:e].to(self.device, torch.float32),
                    self.y[s:e].to(self.device, torch.float32))
 
+    def groups(self, lo, hi):
+        """Rows [lo, hi) as chunks of at most `chunk` rows, each with its product groups:
+        (start, end, [(s, e), ...]), the groups' rows [s, e) relative to the chunk's start.
+        Groups are `group` rows from this rank's first fit row (and from its first held-out
+        row), so they do not depend on the chunks."""
+        spans = []
+        for seg_lo, seg_hi in ((0, self.n_fit), (self.n_fit, self.p)):
+            s, end = max(lo, seg_lo), min(hi, seg_hi)
+            while s < end:
+                e = min(end, s + self.group - (s - seg_lo) % self.group)
+                spans.append((s, e))
+                s = e
+        cur: list[tuple[int, int]] = []
+        for s, e in spans:
+            if cur and e - cur[0][0] > self.chunk:
+                yield cur[0][0], cur[-1][1], [(a - cur[0][0], b - cur[0][0]) for a, b in cur]
+                cur = []
+            cur.append((s, e))
+        if cur:
+            yield cur[0][0], cur[-1][1], [(a - cur[0][0], b - cur[0][0]) for a, b in cur]
+
     @torch.no_grad()
     def val_loss(self, predict: Callable) -> float:
         """||predict(a) - y||^2 / ||y||^2 over the held-out tokens of every rank (both
@@ -450,13 +483,15 @@ class LayerTokens:
                 cross += x.T @ t
         else:
             with bf16_products(self.device.type):
-                for aa, yy in self.chunks(0, hi):
+                for lo, up, spans in self.groups(0, hi):
+                    aa = self.a[lo:up].to(self.device, torch.float32)
+                    yy = self.y[lo:up].to(self.device, torch.float32)
                     t = yy - self.b_down if self.b_down is not None else yy
                     with autocast(self.device.type, self.compute):
                         x = x_of(aa)  # (c, k), in bf16
-                    for s in range(0, x.shape[0], self.window):  # products per window
-                        g, c = chunk_products(x[s:s + self.window], t[s:s + self.window])
-                        gram.add_(g)  # (float64 across windows: float32 + float64 in float64)
+                    for s, e in spans:  # products per group of windows
+                        g, c = chunk_products(x[s:e], t[s:e])
+                        gram.add_(g)  # (float64 across groups: float32 + float64 in float64)
                         cross.add_(c)
         self.shard.sum_(gram)
         self.shard.sum_(cross)

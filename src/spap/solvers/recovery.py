@@ -58,17 +58,18 @@ weights Adam updates stay float32: its master weights), and forms the closed for
 bf16; the Gram and cross term of the closed form are then multiplied from bf16 operands with
 float32 accumulation and output (on CUDA by `torch.mm(..., out_dtype=float32)`, on the CPU in
 oneDNN's bf16 math mode, `precision.bf16_products`) and added across chunks in float64, as
-every sum here is. Products of bf16 numbers are exact in float32, so the Gram only loses what
-rounding x to bf16 loses, never its accumulation (the cross term also rounds y - b_down to
-bf16, as the pipeline's autocast forwards already do to the dense targets). Each product
-covers a group of whole calibration windows (`window`, a window's token count; as many as fit
-in `PRODUCT_TOKENS`), counted from a rank's first token, so that where every rank's share
-is whole groups a data-parallel run multiplies the same tokens together as one process and
-only the order of the float64 sums changes; otherwise the products differ from one
-process's by float32 round-off.
-(One window per product would make every share exact, but adding each window's (k, k)
-float32 product into the float64 sum, a pass over memory, then costs more than the product:
-these sums took 2.2x as long at Qwen2.5-0.5B's shapes on the CPU, bench/README.md.)
+every sum here is. Products of bf16 numbers are exact in float32, so the Gram loses what
+rounding x to bf16 loses and float32 round-off inside one product, never its accumulation
+across products (the cross term also rounds y - b_down to bf16, as the pipeline's autocast
+forwards already do to the dense targets). Each product covers a group of whole calibration
+windows (`window`, a window's token count; as many as fit in `PRODUCT_TOKENS`), counted from
+a rank's first token, so that where every rank's share is whole groups a data-parallel run
+multiplies the same tokens together as one process and only the order of the float64 sums
+changes; otherwise the products differ from one process's by float32 round-off. (One window
+per product would make every share exact, but adding each window's (k, k) float32 product
+into the float64 sum, a pass over memory, then costs more than the product: these sums took
+1.8x as long at Qwen2.5-0.5B's shapes on one CPU thread and 2.1x at Llama-3.2-1B's,
+bench/labs/product_groups.py.)
 
 Everything runs on minibatches of `batch` tokens (the activations stay where they
 are, e.g. on the CPU, and only a minibatch moves), so memory is the

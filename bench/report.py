@@ -897,6 +897,7 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
              "prune time (x wanda-sp) |",
              "|---|---|---|---|---|---|"]
     notes = []
+    paired: dict[str, dict[str, dict]] = {}  # file -> level -> its own baseline record
     # (model, sparsity, level, products) -> [(seed, in-domain ratio, out-of-domain ratio)]
     over_seeds: dict[tuple, list[tuple[int, float | None, float | None]]] = {}
     def order(f):
@@ -914,8 +915,13 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
         for r in d["records"]:
             if _is_baseline(r) or r["ppl"] is None:
                 continue
-            best = min((b for b in base if b["sparsity"] == r["sparsity"]),
+            # the strongest baseline run at this row's level (a like-for-like comparison),
+            # else the strongest of the file at this sparsity
+            here = [b for b in base if b["sparsity"] == r["sparsity"]]
+            best = min([b for b in here if _level(d, b) == _level(d, r)] or here,
                        key=lambda b: b["ppl"], default=None)
+            if best is not None and best is not min(here, key=lambda b: b["ppl"]):
+                paired.setdefault(name, {})[_level(d, r)] = best
             q = r["gap"] / best["gap"] if best and best["gap"] > 0 else None
             ratio = f"{q:.3f}" if q is not None else "n/a"
             ood, q2 = "n/a", None
@@ -932,12 +938,15 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
             lines.append(f"| {d['model']}, r={r['sparsity']:g} ({seed}) | `{_level(d, r)}` | "
                          f"{_compute(d, r)} | "
                          f"{fmt(r['ppl'])} ({ratio}) | {ood} | {t} |")
-        if best is not None:
-            notes.append(f"`{name}`: r={best['sparsity']:g}, {_calib(d)} calibration tokens, "
+        if base:
+            top = min(base, key=lambda b: b["ppl"])
+            notes.append(f"`{name}`: r={top['sparsity']:g}, {_calib(d)} calibration tokens, "
                          f"dense {fmt(d['dense_ppl'])}"
                          + (f" ({fmt(d['dense_ppl_also'][also[0]])} on {also[0]})" if also
                             else "")
-                         + f"; strongest baseline {best['method']} {fmt(best['ppl'])}")
+                         + f"; strongest baseline {top['method']} {fmt(top['ppl'])}"
+                         + "".join(f", at `{lv}` {b['method']} {fmt(b['ppl'])}"
+                                   for lv, b in paired.get(name, {}).items()))
     means = []
     for (model, sp, level, prec), got in over_seeds.items():
         got = sorted(got)
@@ -955,7 +964,8 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
     if means:
         lines += ["", *means]
     lines += ["", "Gap ratio: the level's distance to the dense perplexity over the strongest "
-              "baseline's of the same run and tokens (below 1 is better); baselines run at the "
+              "baseline's of the same run and tokens, at the same level where a baseline ran "
+              "at it (below 1 is better); baselines run at the "
               "same precision; times are one CPU thread per job on a 2-core machine shared "
               "with other jobs (load average 4 to 9), so they are rough: the float32 row ran "
               "in a second job beside the first, over the same hours. " + "; ".join(notes) + "."]

@@ -287,6 +287,30 @@ def test_effort_table_gives_each_level_against_the_strongest_baseline(report):
     ]
 
 
+def test_effort_table_pairs_each_level_with_the_baseline_run_at_it(report):
+    """A baseline run at a level is the reference of that level's SPAP row (like for like);
+    a level no baseline ran at takes the strongest baseline; the note names both."""
+    plain = _record("default", [0.1])
+    plain.update(base_method="spap", ppl=20.0, gap=2.0)
+    best = _record("max", [0.1])
+    best.update(base_method="spap", effort="max", ppl=19.0, gap=1.0)
+    fast = _record("fast", [0.1])
+    fast.update(base_method="spap", effort="fast", ppl=21.0, gap=3.0)
+    obs = _record("obs-default", [0.2])
+    obs.update(base_method="obs", ppl=22.0, gap=4.0)
+    obs_max = _record("obs-max", [0.2])
+    obs_max.update(base_method="obs", ppl=20.5, gap=2.5)
+    d = _result([plain, best, fast, obs, obs_max])
+    d.update(model="tiny", variants=[
+        {"name": "obs-default", "method": "obs", "settings": {"effort": "default"}},
+        {"name": "obs-max", "method": "obs", "settings": {"effort": "max"}}])
+    lines = report.effort_lines([("tiny", d)])
+    ratios = {r.split(" | ")[1]: r.split(" | ")[3] for r in lines if r.startswith("| tiny")}
+    assert ratios == {"`default`": "20.00 (0.500)", "`max`": "19.00 (0.400)",
+                      "`fast`": "21.00 (1.200)"}
+    assert "strongest baseline obs-max 20.50, at `default` obs-default 22.00" in lines[-1]
+
+
 def test_readme_blocks_are_replaced_between_their_markers_only(report):
     text = ("intro 1.5\n<!-- effort-table:begin -->\nold 9.9\n<!-- effort-table:end -->\n"
             "outro\n")

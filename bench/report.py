@@ -878,6 +878,27 @@ def _level(d: dict, r: dict) -> str:
             or ("default" if r.get("base_method", r["method"]) == "spap" else "-"))
 
 
+def _run_level(d: dict, r: dict) -> str:
+    """The level a record ran at, for pairing: a baseline's is the level whose shared options
+    (`presets.GENERIC`) it ran with, its stated level first (obs at `default` with
+    `out_weight=fisher` given too ran at `max`'s); a SPAP record's is its level."""
+    level = _level(d, r)
+    opts = r.get("options") or {}
+    if not _is_baseline(r) or not opts:
+        return level
+    from spap.solvers.presets import GENERIC, PRESETS
+
+    def ran_at(lv):
+        want = {k: v for k, v in PRESETS[lv].items() if k in GENERIC}
+        return bool(want) and all(opts.get(k) == v for k, v in want.items()) and all(
+            opts.get(k) in (None, "none", "layer", "exact") for k in GENERIC if k not in want)
+
+    for lv in [level, *PRESETS]:
+        if lv in PRESETS and ran_at(lv):
+            return lv
+    return level
+
+
 def _compute(d: dict, r: dict) -> str:
     """A record's compute precision: its own field, or its run setting (`auto` resolved to
     bf16 on the machine of these files, which has bf16 matrix units)."""
@@ -897,7 +918,8 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
              "prune time (x wanda-sp) |",
              "|---|---|---|---|---|---|"]
     notes = []
-    paired: dict[str, dict[str, dict]] = {}  # file -> level -> its own baseline record
+    # file -> a row's level and precision -> (its own baseline, its ratio to the strongest)
+    paired: dict[str, dict[str, tuple[dict, float]]] = {}
     # (model, sparsity, level, products) -> [(seed, in-domain ratio, out-of-domain ratio)]
     over_seeds: dict[tuple, list[tuple[int, float | None, float | None]]] = {}
     def order(f):
@@ -918,10 +940,12 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
             # the strongest baseline run at this row's level (a like-for-like comparison),
             # else the strongest of the file at this sparsity
             here = [b for b in base if b["sparsity"] == r["sparsity"]]
-            best = min([b for b in here if _level(d, b) == _level(d, r)] or here,
+            best = min([b for b in here if _run_level(d, b) == _level(d, r)] or here,
                        key=lambda b: b["ppl"], default=None)
-            if best is not None and best is not min(here, key=lambda b: b["ppl"]):
-                paired.setdefault(name, {})[_level(d, r)] = best
+            top = min(here, key=lambda b: b["ppl"], default=None)
+            if best is not None and best is not top and top["gap"] > 0:
+                paired.setdefault(name, {})[f"`{_level(d, r)}` ({_compute(d, r)})"] = (
+                    best, r["gap"] / top["gap"])
             q = r["gap"] / best["gap"] if best and best["gap"] > 0 else None
             ratio = f"{q:.3f}" if q is not None else "n/a"
             ood, q2 = "n/a", None
@@ -944,9 +968,11 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
                          f"dense {fmt(d['dense_ppl'])}"
                          + (f" ({fmt(d['dense_ppl_also'][also[0]])} on {also[0]})" if also
                             else "")
-                         + f"; strongest baseline {top['method']} {fmt(top['ppl'])}"
-                         + "".join(f", at `{lv}` {b['method']} {fmt(b['ppl'])}"
-                                   for lv, b in paired.get(name, {}).items()))
+                         + f"; strongest baseline {top['method']} {fmt(top['ppl'])} "
+                         f"(at `{_run_level(d, top)}`)"
+                         + "".join(f"; {lv} is paired with {b['method']} {fmt(b['ppl'])}, "
+                                   f"and against the strongest gives {q:.3f}"
+                                   for lv, (b, q) in paired.get(name, {}).items()))
     means = []
     for (model, sp, level, prec), got in over_seeds.items():
         got = sorted(got)

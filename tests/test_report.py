@@ -288,8 +288,10 @@ def test_effort_table_gives_each_level_against_the_strongest_baseline(report):
 
 
 def test_effort_table_pairs_each_level_with_the_baseline_run_at_it(report):
-    """A baseline run at a level is the reference of that level's SPAP row (like for like);
-    a level no baseline ran at takes the strongest baseline; the note names both."""
+    """A baseline run at a level is the reference of that level's SPAP row (like for like),
+    the level read from the shared options it ran with (obs stated at `default` but given
+    `out_weight=fisher` too ran at `max`'s); a level no baseline ran at takes the strongest
+    baseline; the note names the strongest and each paired row's ratio against it."""
     plain = _record("default", [0.1])
     plain.update(base_method="spap", ppl=20.0, gap=2.0)
     best = _record("max", [0.1])
@@ -298,17 +300,21 @@ def test_effort_table_pairs_each_level_with_the_baseline_run_at_it(report):
     fast.update(base_method="spap", effort="fast", ppl=21.0, gap=3.0)
     obs = _record("obs-default", [0.2])
     obs.update(base_method="obs", ppl=22.0, gap=4.0)
-    obs_max = _record("obs-max", [0.2])
-    obs_max.update(base_method="obs", ppl=20.5, gap=2.5)
+    obs.update(options={"refit": "ridge", "refit_target": "drift", "out_weight": "none"})
+    obs_max = _record("obs-fd", [0.2])
+    obs_max.update(base_method="obs", ppl=20.5, gap=2.5,
+                   options={"refit": "ridge", "refit_target": "drift", "out_weight": "fisher"})
     d = _result([plain, best, fast, obs, obs_max])
     d.update(model="tiny", variants=[
         {"name": "obs-default", "method": "obs", "settings": {"effort": "default"}},
-        {"name": "obs-max", "method": "obs", "settings": {"effort": "max"}}])
+        {"name": "obs-fd", "method": "obs", "options": {"out_weight": "fisher"},
+         "settings": {"effort": "default"}}])
     lines = report.effort_lines([("tiny", d)])
     ratios = {r.split(" | ")[1]: r.split(" | ")[3] for r in lines if r.startswith("| tiny")}
     assert ratios == {"`default`": "20.00 (0.500)", "`max`": "19.00 (0.400)",
                       "`fast`": "21.00 (1.200)"}
-    assert "strongest baseline obs-max 20.50, at `default` obs-default 22.00" in lines[-1]
+    assert ("strongest baseline obs-fd 20.50 (at `max`); `default` (bfloat16) is paired with "
+            "obs-default 22.00, and against the strongest gives 0.800" in lines[-1])
 
 
 def test_readme_blocks_are_replaced_between_their_markers_only(report):

@@ -120,12 +120,15 @@ def main() -> None:
         return
     if args.add and result["calibration"].get("token_hash") != calib["token_hash"]:
         raise SystemExit(f"{out}: other calibration tokens; --add refused")
+    # pruned from the checkpoint's own dtype, as `spap compare` prunes; scored in --dtype
+    source = dense if args.dtype == "auto" else spap.load_model(args.model)[0]
     for s in [float(x) for x in args.sparsities.split(",")]:
         for m in args.methods.split(","):
-            model = copy.deepcopy(dense)
+            model = copy.deepcopy(source)
             res = spap.prune(model, sparsity=s, method=m, method_options=opts.get(m),
                              calib_ids=ids, calib_desc=calib,
                              allow_unsaveable=True)
+            model.to(next(dense.parameters()).dtype)
             record(f"{m} {s:g}", model, {"method": m, "sparsity": s,
                                          "params_removed_frac": res.report["params_removed_frac"]})
             del model

@@ -212,10 +212,12 @@ def zeroshot_section(model: str, d: dict) -> list[str]:
     made = [f"{n} (method `{rows[n]['method']}`, sparsity {rows[n]['sparsity']:g})"
             for n in pruned if rows[n].get("method") and rows[n].get("sparsity") is not None]
     if made:
-        saved = all(rows[n].get("folder") for n in pruned)
+        in_memory = [n for n in pruned if not rows[n].get("folder")]
         lines += ["", "Pruned models: " + ", ".join(made)
-                  + (", the folders `spap compare --save-models` wrote" if saved else
-                     ", pruned in memory by bench/zeroshot.py")
+                  + (", pruned in memory by bench/zeroshot.py" if len(in_memory) == len(pruned)
+                     else ", the folders `spap compare --save-models` wrote" + (
+                         f" ({', '.join(in_memory)}: pruned in memory by bench/zeroshot.py, "
+                         "the same tokens)" if in_memory else ""))
                   + (f"; calibration {cal['nsamples']} x {cal['seqlen']} tokens of "
                      f"{cal.get('source')} (hash {cal['token_hash'][:12]})"
                      if cal.get("token_hash") else "") + "."]

@@ -10,6 +10,7 @@ merges) lets the CLI run end to end without any downloaded tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -159,6 +160,20 @@ def byte_tokenizer():
 @pytest.fixture
 def tokenizer():
     return byte_tokenizer()
+
+
+@contextlib.contextmanager
+def product_tokens(n: int):
+    """Recovery's bf16 closed-form products over at most `n` tokens inside the block (a
+    spawned rank sets it in its own process too), so that each rank's share can be whole
+    product groups (recovery.py's precision)."""
+    from spap.solvers import recovery
+
+    recovery.PRODUCT_TOKENS, before = n, recovery.PRODUCT_TOKENS
+    try:
+        yield
+    finally:
+        recovery.PRODUCT_TOKENS = before
 
 
 def random_ids(n: int, seqlen: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import byte_tokenizer, random_ids, tiny_model
+from conftest import byte_tokenizer, product_tokens, random_ids, tiny_model
 
 #: 16 windows: 2 held out, so each of 2 ranks holds 7 fit and 1 held-out window
 N_WINDOWS, SEQLEN = 16, 24
@@ -66,21 +66,17 @@ def run_ranks(world: int, tmp_path: Path, job, *args) -> list:
 def _prune_tiny(family: str, method: str, options: dict, settings: dict | None = None,
                 n_windows: int = N_WINDOWS):
     import spap
-    from spap.solvers import recovery
 
     model = tiny_model(family)
     calib = random_ids(n_windows, SEQLEN, seed=1)
     probe = random_ids(4, SEQLEN, seed=2)
     # recovery's bf16 products one window at a time, so that every rank's share is whole
-    # product groups (recovery.py's precision; by default a group is 4096 tokens)
-    recovery.PRODUCT_TOKENS, before = SEQLEN, recovery.PRODUCT_TOKENS
-    try:
+    # product groups (by default a group is 4096 tokens)
+    with product_tokens(SEQLEN):
         res = spap.prune(model, calib_ids=calib, probe_ids=probe, sparsity=0.5, method=method,
                          method_options=options,
                          # (an explicit level: spawned ranks do not see conftest's)
                          **{"batch_size": 1, "effort": "none", **(settings or {})})
-    finally:
-        recovery.PRODUCT_TOKENS = before
     with torch.no_grad():
         logits = model(random_ids(2, SEQLEN, seed=3)).logits
     return {"keeps": [r.keep for r in res.layers],

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import product_tokens
 from test_distributed import _prune_tiny, _rank_threads, run_ranks  # noqa: F401  (fixture)
 
 D, K, M = 24, 32, 24  # input width, kept channels, output width
@@ -53,18 +54,14 @@ CASES = {
 
 def _recover(a, y, n_val, parallel, case):
     from spap.distributed import current
-    from spap.solvers import recovery
+    from spap.solvers.recovery import recover
 
     _, _, start, w_down = _layer()
     # bf16 products over 4 windows: each rank's FIT tokens are whole groups, as one
-    # process's (recovery.py's precision)
-    recovery.PRODUCT_TOKENS, before = 4 * WINDOW, recovery.PRODUCT_TOKENS
-    try:
-        res = recovery.recover(a, y, start, w_down, F.silu, "up", n_val, w_down_dense=w_down,
-                               ridge=1.0, lr=0.02, device="cpu", shard=current(),
-                               parallel=parallel, **CASES[case])
-    finally:
-        recovery.PRODUCT_TOKENS = before
+    # process's
+    with product_tokens(4 * WINDOW):
+        res = recover(a, y, start, w_down, F.silu, "up", n_val, w_down_dense=w_down, ridge=1.0,
+                      lr=0.02, device="cpu", shard=current(), parallel=parallel, **CASES[case])
     return {"w_in": res.w_in, "w_down": res.w_down, "epochs": res.epochs,
             "heldout": res.heldout}
 

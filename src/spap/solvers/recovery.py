@@ -429,30 +429,17 @@ class LayerTokens:
 
     def chunks(self, lo, hi):
         for s in range(lo, hi, self.chunk):
-            e = min(hi, s + self.chunk)
-            yield (self.a[s:e].to(self.device, torch.float32),
-                   self.y[s:e].to(self.device, torch.float32))
+            yield self.rows(slice(s, min(hi, s + self.chunk)))
 
-    def groups(self, lo, hi):
-        """Rows [lo, hi) as chunks of at most `chunk` rows, each with its product groups:
-        (start, end, [(s, e), ...]), the groups' rows [s, e) relative to the chunk's start.
-        Groups are `group` rows from this rank's first fit row (and from its first held-out
-        row), so they do not depend on the chunks."""
-        spans = []
-        for seg_lo, seg_hi in ((0, self.n_fit), (self.n_fit, self.p)):
-            s, end = max(lo, seg_lo), min(hi, seg_hi)
-            while s < end:
-                e = min(end, s + self.group - (s - seg_lo) % self.group)
-                spans.append((s, e))
-                s = e
-        cur: list[tuple[int, int]] = []
-        for s, e in spans:
-            if cur and e - cur[0][0] > self.chunk:
-                yield cur[0][0], cur[-1][1], [(a - cur[0][0], b - cur[0][0]) for a, b in cur]
-                cur = []
-            cur.append((s, e))
-        if cur:
-            yield cur[0][0], cur[-1][1], [(a - cur[0][0], b - cur[0][0]) for a, b in cur]
+    def groups(self, hi):
+        """Rows [0, hi) in chunks (start, end, groups): chunks of at most `chunk` rows counted
+        from the first fit row, then from the first held-out row; groups the product groups
+        [(s, e), ...] relative to the chunk's start, `group` rows each. With bf16 products a
+        chunk is whole groups, so the groups do not depend on the chunk size."""
+        for seg_lo, seg_hi in ((0, min(hi, self.n_fit)), (self.n_fit, hi)):
+            for s in range(seg_lo, seg_hi, self.chunk):
+                c = min(seg_hi, s + self.chunk) - s
+                yield s, s + c, [(g, min(c, g + self.group)) for g in range(0, c, self.group)]
 
     @torch.no_grad()
     def val_loss(self, predict: Callable) -> float:
@@ -484,9 +471,8 @@ class LayerTokens:
                 cross += x.T @ t
         else:
             with bf16_products(self.device.type):
-                for lo, up, spans in self.groups(0, hi):
-                    aa = self.a[lo:up].to(self.device, torch.float32)
-                    yy = self.y[lo:up].to(self.device, torch.float32)
+                for lo, up, spans in self.groups(hi):
+                    aa, yy = self.rows(slice(lo, up))
                     t = yy - self.b_down if self.b_down is not None else yy
                     with autocast(self.device.type, self.compute):
                         x = x_of(aa)  # (c, k), in bf16
@@ -513,8 +499,9 @@ class LayerTokens:
         counts = mine.view(-1, mb).sum(1).tolist()
         return local[mine].to(self.a.device), counts
 
-    def rows(self, local: torch.Tensor):
-        """This rank's rows `local` of a and y, in float32 on the device."""
+    def rows(self, local: torch.Tensor | slice):
+        """This rank's rows `local` (indices or a slice) of a and y, in float32 on the
+        device."""
         return (self.a[local].to(self.device, torch.float32),
                 self.y[local].to(self.device, torch.float32))
 

@@ -888,12 +888,18 @@ def _run_level(d: dict, r: dict) -> str:
     opts = r.get("options") or {}
     if not _is_baseline(r) or not opts:
         return level
+    import dataclasses
+
+    from spap.solvers import solver_class
     from spap.solvers.presets import GENERIC, PRESETS
 
-    def ran_at(lv):
+    solver = solver_class(r.get("base_method", r["method"]))
+    own = {f.name: f.default for f in dataclasses.fields(solver)}
+
+    def ran_at(lv):  # the level's shared options, and the solver's defaults for the others
         want = {k: v for k, v in PRESETS[lv].items() if k in GENERIC}
-        return bool(want) and all(opts.get(k) == v for k, v in want.items()) and all(
-            opts.get(k) in (None, "none", "layer", "exact") for k in GENERIC if k not in want)
+        return bool(want) and all(opts.get(k, own.get(k)) == want.get(k, own.get(k))
+                                  for k in GENERIC)
 
     for lv in [level, *PRESETS]:
         if lv in PRESETS and ran_at(lv):
@@ -920,8 +926,6 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
              "prune time (x wanda-sp) |",
              "|---|---|---|---|---|---|"]
     notes = []
-    # file -> a row's level and precision -> (its own baseline, its ratio to the strongest)
-    paired: dict[str, dict[str, tuple[dict, float]]] = {}
     # (model, sparsity, level, products) -> [(seed, in-domain ratio, out-of-domain ratio)]
     over_seeds: dict[tuple, list[tuple[int, float | None, float | None]]] = {}
     def order(f):
@@ -931,6 +935,8 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
 
     files = sorted(files, key=order)
     for name, d in files:
+        # a row's level and precision -> (its own baseline, its ratio to the strongest)
+        paired: dict[str, tuple[dict, float]] = {}
         seed = d["protocol"]["calibration"].get("seed", 0)
         base = [r for r in d["records"] if _is_baseline(r) and r["ppl"] is not None
                 and r.get("base_method") != "wanda-sp"]
@@ -946,8 +952,7 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
                        key=lambda b: b["ppl"], default=None)
             top = min(here, key=lambda b: b["ppl"], default=None)
             if best is not None and best is not top and top["gap"] > 0:
-                paired.setdefault(name, {})[f"`{_level(d, r)}` ({_compute(d, r)})"] = (
-                    best, r["gap"] / top["gap"])
+                paired[f"`{_level(d, r)}` ({_compute(d, r)})"] = (best, r["gap"] / top["gap"])
             q = r["gap"] / best["gap"] if best and best["gap"] > 0 else None
             ratio = f"{q:.3f}" if q is not None else "n/a"
             ood, q2 = "n/a", None
@@ -974,7 +979,7 @@ def effort_lines(files: list[tuple[str, dict]]) -> list[str]:
                          f"(at `{_run_level(d, top)}`)"
                          + "".join(f"; {lv} is paired with {b['method']} {fmt(b['ppl'])}, "
                                    f"and against the strongest gives {q:.3f}"
-                                   for lv, (b, q) in paired.get(name, {}).items()))
+                                   for lv, (b, q) in paired.items()))
     means = []
     for (model, sp, level, prec), got in over_seeds.items():
         got = sorted(got)

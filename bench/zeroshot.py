@@ -73,7 +73,8 @@ def main() -> None:
         m, kv = item.split(":", 1)
         k, v = kv.split("=", 1)
         opts.setdefault(m, {})[k] = spap.config._parse_value(v)
-    dtype = str(next(dense.parameters()).dtype).removeprefix("torch.")
+    scored = next(dense.parameters()).dtype  # (every model is scored in it)
+    dtype = str(scored).removeprefix("torch.")
     result = {"model": args.model, "limit": args.limit, "dtype": dtype, "calibration": calib,
               "models": {}}
     if args.add and out.exists():
@@ -128,7 +129,7 @@ def main() -> None:
             res = spap.prune(model, sparsity=s, method=m, method_options=opts.get(m),
                              calib_ids=ids, calib_desc=calib,
                              allow_unsaveable=True)
-            model.to(next(dense.parameters()).dtype)
+            model.to(scored)
             record(f"{m} {s:g}", model, {"method": m, "sparsity": s,
                                          "params_removed_frac": res.report["params_removed_frac"]})
             del model
